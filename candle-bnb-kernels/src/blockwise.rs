@@ -1,0 +1,255 @@
+//! Blockwise quantization of Candle tensors: public functions over private custom ops.
+
+use std::cell::RefCell;
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use half::{bf16, f16};
+
+use crate::cpu::{self, Element, Isa};
+use crate::QuantMap;
+
+/// Block sizes the kernels support (elements per block).
+pub const SUPPORTED_BLOCK_SIZES: [usize; 7] = [64, 128, 256, 512, 1024, 2048, 4096];
+
+/// A tensor quantized blockwise to 8-bit codes.
+///
+/// The flattened (row-major) tensor is cut into blocks of `block_size` consecutive elements, the
+/// last one possibly partial. Each block stores its `absmax` (max `|x|`, f32) and each element the
+/// code of the map value nearest to `x / absmax`, so `x ≈ map[code] * absmax`.
+#[derive(Clone, Debug)]
+pub struct Quantized {
+    /// `U8` codes, with the shape of the quantized tensor.
+    pub codes: Tensor,
+    /// `F32` per-block scales, shape `[n_blocks]` with `n_blocks = ceil(elem_count / block_size)`.
+    pub absmax: Tensor,
+    /// Elements per block; one of [`SUPPORTED_BLOCK_SIZES`].
+    pub block_size: usize,
+    /// The map the codes index.
+    pub map: QuantMap,
+}
+
+impl Quantized {
+    /// Number of blocks, `ceil(codes.elem_count() / block_size)`.
+    pub fn n_blocks(&self) -> usize {
+        self.codes.elem_count().div_ceil(self.block_size)
+    }
+
+    /// Bytes held by the codes and the absmax scales (the map is shared and not counted).
+    pub fn storage_bytes(&self) -> usize {
+        self.codes.elem_count() * self.codes.dtype().size_in_bytes()
+            + self.absmax.elem_count() * self.absmax.dtype().size_in_bytes()
+    }
+
+    /// Reconstructs the tensor: `map[code] * absmax[block]` in f32, rounded to `dtype`.
+    ///
+    /// # Errors
+    /// See [`dequantize_blockwise`].
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        dequantize_blockwise(&self.codes, &self.absmax, &self.map, self.block_size, dtype)
+    }
+}
+
+/// Quantizes `x` blockwise with `map` (see [`Quantized`] for the format).
+///
+/// `x` may be `F32`, `F16` or `BF16`, of any shape and layout (a non-contiguous `x` is made
+/// contiguous first), and empty (zero blocks). The code of each element is the index of the map
+/// value nearest to `x / absmax` computed in f32, ties to the even index; an all-zero block has
+/// `absmax = 0` and the code of `0.0`, so it dequantizes to exact zeros.
+///
+/// # Errors
+/// An integer `x`, a `block_size` not in [`SUPPORTED_BLOCK_SIZES`], or a non-finite element of
+/// `x` (the message names its flat index). Nothing is allocated or returned on error.
+pub fn quantize_blockwise(x: &Tensor, map: &QuantMap, block_size: usize) -> Result<Quantized> {
+    check_block_size(block_size)?;
+    check_float_dtype("quantize_blockwise: input", x.dtype())?;
+    let x = x.contiguous()?;
+    let op = QuantizeBlockwise {
+        map,
+        block_size,
+        absmax: RefCell::new(None),
+    };
+    let codes = x.apply_op1_no_bwd(&op)?;
+    let Some(absmax) = op.absmax.into_inner() else {
+        bail!("quantize_blockwise: the kernel produced no absmax")
+    };
+    let absmax = Tensor::from_storage(
+        absmax,
+        codes.elem_count().div_ceil(block_size),
+        BackpropOp::none(),
+        false,
+    );
+    Ok(Quantized {
+        codes,
+        absmax,
+        block_size,
+        map: map.clone(),
+    })
+}
+
+/// Dequantizes blockwise `codes` with per-block `absmax` and `map` into a tensor of `dtype`
+/// (`F32`, `F16` or `BF16`) with the shape of `codes`: `map[code] * absmax[block]` in f32, then
+/// rounded to nearest-even in `dtype`.
+///
+/// # Errors
+/// `codes` not `U8`, `absmax` not `F32` or not of length `ceil(codes.elem_count() / block_size)`,
+/// a non-finite `absmax` entry, `codes` and `absmax` on different devices, an unsupported
+/// `block_size` or `dtype`.
+pub fn dequantize_blockwise(
+    codes: &Tensor,
+    absmax: &Tensor,
+    map: &QuantMap,
+    block_size: usize,
+    dtype: DType,
+) -> Result<Tensor> {
+    check_block_size(block_size)?;
+    check_float_dtype("dequantize_blockwise: output", dtype)?;
+    if codes.dtype() != DType::U8 {
+        bail!(
+            "dequantize_blockwise: codes must be U8, got {:?}",
+            codes.dtype()
+        )
+    }
+    if absmax.dtype() != DType::F32 {
+        bail!(
+            "dequantize_blockwise: absmax must be F32, got {:?}",
+            absmax.dtype()
+        )
+    }
+    let n_blocks = codes.elem_count().div_ceil(block_size);
+    if absmax.elem_count() != n_blocks || absmax.rank() > 1 {
+        bail!(
+            "dequantize_blockwise: absmax has shape {:?}, expected [{n_blocks}] for {} codes in blocks of {block_size}",
+            absmax.dims(),
+            codes.elem_count()
+        )
+    }
+    if !codes.device().same_device(absmax.device()) {
+        bail!(
+            "dequantize_blockwise: codes are on {:?} but absmax is on {:?}",
+            codes.device().location(),
+            absmax.device().location()
+        )
+    }
+    let absmax = absmax.flatten_all()?.contiguous()?;
+    codes.contiguous()?.apply_op2_no_bwd(
+        &absmax,
+        &DequantizeBlockwise {
+            map,
+            block_size,
+            dtype,
+        },
+    )
+}
+
+fn check_block_size(block_size: usize) -> Result<()> {
+    if !SUPPORTED_BLOCK_SIZES.contains(&block_size) {
+        bail!("block size {block_size} is not supported; use one of {SUPPORTED_BLOCK_SIZES:?}")
+    }
+    Ok(())
+}
+
+fn check_float_dtype(what: &str, dtype: DType) -> Result<()> {
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        bail!("{what} dtype must be F32, F16 or BF16, got {dtype:?}")
+    }
+    Ok(())
+}
+
+/// The contiguous elements a layout covers.
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!(
+            "{op}: expected a contiguous input, got strides {:?}",
+            layout.stride()
+        ),
+    }
+}
+
+/// Quantizes one contiguous tensor; codes are the op's output, the absmax scales a side output
+/// (Candle custom ops return a single tensor).
+struct QuantizeBlockwise<'a> {
+    map: &'a QuantMap,
+    block_size: usize,
+    absmax: RefCell<Option<Storage>>,
+}
+
+impl QuantizeBlockwise<'_> {
+    fn run<T: Element>(&self, data: &[T], layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous(data, layout, self.name())?;
+        let (codes, absmax) = cpu::quantize(Isa::selected(), x, self.map, self.block_size)?;
+        *self.absmax.borrow_mut() = Some(Storage::Cpu(CpuStorage::F32(absmax)));
+        Ok((CpuStorage::U8(codes), layout.shape().clone()))
+    }
+}
+
+impl CustomOp1 for QuantizeBlockwise<'_> {
+    fn name(&self) -> &'static str {
+        "quantize-blockwise"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        match storage {
+            CpuStorage::F32(data) => self.run(data, layout),
+            CpuStorage::F16(data) => self.run(data, layout),
+            CpuStorage::BF16(data) => self.run(data, layout),
+            other => bail!(
+                "{}: unsupported input dtype {:?}",
+                self.name(),
+                other.dtype()
+            ),
+        }
+    }
+}
+
+/// Dequantizes contiguous `codes` with contiguous `absmax` into a fresh tensor of `dtype`.
+struct DequantizeBlockwise<'a> {
+    map: &'a QuantMap,
+    block_size: usize,
+    dtype: DType,
+}
+
+impl DequantizeBlockwise<'_> {
+    fn run<T: Element>(&self, codes: &[u8], absmax: &[f32]) -> Vec<T> {
+        cpu::dequantize(Isa::selected(), codes, absmax, self.map, self.block_size)
+    }
+}
+
+impl CustomOp2 for DequantizeBlockwise<'_> {
+    fn name(&self) -> &'static str {
+        "dequantize-blockwise"
+    }
+
+    fn cpu_fwd(
+        &self,
+        codes: &CpuStorage,
+        codes_layout: &Layout,
+        absmax: &CpuStorage,
+        absmax_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::U8(codes), CpuStorage::F32(absmax)) = (codes, absmax) else {
+            bail!(
+                "{}: expected U8 codes and F32 absmax, got {:?} and {:?}",
+                self.name(),
+                codes.dtype(),
+                absmax.dtype()
+            )
+        };
+        let codes = contiguous(codes, codes_layout, self.name())?;
+        let absmax = contiguous(absmax, absmax_layout, self.name())?;
+        if let Some((i, a)) = absmax.iter().enumerate().find(|(_, a)| !a.is_finite()) {
+            bail!("{}: absmax of block {i} is not finite: {a}", self.name())
+        }
+        let out = match self.dtype {
+            DType::F32 => CpuStorage::F32(self.run(codes, absmax)),
+            DType::F16 => CpuStorage::F16(self.run::<f16>(codes, absmax)),
+            DType::BF16 => CpuStorage::BF16(self.run::<bf16>(codes, absmax)),
+            other => bail!("{}: unsupported output dtype {other:?}", self.name()),
+        };
+        Ok((out, codes_layout.shape().clone()))
+    }
+}

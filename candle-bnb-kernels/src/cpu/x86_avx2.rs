@@ -1,0 +1,120 @@
+//! AVX2 kernels; each mirrors its twin in `portable.rs` lane for lane.
+
+use std::arch::x86_64::*;
+
+use crate::lookup::BucketTable;
+use crate::qmap::QUANT_MAP_LEN;
+
+/// See `portable::absmax_bits`.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn absmax_bits(xs: &[f32]) -> u32 {
+    let mask = _mm256_set1_epi32(0x7FFF_FFFF);
+    let (mut acc0, mut acc1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        let p = c.as_ptr() as *const __m256i;
+        acc0 = _mm256_max_epu32(acc0, _mm256_and_si256(_mm256_loadu_si256(p), mask));
+        acc1 = _mm256_max_epu32(acc1, _mm256_and_si256(_mm256_loadu_si256(p.add(1)), mask));
+    }
+    let mut lanes = [0u32; 8];
+    _mm256_storeu_si256(
+        lanes.as_mut_ptr() as *mut __m256i,
+        _mm256_max_epu32(acc0, acc1),
+    );
+    let simd = lanes.into_iter().max().unwrap_or(0);
+    simd.max(super::portable::absmax_bits(rest))
+}
+
+/// Loop-invariant registers of the bucket lookup.
+struct Lookup8 {
+    inv: __m256,
+    base: __m256i,
+    shift: __m128i,
+    last: __m256i,
+    n_buckets: __m256i,
+    abs_mask: __m256i,
+    eight: __m256i,
+    byte: __m256i,
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn lookup8(absmax: f32, t: &BucketTable) -> Lookup8 {
+    Lookup8 {
+        inv: _mm256_set1_ps(absmax),
+        base: _mm256_set1_epi32(t.base as i32),
+        shift: _mm_cvtsi32_si128(t.shift as i32),
+        last: _mm256_set1_epi32(t.n_buckets as i32 - 1),
+        n_buckets: _mm256_set1_epi32(t.n_buckets as i32),
+        abs_mask: _mm256_set1_epi32(0x7FFF_FFFF),
+        eight: _mm256_set1_epi32(8),
+        byte: _mm256_set1_epi32(0xFF),
+    }
+}
+
+/// Codes of 8 elements at `x` as 32-bit lanes: `BucketTable::code(x / absmax)`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn code8(x: *const f32, k: &Lookup8, t: &BucketTable) -> __m256i {
+    let y = _mm256_div_ps(_mm256_loadu_ps(x), k.inv);
+    let bits = _mm256_castps_si256(y);
+    let magnitude = _mm256_and_si256(bits, k.abs_mask);
+    let offset = _mm256_sub_epi32(_mm256_max_epu32(magnitude, k.base), k.base);
+    let bucket = _mm256_min_epu32(_mm256_srl_epi32(offset, k.shift), k.last);
+    let negative = _mm256_srai_epi32(bits, 31);
+    let index = _mm256_add_epi32(bucket, _mm256_and_si256(negative, k.n_buckets));
+    let packed = _mm256_i32gather_epi32::<4>(t.codes.as_ptr() as *const i32, index);
+    let threshold = _mm256_i32gather_ps::<4>(t.thresholds.as_ptr(), index);
+    let above = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(y, threshold));
+    let shift = _mm256_and_si256(above, k.eight);
+    _mm256_and_si256(_mm256_srlv_epi32(packed, shift), k.byte)
+}
+
+/// See `portable::encode`; `xs.len() == codes.len()`.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn encode(xs: &[f32], absmax: f32, t: &BucketTable, codes: &mut [u8]) {
+    let k = lookup8(absmax, t);
+    // packus interleaves 128-bit lanes; this puts the 4-byte groups back in element order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let n32 = xs.len() / 32 * 32;
+    let (x, c) = (xs.as_ptr(), codes.as_mut_ptr());
+    let mut i = 0;
+    while i < n32 {
+        let c0 = code8(x.add(i), &k, t);
+        let c1 = code8(x.add(i + 8), &k, t);
+        let c2 = code8(x.add(i + 16), &k, t);
+        let c3 = code8(x.add(i + 24), &k, t);
+        let words = (_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+        let bytes = _mm256_packus_epi16(words.0, words.1);
+        _mm256_storeu_si256(
+            c.add(i) as *mut __m256i,
+            _mm256_permutevar8x32_epi32(bytes, order),
+        );
+        i += 32;
+    }
+    super::portable::encode(&xs[n32..], absmax, t, &mut codes[n32..]);
+}
+
+/// See `portable::decode`; `codes.len() == out.len()`.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn decode(
+    codes: &[u8],
+    values: &[f32; QUANT_MAP_LEN],
+    absmax: f32,
+    out: &mut [f32],
+) {
+    let scale = _mm256_set1_ps(absmax);
+    let n16 = codes.len() / 16 * 16;
+    let (c, o) = (codes.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    while i < n16 {
+        let idx0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(i) as *const __m128i));
+        let idx1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(i + 8) as *const __m128i));
+        let v0 = _mm256_i32gather_ps::<4>(values.as_ptr(), idx0);
+        let v1 = _mm256_i32gather_ps::<4>(values.as_ptr(), idx1);
+        _mm256_storeu_ps(o.add(i), _mm256_mul_ps(v0, scale));
+        _mm256_storeu_ps(o.add(i + 8), _mm256_mul_ps(v1, scale));
+        i += 16;
+    }
+    super::portable::decode(&codes[n16..], values, absmax, &mut out[n16..]);
+}

@@ -1,0 +1,31 @@
+//! Blockwise 8-bit quantization for [Candle](https://github.com/huggingface/candle) tensors, as
+//! custom ops: the kernel layer of `candle-bnb`.
+//!
+//! A tensor is cut into blocks of `block_size` consecutive elements; each block keeps its absolute
+//! maximum as an f32 scale and each element an 8-bit code, the index of the nearest value of a
+//! 256-entry [`QuantMap`]. The dynamic maps equal bitsandbytes' bit for bit.
+//!
+//! ```
+//! use candle_bnb_kernels::{quantize_blockwise, QuantMap};
+//! use candle_core::{DType, Device, Tensor};
+//!
+//! let x = Tensor::randn(0f32, 1.0, (64, 1000), &Device::Cpu)?;
+//! let q = quantize_blockwise(&x, &QuantMap::dynamic_signed(), 256)?;
+//! let y = q.dequantize(DType::F32)?;
+//! let err = (x - y)?.abs()?.mean_all()?.to_scalar::<f32>()?;
+//! assert!(err < 0.011);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+//!
+//! On the CPU the kernels pick AVX-512 or AVX2 at run time when the processor has them (a portable
+//! path otherwise; see [`Isa`]) and use rayon's thread pool.
+#![deny(missing_docs)]
+
+mod blockwise;
+mod cpu;
+mod lookup;
+mod qmap;
+
+pub use blockwise::{dequantize_blockwise, quantize_blockwise, Quantized, SUPPORTED_BLOCK_SIZES};
+pub use cpu::{Isa, CPU_ISA_ENV};
+pub use qmap::{QuantMap, QUANT_MAP_LEN};

@@ -1,0 +1,271 @@
+//! Fast nearest-code search for a quantization map.
+//!
+//! Nearest-value quantization is a step function of `y`: the code changes only at the midpoints
+//! between neighbouring distinct map values. [`CodeLookup`] precomputes, for every such boundary,
+//! the first f32 that lands on its upper side (ties to the even index already decided), so a
+//! single `y >= threshold` comparison is exact.
+//!
+//! To avoid a binary search per element, the f32 bit pattern of `|y|` (monotonic in `|y|`) is cut
+//! into buckets narrow enough that each holds at most one boundary; a bucket stores the code below
+//! and above its boundary. Encoding is then: bucket index from the bits, two table reads, one
+//! compare. Maps whose boundaries are too dense for a table of bounded size keep the binary search.
+
+use crate::qmap::{first_above_midpoint, QUANT_MAP_LEN};
+
+/// Largest bucket table (entries over both signs) worth building: 16 Ki entries, 128 KiB.
+const MAX_TABLE_ENTRIES: u32 = 1 << 14;
+const ONE_BITS: u32 = 0x3F80_0000;
+
+/// Code boundaries of a map plus, when it fits, the bucket table that finds them quickly.
+#[derive(Debug)]
+pub(crate) struct CodeLookup {
+    /// `thresholds[r]` is the first f32 whose code is `region_codes[r + 1]`; strictly increasing.
+    thresholds: Vec<f32>,
+    /// Code of each region between consecutive thresholds; one more entry than `thresholds`.
+    region_codes: Vec<u8>,
+    table: Option<BucketTable>,
+}
+
+/// Buckets over the f32 bits of `|y|` for `|y| <= 1`, one half per sign.
+#[derive(Debug)]
+pub(crate) struct BucketTable {
+    /// Bits of the magnitude at which bucket 1 would start minus `1 << shift`; smaller magnitudes
+    /// all fall in bucket 0.
+    pub(crate) base: u32,
+    pub(crate) shift: u32,
+    /// Buckets per sign; negative `y` use entries `n_buckets..2 * n_buckets`.
+    pub(crate) n_buckets: u32,
+    /// `code_below | code_above << 8` per bucket.
+    pub(crate) codes: Vec<u32>,
+    /// First `y` of the bucket that takes `code_above`; `+inf` when the bucket has no boundary.
+    pub(crate) thresholds: Vec<f32>,
+}
+
+impl CodeLookup {
+    pub(crate) fn new(values: &[f32; QUANT_MAP_LEN]) -> Self {
+        // Runs of equal values ("clusters") share one distance; the lowest even index of a run wins.
+        let mut clusters: Vec<(usize, usize)> = Vec::new();
+        let mut start = 0;
+        for i in 1..=QUANT_MAP_LEN {
+            if i == QUANT_MAP_LEN || values[i] != values[start] {
+                clusters.push((start, i - 1));
+                start = i;
+            }
+        }
+        let choice = |(first, last): (usize, usize)| -> u8 {
+            if first % 2 == 0 || first == last {
+                first as u8
+            } else {
+                (first + 1) as u8
+            }
+        };
+        let mut thresholds = Vec::with_capacity(clusters.len() - 1);
+        let mut region_codes = Vec::with_capacity(clusters.len());
+        region_codes.push(choice(clusters[0]));
+        for w in clusters.windows(2) {
+            let (lower, upper) = (w[0], w[1]);
+            // On an exact midpoint both runs are nearest: the union's lowest even index wins,
+            // which is the upper run's choice only when the lower run is a single odd index.
+            let tie_up = lower.0 % 2 == 1 && lower.0 == lower.1;
+            thresholds.push(first_above_midpoint(
+                values[lower.0],
+                values[upper.0],
+                tie_up,
+            ));
+            region_codes.push(choice(upper));
+        }
+        let table = BucketTable::build(&thresholds, &region_codes);
+        Self {
+            thresholds,
+            region_codes,
+            table,
+        }
+    }
+
+    /// The nearest code by binary search over the boundaries (the scalar fallback path).
+    #[inline]
+    pub(crate) fn code_by_search(&self, y: f32) -> u8 {
+        self.region_codes[self.thresholds.partition_point(|&t| t <= y)]
+    }
+
+    /// The bucket table, when the map's boundaries allow one of bounded size.
+    pub(crate) fn table(&self) -> Option<&BucketTable> {
+        self.table.as_ref()
+    }
+}
+
+impl BucketTable {
+    fn build(thresholds: &[f32], region_codes: &[u8]) -> Option<Self> {
+        let min_magnitude = thresholds
+            .iter()
+            .map(|t| t.abs())
+            .filter(|m| *m > 0.0 && *m <= 1.0)
+            .fold(1.0f32, f32::min);
+        // Largest power of two not above the smallest boundary (0 for a subnormal one).
+        let base = min_magnitude.to_bits() & 0xFF80_0000;
+        for shift in (0..=23).rev() {
+            let n_buckets = ((ONE_BITS - base) >> shift) + 1;
+            if 2 * n_buckets > MAX_TABLE_ENTRIES {
+                return None;
+            }
+            if let Some(table) = Self::try_build(thresholds, region_codes, base, shift, n_buckets) {
+                return Some(table);
+            }
+        }
+        None
+    }
+
+    fn try_build(
+        thresholds: &[f32],
+        region_codes: &[u8],
+        base: u32,
+        shift: u32,
+        n_buckets: u32,
+    ) -> Option<Self> {
+        let total = 2 * n_buckets as usize;
+        let mut codes = Vec::with_capacity(total);
+        let mut bucket_thresholds = Vec::with_capacity(total);
+        for negative in [false, true] {
+            for b in 0..n_buckets {
+                let lo_bits = if b == 0 { 0 } else { base + (b << shift) };
+                let hi_bits = if b + 1 == n_buckets {
+                    ONE_BITS
+                } else {
+                    base + ((b + 1) << shift) - 1
+                };
+                let (lo_mag, hi_mag) = (f32::from_bits(lo_bits), f32::from_bits(hi_bits));
+                let (y_lo, y_hi) = if negative {
+                    (-hi_mag, -lo_mag)
+                } else {
+                    (lo_mag, hi_mag)
+                };
+                let r_lo = thresholds.partition_point(|&t| t <= y_lo);
+                let r_hi = thresholds.partition_point(|&t| t <= y_hi);
+                if r_hi - r_lo > 1 {
+                    return None;
+                }
+                let below = region_codes[r_lo] as u32;
+                let above = region_codes[r_hi] as u32;
+                codes.push(below | above << 8);
+                bucket_thresholds.push(if r_hi > r_lo {
+                    thresholds[r_lo]
+                } else {
+                    f32::INFINITY
+                });
+            }
+        }
+        Some(Self {
+            base,
+            shift,
+            n_buckets,
+            codes,
+            thresholds: bucket_thresholds,
+        })
+    }
+
+    /// Table index of `y` (`|y| <= 1`); larger magnitudes clamp to the last bucket.
+    #[inline(always)]
+    pub(crate) fn index(&self, y: f32) -> usize {
+        let bits = y.to_bits();
+        let magnitude = bits & 0x7FFF_FFFF;
+        let bucket = ((magnitude.max(self.base) - self.base) >> self.shift).min(self.n_buckets - 1);
+        (bucket + (bits >> 31) * self.n_buckets) as usize
+    }
+
+    /// The nearest code of `y` (`|y| <= 1`): the portable fast path.
+    #[inline(always)]
+    pub(crate) fn code(&self, y: f32) -> u8 {
+        let i = self.index(y);
+        let shift = if y >= self.thresholds[i] { 8 } else { 0 };
+        (self.codes[i] >> shift) as u8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::QuantMap;
+    use rand::{Rng, SeedableRng};
+
+    /// Inputs that sit on, just below and just above every boundary, plus random ones.
+    fn probe_inputs(map: &QuantMap, rng: &mut impl Rng) -> Vec<f32> {
+        let mut ys = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::MIN_POSITIVE,
+            -1e-30,
+            1e-30,
+            1e-45,
+        ];
+        for &t in &map.lookup().thresholds {
+            if t.abs() <= 1.0 {
+                ys.extend([t, t.next_up(), t.next_down()]);
+            }
+        }
+        for &v in map.values() {
+            if v.abs() <= 1.0 {
+                ys.extend([v, v.next_up(), v.next_down()]);
+            }
+        }
+        for _ in 0..20_000 {
+            let y: f32 = rng.random_range(-1.0..=1.0);
+            ys.push(y);
+            ys.push(y * 1e-6);
+        }
+        ys.retain(|y| y.abs() <= 1.0);
+        ys
+    }
+
+    fn check_map(map: &QuantMap, expect_table: bool) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let lookup = map.lookup();
+        assert_eq!(lookup.table().is_some(), expect_table);
+        for y in probe_inputs(map, &mut rng) {
+            let want = map.nearest_code(y);
+            assert_eq!(
+                lookup.code_by_search(y),
+                want,
+                "search, y = {y:e} ({:#x})",
+                y.to_bits()
+            );
+            if let Some(t) = lookup.table() {
+                assert_eq!(t.code(y), want, "table, y = {y:e} ({:#x})", y.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn builtin_maps_match_brute_force_on_every_boundary() {
+        check_map(&QuantMap::dynamic_signed(), true);
+        check_map(&QuantMap::dynamic_unsigned(), true);
+        check_map(&QuantMap::linear_signed(), true);
+        check_map(&QuantMap::dynamic(true, 4, 8).unwrap(), true);
+        check_map(&QuantMap::dynamic(true, 3, 4).unwrap(), true);
+    }
+
+    #[test]
+    fn dense_map_falls_back_to_search() {
+        // 256 values packed into [0.5, 0.5 + 255 ulp]: no bounded table separates them.
+        let values = std::array::from_fn(|i| f32::from_bits(0.5f32.to_bits() + i as u32));
+        check_map(&QuantMap::from_values(&values).unwrap(), false);
+    }
+
+    #[test]
+    fn random_maps_match_brute_force() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for _ in 0..4 {
+            let mut values: [f32; QUANT_MAP_LEN] =
+                std::array::from_fn(|_| rng.random_range(-1.0f32..=1.0));
+            // A few duplicates exercise the run rules.
+            values[17] = values[18];
+            values[100] = 0.0;
+            values[101] = 0.0;
+            values.sort_by(f32::total_cmp);
+            let map = QuantMap::from_values(&values).unwrap();
+            let has_table = map.lookup().table().is_some();
+            check_map(&map, has_table);
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! `candle-bnb`: bitsandbytes-style 8-bit optimizers and blockwise quantization for Candle.
+//!
+//! This crate re-exports the workspace's two libraries:
+//! - [`kernels`] (`candle-bnb-kernels`): quantization maps and blockwise quantization ops;
+//! - [`optim`] (`candle-bnb-optim`): the optimizers.
+#![deny(missing_docs)]
+
+pub use candle_bnb_kernels as kernels;
+pub use candle_bnb_optim as optim;
+
+pub use candle_bnb_kernels::{dequantize_blockwise, quantize_blockwise, QuantMap, Quantized};
