@@ -5,9 +5,9 @@ use std::cell::RefCell;
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp3, Layout, Result, Shape, Storage,
+    Tensor,
 };
-use half::{bf16, f16};
 
 use crate::cpu::{self, Element, Isa};
 use crate::QuantMap;
@@ -50,6 +50,15 @@ impl Quantized {
     /// See [`dequantize_blockwise`].
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         dequantize_blockwise(&self.codes, &self.absmax, &self.map, self.block_size, dtype)
+    }
+
+    /// Like [`Quantized::dequantize`], but writes into `out`, a contiguous `F32`, `F16` or `BF16`
+    /// tensor with as many elements as `codes` (any shape), allocated beforehand.
+    ///
+    /// # Errors
+    /// See [`dequantize_blockwise_into`].
+    pub fn dequantize_into(&self, out: &Tensor) -> Result<()> {
+        dequantize_blockwise_into(&self.codes, &self.absmax, &self.map, self.block_size, out)
     }
 }
 
@@ -105,35 +114,8 @@ pub fn dequantize_blockwise(
     block_size: usize,
     dtype: DType,
 ) -> Result<Tensor> {
-    check_block_size(block_size)?;
     check_float_dtype("dequantize_blockwise: output", dtype)?;
-    if codes.dtype() != DType::U8 {
-        bail!(
-            "dequantize_blockwise: codes must be U8, got {:?}",
-            codes.dtype()
-        )
-    }
-    if absmax.dtype() != DType::F32 {
-        bail!(
-            "dequantize_blockwise: absmax must be F32, got {:?}",
-            absmax.dtype()
-        )
-    }
-    let n_blocks = codes.elem_count().div_ceil(block_size);
-    if absmax.elem_count() != n_blocks || absmax.rank() > 1 {
-        bail!(
-            "dequantize_blockwise: absmax has shape {:?}, expected [{n_blocks}] for {} codes in blocks of {block_size}",
-            absmax.dims(),
-            codes.elem_count()
-        )
-    }
-    if !codes.device().same_device(absmax.device()) {
-        bail!(
-            "dequantize_blockwise: codes are on {:?} but absmax is on {:?}",
-            codes.device().location(),
-            absmax.device().location()
-        )
-    }
+    check_codes_and_absmax("dequantize_blockwise", codes, absmax, block_size)?;
     let absmax = absmax.flatten_all()?.contiguous()?;
     codes.contiguous()?.apply_op2_no_bwd(
         &absmax,
@@ -143,6 +125,85 @@ pub fn dequantize_blockwise(
             dtype,
         },
     )
+}
+
+/// Dequantizes like [`dequantize_blockwise`], writing into `out` instead of a new tensor: `out`
+/// must be a contiguous `F32`, `F16` or `BF16` tensor with as many elements as `codes` (its shape
+/// is kept). This avoids allocating (and page-faulting) a fresh output on every call.
+///
+/// # Errors
+/// Those of [`dequantize_blockwise`], plus an `out` that is not contiguous, has another element
+/// count, or lives on another device. `out` is untouched on error.
+pub fn dequantize_blockwise_into(
+    codes: &Tensor,
+    absmax: &Tensor,
+    map: &QuantMap,
+    block_size: usize,
+    out: &Tensor,
+) -> Result<()> {
+    check_float_dtype("dequantize_blockwise_into: out", out.dtype())?;
+    check_codes_and_absmax("dequantize_blockwise_into", codes, absmax, block_size)?;
+    if out.elem_count() != codes.elem_count() {
+        bail!(
+            "dequantize_blockwise_into: out has shape {:?} ({} elements) but codes have shape {:?}",
+            out.dims(),
+            out.elem_count(),
+            codes.dims()
+        )
+    }
+    if !out.is_contiguous() {
+        bail!(
+            "dequantize_blockwise_into: out must be contiguous, got strides {:?}",
+            out.stride()
+        )
+    }
+    check_same_device("dequantize_blockwise_into", "out", out, "codes", codes)?;
+    let absmax = absmax.flatten_all()?.contiguous()?;
+    out.inplace_op3(
+        &codes.contiguous()?,
+        &absmax,
+        &DequantizeBlockwise {
+            map,
+            block_size,
+            dtype: out.dtype(),
+        },
+    )
+}
+
+/// Validates blockwise `codes` and `absmax` for dequantization.
+fn check_codes_and_absmax(
+    op: &str,
+    codes: &Tensor,
+    absmax: &Tensor,
+    block_size: usize,
+) -> Result<()> {
+    check_block_size(block_size)?;
+    if codes.dtype() != DType::U8 {
+        bail!("{op}: codes must be U8, got {:?}", codes.dtype())
+    }
+    if absmax.dtype() != DType::F32 {
+        bail!("{op}: absmax must be F32, got {:?}", absmax.dtype())
+    }
+    let n_blocks = codes.elem_count().div_ceil(block_size);
+    if absmax.elem_count() != n_blocks || absmax.rank() > 1 {
+        bail!(
+            "{op}: absmax has shape {:?}, expected [{n_blocks}] for {} codes in blocks of {block_size}",
+            absmax.dims(),
+            codes.elem_count()
+        )
+    }
+    check_same_device(op, "codes", codes, "absmax", absmax)
+}
+
+fn check_same_device(op: &str, a_name: &str, a: &Tensor, b_name: &str, b: &Tensor) -> Result<()> {
+    if !a.device().same_device(b.device()) {
+        bail!(
+            "{op}: {a_name} is on {:?} but {b_name} is on {:?}",
+            a.device().location(),
+            b.device().location()
+        )
+    }
+    Ok(())
 }
 
 fn check_block_size(block_size: usize) -> Result<()> {
@@ -206,7 +267,8 @@ impl CustomOp1 for QuantizeBlockwise<'_> {
     }
 }
 
-/// Dequantizes contiguous `codes` with contiguous `absmax` into a fresh tensor of `dtype`.
+/// Dequantizes contiguous `codes` with contiguous `absmax`: into a fresh tensor of `dtype` as a
+/// custom op, or into an existing contiguous tensor as an in-place op.
 struct DequantizeBlockwise<'a> {
     map: &'a QuantMap,
     block_size: usize,
@@ -214,8 +276,48 @@ struct DequantizeBlockwise<'a> {
 }
 
 impl DequantizeBlockwise<'_> {
-    fn run<T: Element>(&self, codes: &[u8], absmax: &[f32]) -> Vec<T> {
-        cpu::dequantize(Isa::selected(), codes, absmax, self.map, self.block_size)
+    /// The validated contiguous inputs.
+    fn inputs<'s>(
+        &self,
+        codes: &'s CpuStorage,
+        codes_layout: &Layout,
+        absmax: &'s CpuStorage,
+        absmax_layout: &Layout,
+    ) -> Result<(&'s [u8], &'s [f32])> {
+        let (CpuStorage::U8(codes), CpuStorage::F32(absmax)) = (codes, absmax) else {
+            bail!(
+                "{}: expected U8 codes and F32 absmax, got {:?} and {:?}",
+                CustomOp2::name(self),
+                codes.dtype(),
+                absmax.dtype()
+            )
+        };
+        let codes = contiguous(codes, codes_layout, CustomOp2::name(self))?;
+        let absmax = contiguous(absmax, absmax_layout, CustomOp2::name(self))?;
+        if let Some((i, a)) = absmax.iter().enumerate().find(|(_, a)| !a.is_finite()) {
+            bail!(
+                "{}: absmax of block {i} is not finite: {a}",
+                CustomOp2::name(self)
+            )
+        }
+        Ok((codes, absmax))
+    }
+
+    fn run<T: Element>(&self, codes: &[u8], absmax: &[f32], out: &mut [T]) {
+        cpu::dequantize(
+            Isa::selected(),
+            codes,
+            absmax,
+            self.map,
+            self.block_size,
+            out,
+        )
+    }
+
+    fn alloc<T: Element>(&self, codes: &[u8], absmax: &[f32]) -> Vec<T> {
+        let mut out = vec![T::ZERO; codes.len()];
+        self.run(codes, absmax, &mut out);
+        out
     }
 }
 
@@ -231,25 +333,48 @@ impl CustomOp2 for DequantizeBlockwise<'_> {
         absmax: &CpuStorage,
         absmax_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::U8(codes), CpuStorage::F32(absmax)) = (codes, absmax) else {
-            bail!(
-                "{}: expected U8 codes and F32 absmax, got {:?} and {:?}",
-                self.name(),
-                codes.dtype(),
-                absmax.dtype()
-            )
-        };
-        let codes = contiguous(codes, codes_layout, self.name())?;
-        let absmax = contiguous(absmax, absmax_layout, self.name())?;
-        if let Some((i, a)) = absmax.iter().enumerate().find(|(_, a)| !a.is_finite()) {
-            bail!("{}: absmax of block {i} is not finite: {a}", self.name())
-        }
+        let (codes, absmax) = self.inputs(codes, codes_layout, absmax, absmax_layout)?;
         let out = match self.dtype {
-            DType::F32 => CpuStorage::F32(self.run(codes, absmax)),
-            DType::F16 => CpuStorage::F16(self.run::<f16>(codes, absmax)),
-            DType::BF16 => CpuStorage::BF16(self.run::<bf16>(codes, absmax)),
-            other => bail!("{}: unsupported output dtype {other:?}", self.name()),
+            DType::F32 => CpuStorage::F32(self.alloc(codes, absmax)),
+            DType::F16 => CpuStorage::F16(self.alloc(codes, absmax)),
+            DType::BF16 => CpuStorage::BF16(self.alloc(codes, absmax)),
+            other => bail!(
+                "{}: unsupported output dtype {other:?}",
+                CustomOp2::name(self)
+            ),
         };
         Ok((out, codes_layout.shape().clone()))
+    }
+}
+
+impl InplaceOp3 for DequantizeBlockwise<'_> {
+    fn name(&self) -> &'static str {
+        "dequantize-blockwise-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        out: &mut CpuStorage,
+        out_layout: &Layout,
+        codes: &CpuStorage,
+        codes_layout: &Layout,
+        absmax: &CpuStorage,
+        absmax_layout: &Layout,
+    ) -> Result<()> {
+        let (codes, absmax) = self.inputs(codes, codes_layout, absmax, absmax_layout)?;
+        let Some((start, end)) = out_layout.contiguous_offsets() else {
+            bail!("{}: out must be contiguous", InplaceOp3::name(self))
+        };
+        match out {
+            CpuStorage::F32(o) => self.run(codes, absmax, &mut o[start..end]),
+            CpuStorage::F16(o) => self.run(codes, absmax, &mut o[start..end]),
+            CpuStorage::BF16(o) => self.run(codes, absmax, &mut o[start..end]),
+            other => bail!(
+                "{}: unsupported output dtype {:?}",
+                InplaceOp3::name(self),
+                other.dtype()
+            ),
+        }
+        Ok(())
     }
 }

@@ -26,6 +26,9 @@ mod cpu;
 mod lookup;
 mod qmap;
 
-pub use blockwise::{dequantize_blockwise, quantize_blockwise, Quantized, SUPPORTED_BLOCK_SIZES};
+pub use blockwise::{
+    dequantize_blockwise, dequantize_blockwise_into, quantize_blockwise, Quantized,
+    SUPPORTED_BLOCK_SIZES,
+};
 pub use cpu::{Isa, CPU_ISA_ENV};
 pub use qmap::{QuantMap, QUANT_MAP_LEN};

@@ -7,12 +7,12 @@
 //!
 //! To avoid a binary search per element, the f32 bit pattern of `|y|` (monotonic in `|y|`) is cut
 //! into buckets narrow enough that each holds at most one boundary; a bucket stores the code below
-//! and above its boundary. Encoding is then: bucket index from the bits, two table reads, one
+//! and above its boundary. Encoding is then: bucket index from the bits, one table read, one
 //! compare. Maps whose boundaries are too dense for a table of bounded size keep the binary search.
 
 use crate::qmap::{first_above_midpoint, QUANT_MAP_LEN};
 
-/// Largest bucket table (entries over both signs) worth building: 16 Ki entries, 128 KiB.
+/// Largest bucket table (entries over both signs) worth building: 16 Ki entries, 64 KiB.
 const MAX_TABLE_ENTRIES: u32 = 1 << 14;
 const ONE_BITS: u32 = 0x3F80_0000;
 
@@ -27,18 +27,21 @@ pub(crate) struct CodeLookup {
 }
 
 /// Buckets over the f32 bits of `|y|` for `|y| <= 1`, one half per sign.
+///
+/// Each entry packs `code_below | code_above << 8 | boundary << 16`, where `boundary` is the
+/// bucket's boundary as an offset of `|threshold|`'s bits from the bucket's first magnitude: one
+/// table read per element (gathers are the costly part of the SIMD paths), then an integer compare
+/// of offsets, which orders like `y` on the positive side and reversed on the negative side.
 #[derive(Debug)]
 pub(crate) struct BucketTable {
-    /// Bits of the magnitude at which bucket 1 would start minus `1 << shift`; smaller magnitudes
-    /// all fall in bucket 0.
+    /// Bits of the magnitude where bucket 0 starts; smaller magnitudes count as offset 0 of
+    /// bucket 0. Every nonzero boundary lies above it, so those tiny inputs stay on one side.
     pub(crate) base: u32,
+    /// log2 of the bucket width in magnitude bits; at most 16 so offsets fit in 16 bits.
     pub(crate) shift: u32,
     /// Buckets per sign; negative `y` use entries `n_buckets..2 * n_buckets`.
     pub(crate) n_buckets: u32,
-    /// `code_below | code_above << 8` per bucket.
-    pub(crate) codes: Vec<u32>,
-    /// First `y` of the bucket that takes `code_above`; `+inf` when the bucket has no boundary.
-    pub(crate) thresholds: Vec<f32>,
+    pub(crate) entries: Vec<u32>,
 }
 
 impl CodeLookup {
@@ -99,11 +102,16 @@ impl BucketTable {
         let min_magnitude = thresholds
             .iter()
             .map(|t| t.abs())
-            .filter(|m| *m > 0.0 && *m <= 1.0)
+            .filter(|m| *m <= 1.0)
             .fold(1.0f32, f32::min);
-        // Largest power of two not above the smallest boundary (0 for a subnormal one).
-        let base = min_magnitude.to_bits() & 0xFF80_0000;
-        for shift in (0..=23).rev() {
+        // One binade below the smallest boundary, so that boundary's offset is nonzero; a zero
+        // boundary (a map symmetric about 0 without 0 in it) needs exact offsets down to 0.
+        let base = if min_magnitude == 0.0 {
+            0
+        } else {
+            (min_magnitude.to_bits() & 0xFF80_0000).saturating_sub(1 << 23)
+        };
+        for shift in (0..=16).rev() {
             let n_buckets = ((ONE_BITS - base) >> shift) + 1;
             if 2 * n_buckets > MAX_TABLE_ENTRIES {
                 return None;
@@ -122,16 +130,15 @@ impl BucketTable {
         shift: u32,
         n_buckets: u32,
     ) -> Option<Self> {
-        let total = 2 * n_buckets as usize;
-        let mut codes = Vec::with_capacity(total);
-        let mut bucket_thresholds = Vec::with_capacity(total);
+        let mut entries = Vec::with_capacity(2 * n_buckets as usize);
         for negative in [false, true] {
             for b in 0..n_buckets {
-                let lo_bits = if b == 0 { 0 } else { base + (b << shift) };
+                let start_bits = base + (b << shift);
+                let lo_bits = if b == 0 { 0 } else { start_bits };
                 let hi_bits = if b + 1 == n_buckets {
                     ONE_BITS
                 } else {
-                    base + ((b + 1) << shift) - 1
+                    start_bits + (1 << shift) - 1
                 };
                 let (lo_mag, hi_mag) = (f32::from_bits(lo_bits), f32::from_bits(hi_bits));
                 let (y_lo, y_hi) = if negative {
@@ -146,38 +153,41 @@ impl BucketTable {
                 }
                 let below = region_codes[r_lo] as u32;
                 let above = region_codes[r_hi] as u32;
-                codes.push(below | above << 8);
-                bucket_thresholds.push(if r_hi > r_lo {
-                    thresholds[r_lo]
+                let boundary = if r_hi > r_lo {
+                    thresholds[r_lo].abs().to_bits().checked_sub(start_bits)?
                 } else {
-                    f32::INFINITY
-                });
+                    0
+                };
+                entries.push(below | above << 8 | boundary << 16);
             }
         }
         Some(Self {
             base,
             shift,
             n_buckets,
-            codes,
-            thresholds: bucket_thresholds,
+            entries,
         })
     }
 
-    /// Table index of `y` (`|y| <= 1`); larger magnitudes clamp to the last bucket.
-    #[inline(always)]
-    pub(crate) fn index(&self, y: f32) -> usize {
-        let bits = y.to_bits();
-        let magnitude = bits & 0x7FFF_FFFF;
-        let bucket = ((magnitude.max(self.base) - self.base) >> self.shift).min(self.n_buckets - 1);
-        (bucket + (bits >> 31) * self.n_buckets) as usize
-    }
-
-    /// The nearest code of `y` (`|y| <= 1`): the portable fast path.
+    /// The nearest code of `y` (`|y| <= 1`): the portable fast path, and the lane-by-lane model
+    /// of the SIMD paths.
     #[inline(always)]
     pub(crate) fn code(&self, y: f32) -> u8 {
-        let i = self.index(y);
-        let shift = if y >= self.thresholds[i] { 8 } else { 0 };
-        (self.codes[i] >> shift) as u8
+        let bits = y.to_bits();
+        let magnitude = bits & 0x7FFF_FFFF;
+        let offset = magnitude.max(self.base) - self.base;
+        // Magnitudes above 1 cannot occur (|x| <= absmax); clamping keeps the read in bounds.
+        let bucket = (offset >> self.shift).min(self.n_buckets - 1);
+        let negative = bits >> 31 == 1;
+        let entry = self.entries[(bucket + if negative { self.n_buckets } else { 0 }) as usize];
+        let within = offset & ((1 << self.shift) - 1);
+        let boundary = entry >> 16;
+        let above = if negative {
+            within <= boundary
+        } else {
+            within >= boundary
+        };
+        (entry >> if above { 8 } else { 0 }) as u8
     }
 }
 

@@ -136,16 +136,16 @@ pub(crate) fn quantize<T: Element>(
     Ok((codes, absmax))
 }
 
-/// Dequantizes `codes` (one block per `absmax` entry) into a new vector of `T`.
+/// Dequantizes `codes` (one block per `absmax` entry) into `out` (`codes.len()` elements).
 pub(crate) fn dequantize<T: Element>(
     isa: Isa,
     codes: &[u8],
     absmax: &[f32],
     map: &QuantMap,
     block_size: usize,
-) -> Vec<T> {
+    out: &mut [T],
+) {
     let n = codes.len();
-    let mut out = vec![T::ZERO; n];
     let values = map.values();
     let blocks_per_task = (TASK_ELEMS / block_size).max(1);
     let task = |((cs, os), ams): ((&[u8], &mut [T]), &[f32])| {
@@ -174,7 +174,6 @@ pub(crate) fn dequantize<T: Element>(
             .zip(absmax.chunks(blocks_per_task))
             .for_each(task);
     }
-    out
 }
 
 /// Bits of `max |x|` (as `|x|`'s bit pattern, which orders like the value); `>= 0x7F80_0000`
@@ -211,16 +210,11 @@ fn encode(isa: Isa, xs: &[f32], absmax: f32, lookup: &CodeLookup, codes: &mut [u
 }
 
 /// Writes `values[code] * absmax` for each code into `out`.
-fn decode(isa: Isa, codes: &[u8], values: &[f32; QUANT_MAP_LEN], absmax: f32, out: &mut [f32]) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` comes from `Isa::available`; `codes` and `out` have equal lengths.
-        Isa::Avx512 => unsafe { x86_avx512::decode(codes, values, absmax, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86_avx2::decode(codes, values, absmax, out) },
-        _ => portable::decode(codes, values, absmax, out),
-    }
+///
+/// One scalar path for every instruction set: on Zen 4 it measured faster (0.24 ns/element)
+/// than AVX2 (0.28) or AVX-512 (0.34) gathers from the 256-entry map.
+fn decode(_isa: Isa, codes: &[u8], values: &[f32; QUANT_MAP_LEN], absmax: f32, out: &mut [f32]) {
+    portable::decode(codes, values, absmax, out)
 }
 
 #[cfg(test)]
@@ -278,7 +272,8 @@ mod tests {
                                 codes[i], want_codes[i], x[i]
                             );
                         }
-                        let out: Vec<f32> = dequantize(isa, &codes, &absmax, map, bs);
+                        let mut out = vec![f32::NAN; n];
+                        dequantize(isa, &codes, &absmax, map, bs, &mut out);
                         for (i, o) in out.iter().enumerate() {
                             let want = map.values()[codes[i] as usize] * absmax[i / bs];
                             assert_eq!(o.to_bits(), want.to_bits(), "{isa:?} decode at {i}");
@@ -308,9 +303,12 @@ mod tests {
                 reference(&up_b, &map, 256)
             );
             let (codes, absmax) = quantize(isa, &x, &map, 256).unwrap();
-            let f: Vec<f32> = dequantize(isa, &codes, &absmax, &map, 256);
-            let h: Vec<f16> = dequantize(isa, &codes, &absmax, &map, 256);
-            let b: Vec<bf16> = dequantize(isa, &codes, &absmax, &map, 256);
+            let mut f = vec![0f32; x.len()];
+            let mut h = vec![f16::ZERO; x.len()];
+            let mut b = vec![bf16::ZERO; x.len()];
+            dequantize(isa, &codes, &absmax, &map, 256, &mut f);
+            dequantize(isa, &codes, &absmax, &map, 256, &mut h);
+            dequantize(isa, &codes, &absmax, &map, 256, &mut b);
             for i in 0..f.len() {
                 assert_eq!(h[i], f16::from_f32(f[i]), "{isa:?} f16 at {i}");
                 assert_eq!(b[i], bf16::from_f32(f[i]), "{isa:?} bf16 at {i}");
@@ -328,6 +326,48 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("123457") && err.contains("inf"), "{err}");
+        }
+    }
+}
+#[cfg(test)]
+mod scratch_timing {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn time_kernels() {
+        let map = QuantMap::dynamic_signed();
+        let n = 1 << 15;
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0)
+            .collect();
+        let mut codes = vec![0u8; n];
+        let mut out = vec![0f32; n];
+        let t = map.lookup().table().unwrap();
+        for isa in Isa::available() {
+            let start = std::time::Instant::now();
+            for _ in 0..2000 {
+                for (xb, cb) in x.chunks(256).zip(codes.chunks_mut(256)) {
+                    let b = absmax_bits(isa, xb);
+                    encode(isa, xb, f32::from_bits(b), map.lookup(), cb);
+                }
+            }
+            let enc = start.elapsed().as_secs_f64() / (2000.0 * n as f64) * 1e9;
+            let start = std::time::Instant::now();
+            for _ in 0..2000 {
+                for (cb, ob) in codes.chunks(256).zip(out.chunks_mut(256)) {
+                    decode(isa, cb, map.values(), 1.5, ob);
+                }
+            }
+            let dec = start.elapsed().as_secs_f64() / (2000.0 * n as f64) * 1e9;
+            let start = std::time::Instant::now();
+            let mut s = 0u32;
+            for _ in 0..2000 {
+                for xb in x.chunks(256) {
+                    s = s.wrapping_add(absmax_bits(isa, xb));
+                }
+            }
+            let am = start.elapsed().as_secs_f64() / (2000.0 * n as f64) * 1e9;
+            eprintln!("{isa:?}: encode+absmax {enc:.3} ns/elem, decode {dec:.3} ns/elem, absmax {am:.3} ({s}) nb={}", t.n_buckets);
         }
     }
 }

@@ -3,7 +3,6 @@
 use std::arch::x86_64::*;
 
 use crate::lookup::BucketTable;
-use crate::qmap::QUANT_MAP_LEN;
 
 /// See `portable::absmax_bits`.
 #[target_feature(enable = "avx2")]
@@ -28,9 +27,10 @@ pub(super) unsafe fn absmax_bits(xs: &[f32]) -> u32 {
 
 /// Loop-invariant registers of the bucket lookup.
 struct Lookup8 {
-    inv: __m256,
+    absmax: __m256,
     base: __m256i,
     shift: __m128i,
+    within_mask: __m256i,
     last: __m256i,
     n_buckets: __m256i,
     abs_mask: __m256i,
@@ -41,9 +41,10 @@ struct Lookup8 {
 #[target_feature(enable = "avx2")]
 unsafe fn lookup8(absmax: f32, t: &BucketTable) -> Lookup8 {
     Lookup8 {
-        inv: _mm256_set1_ps(absmax),
+        absmax: _mm256_set1_ps(absmax),
         base: _mm256_set1_epi32(t.base as i32),
         shift: _mm_cvtsi32_si128(t.shift as i32),
+        within_mask: _mm256_set1_epi32((1i32 << t.shift) - 1),
         last: _mm256_set1_epi32(t.n_buckets as i32 - 1),
         n_buckets: _mm256_set1_epi32(t.n_buckets as i32),
         abs_mask: _mm256_set1_epi32(0x7FFF_FFFF),
@@ -56,18 +57,22 @@ unsafe fn lookup8(absmax: f32, t: &BucketTable) -> Lookup8 {
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn code8(x: *const f32, k: &Lookup8, t: &BucketTable) -> __m256i {
-    let y = _mm256_div_ps(_mm256_loadu_ps(x), k.inv);
+    let y = _mm256_div_ps(_mm256_loadu_ps(x), k.absmax);
     let bits = _mm256_castps_si256(y);
     let magnitude = _mm256_and_si256(bits, k.abs_mask);
     let offset = _mm256_sub_epi32(_mm256_max_epu32(magnitude, k.base), k.base);
     let bucket = _mm256_min_epu32(_mm256_srl_epi32(offset, k.shift), k.last);
     let negative = _mm256_srai_epi32(bits, 31);
     let index = _mm256_add_epi32(bucket, _mm256_and_si256(negative, k.n_buckets));
-    let packed = _mm256_i32gather_epi32::<4>(t.codes.as_ptr() as *const i32, index);
-    let threshold = _mm256_i32gather_ps::<4>(t.thresholds.as_ptr(), index);
-    let above = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(y, threshold));
+    let entry = _mm256_i32gather_epi32::<4>(t.entries.as_ptr() as *const i32, index);
+    let within = _mm256_and_si256(offset, k.within_mask);
+    let boundary = _mm256_srli_epi32::<16>(entry);
+    // Unsigned >= and <= through max/min (AVX2 has no unsigned compare).
+    let ge = _mm256_cmpeq_epi32(_mm256_max_epu32(within, boundary), within);
+    let le = _mm256_cmpeq_epi32(_mm256_min_epu32(within, boundary), within);
+    let above = _mm256_blendv_epi8(ge, le, negative);
     let shift = _mm256_and_si256(above, k.eight);
-    _mm256_and_si256(_mm256_srlv_epi32(packed, shift), k.byte)
+    _mm256_and_si256(_mm256_srlv_epi32(entry, shift), k.byte)
 }
 
 /// See `portable::encode`; `xs.len() == codes.len()`.
@@ -93,28 +98,4 @@ pub(super) unsafe fn encode(xs: &[f32], absmax: f32, t: &BucketTable, codes: &mu
         i += 32;
     }
     super::portable::encode(&xs[n32..], absmax, t, &mut codes[n32..]);
-}
-
-/// See `portable::decode`; `codes.len() == out.len()`.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn decode(
-    codes: &[u8],
-    values: &[f32; QUANT_MAP_LEN],
-    absmax: f32,
-    out: &mut [f32],
-) {
-    let scale = _mm256_set1_ps(absmax);
-    let n16 = codes.len() / 16 * 16;
-    let (c, o) = (codes.as_ptr(), out.as_mut_ptr());
-    let mut i = 0;
-    while i < n16 {
-        let idx0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(i) as *const __m128i));
-        let idx1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(i + 8) as *const __m128i));
-        let v0 = _mm256_i32gather_ps::<4>(values.as_ptr(), idx0);
-        let v1 = _mm256_i32gather_ps::<4>(values.as_ptr(), idx1);
-        _mm256_storeu_ps(o.add(i), _mm256_mul_ps(v0, scale));
-        _mm256_storeu_ps(o.add(i + 8), _mm256_mul_ps(v1, scale));
-        i += 16;
-    }
-    super::portable::decode(&codes[n16..], values, absmax, &mut out[n16..]);
 }
