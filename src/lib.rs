@@ -9,3 +9,8 @@ pub use candle_bnb_kernels as kernels;
 pub use candle_bnb_optim as optim;
 
 pub use candle_bnb_kernels::{dequantize_blockwise, quantize_blockwise, QuantMap, Quantized};
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -252,24 +252,12 @@ fn cmp_distance(y: f32, a: f32, b: f32) -> Ordering {
 /// The smallest f32 `y` that lies above the exact midpoint of `lo < hi`, or on it when `tie_up`:
 /// the first input that quantizes to the upper side of this boundary.
 pub(crate) fn first_above_midpoint(lo: f32, hi: f32, tie_up: bool) -> f32 {
-    let (half, err) = exact_midpoint(lo, hi);
-    let c = half as f32;
-    let cd = c as f64;
-    let on_or_above = if cd > half {
-        true
-    } else if cd < half {
-        false
-    } else if err > 0.0 {
-        false
-    } else if err < 0.0 {
-        true
-    } else {
-        tie_up
-    };
-    if on_or_above {
-        c
-    } else {
-        c.next_up()
+    // The f32 nearest the midpoint, or its successor, is the first one on the upper side.
+    let c = exact_midpoint(lo, hi).0 as f32;
+    match cmp_to_midpoint(c, lo, hi) {
+        Ordering::Greater => c,
+        Ordering::Equal if tie_up => c,
+        _ => c.next_up(),
     }
 }
 
