@@ -304,14 +304,7 @@ impl DequantizeBlockwise<'_> {
     }
 
     fn run<T: Element>(&self, codes: &[u8], absmax: &[f32], out: &mut [T]) {
-        cpu::dequantize(
-            Isa::selected(),
-            codes,
-            absmax,
-            self.map,
-            self.block_size,
-            out,
-        )
+        cpu::dequantize(codes, absmax, self.map, self.block_size, out)
     }
 
     fn alloc<T: Element>(&self, codes: &[u8], absmax: &[f32]) -> Vec<T> {

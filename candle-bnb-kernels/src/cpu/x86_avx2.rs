@@ -35,6 +35,7 @@ struct Lookup8 {
     n_buckets: __m256i,
     abs_mask: __m256i,
     eight: __m256i,
+    one: __m256i,
     byte: __m256i,
 }
 
@@ -49,6 +50,7 @@ unsafe fn lookup8(absmax: f32, t: &BucketTable) -> Lookup8 {
         n_buckets: _mm256_set1_epi32(t.n_buckets as i32),
         abs_mask: _mm256_set1_epi32(0x7FFF_FFFF),
         eight: _mm256_set1_epi32(8),
+        one: _mm256_set1_epi32(1),
         byte: _mm256_set1_epi32(0xFF),
     }
 }
@@ -67,11 +69,15 @@ unsafe fn code8(x: *const f32, k: &Lookup8, t: &BucketTable) -> __m256i {
     let entry = _mm256_i32gather_epi32::<4>(t.entries.as_ptr() as *const i32, index);
     let within = _mm256_and_si256(offset, k.within_mask);
     let boundary = _mm256_srli_epi32::<16>(entry);
-    // Unsigned >= and <= through max/min (AVX2 has no unsigned compare).
-    let ge = _mm256_cmpeq_epi32(_mm256_max_epu32(within, boundary), within);
-    let le = _mm256_cmpeq_epi32(_mm256_min_epu32(within, boundary), within);
-    let above = _mm256_blendv_epi8(ge, le, negative);
-    let shift = _mm256_and_si256(above, k.eight);
+    // Both offsets are below 2^16, so `within - boundary` cannot overflow; negating it on the
+    // negative side (where offsets order against y) leaves "above" as "difference >= 0". The
+    // `| 1` keeps y = +0.0 (bits 0) from zeroing the difference instead of keeping it.
+    let difference = _mm256_sign_epi32(
+        _mm256_sub_epi32(within, boundary),
+        _mm256_or_si256(bits, k.one),
+    );
+    let below = _mm256_srai_epi32::<31>(difference);
+    let shift = _mm256_andnot_si256(below, k.eight);
     _mm256_and_si256(_mm256_srlv_epi32(entry, shift), k.byte)
 }
 
