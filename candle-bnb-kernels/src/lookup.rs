@@ -178,16 +178,16 @@ impl BucketTable {
         let offset = magnitude.max(self.base) - self.base;
         // Magnitudes above 1 cannot occur (|x| <= absmax); clamping keeps the read in bounds.
         let bucket = (offset >> self.shift).min(self.n_buckets - 1);
-        let negative = bits >> 31 == 1;
-        let entry = self.entries[(bucket + if negative { self.n_buckets } else { 0 }) as usize];
-        let within = offset & ((1 << self.shift) - 1);
-        let boundary = entry >> 16;
-        let above = if negative {
-            within <= boundary
-        } else {
-            within >= boundary
-        };
-        (entry >> if above { 8 } else { 0 }) as u8
+        let sign = bits >> 31;
+        let entry = self.entries[(bucket + sign * self.n_buckets) as usize];
+        let within = (offset & ((1 << self.shift) - 1)) as i32;
+        let boundary = (entry >> 16) as i32;
+        // Branch-free (random signs and sides would mispredict): offsets order like y on the
+        // positive side and against it on the negative side, so negate the difference there.
+        let negate = -(sign as i32);
+        let difference = ((within - boundary) ^ negate) - negate;
+        let above = (difference >= 0) as u32;
+        (entry >> (above << 3)) as u8
     }
 }
 
