@@ -28,10 +28,12 @@ pub(crate) struct CodeLookup {
 
 /// Buckets over the f32 bits of `|y|` for `|y| <= 1`, one half per sign.
 ///
-/// Each entry packs `code_below | code_above << 8 | boundary << 16`, where `boundary` is the
-/// bucket's boundary as an offset of `|threshold|`'s bits from the bucket's first magnitude: one
-/// table read per element (gathers are the costly part of the SIMD paths), then an integer compare
-/// of offsets, which orders like `y` on the positive side and reversed on the negative side.
+/// Each entry packs `code_below | code_above << 8 | key << 16`. The key is the bucket's boundary
+/// as the offset of `|threshold|`'s bits from the bucket's first magnitude, stored as
+/// `0xFFFF - offset` on the negative side, where larger magnitudes mean smaller `y`: with the
+/// input's offset flipped the same way (`within ^ 0xFFFF`), "`y` is on or above the boundary" is
+/// `within >= key` on both sides. One table read per element (gathers are the costly part of the
+/// SIMD paths), then one integer compare.
 #[derive(Debug)]
 pub(crate) struct BucketTable {
     /// Bits of the magnitude where bucket 0 starts; smaller magnitudes count as offset 0 of
@@ -153,12 +155,17 @@ impl BucketTable {
                 }
                 let below = region_codes[r_lo] as u32;
                 let above = region_codes[r_hi] as u32;
-                let boundary = if r_hi > r_lo {
-                    thresholds[r_lo].abs().to_bits().checked_sub(start_bits)?
+                let key = if r_hi > r_lo {
+                    let offset = thresholds[r_lo].abs().to_bits().checked_sub(start_bits)?;
+                    if negative {
+                        0xFFFF - offset
+                    } else {
+                        offset
+                    }
                 } else {
                     0
                 };
-                entries.push(below | above << 8 | boundary << 16);
+                entries.push(below | above << 8 | key << 16);
             }
         }
         Some(Self {
@@ -180,13 +187,8 @@ impl BucketTable {
         let bucket = (offset >> self.shift).min(self.n_buckets - 1);
         let sign = bits >> 31;
         let entry = self.entries[(bucket + sign * self.n_buckets) as usize];
-        let within = (offset & ((1 << self.shift) - 1)) as i32;
-        let boundary = (entry >> 16) as i32;
-        // Branch-free (random signs and sides would mispredict): offsets order like y on the
-        // positive side and against it on the negative side, so negate the difference there.
-        let negate = -(sign as i32);
-        let difference = ((within - boundary) ^ negate) - negate;
-        let above = (difference >= 0) as u32;
+        let within = (offset & ((1 << self.shift) - 1)) ^ (sign * 0xFFFF);
+        let above = (within >= entry >> 16) as u32;
         (entry >> (above << 3)) as u8
     }
 }

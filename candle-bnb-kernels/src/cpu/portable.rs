@@ -1,6 +1,8 @@
 //! Portable scalar kernels: the reference the SIMD paths are tested against, and the path used
 //! on CPUs without them.
 
+use std::mem::MaybeUninit;
+
 use crate::lookup::BucketTable;
 use crate::qmap::QUANT_MAP_LEN;
 
@@ -8,9 +10,9 @@ pub(crate) fn absmax_bits(xs: &[f32]) -> u32 {
     xs.iter().fold(0, |m, x| m.max(x.to_bits() & 0x7FFF_FFFF))
 }
 
-pub(crate) fn encode(xs: &[f32], absmax: f32, table: &BucketTable, codes: &mut [u8]) {
+pub(crate) fn encode(xs: &[f32], absmax: f32, table: &BucketTable, codes: &mut [MaybeUninit<u8>]) {
     for (c, &x) in codes.iter_mut().zip(xs) {
-        *c = table.code(x / absmax);
+        c.write(table.code(x / absmax));
     }
 }
 

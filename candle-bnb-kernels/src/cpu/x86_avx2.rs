@@ -1,6 +1,7 @@
 //! AVX2 kernels; each mirrors its twin in `portable.rs` lane for lane.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use crate::lookup::BucketTable;
 
@@ -31,11 +32,10 @@ struct Lookup8 {
     base: __m256i,
     shift: __m128i,
     within_mask: __m256i,
-    last: __m256i,
     n_buckets: __m256i,
     abs_mask: __m256i,
+    within_mask16: __m256i,
     eight: __m256i,
-    one: __m256i,
     byte: __m256i,
 }
 
@@ -46,11 +46,10 @@ unsafe fn lookup8(absmax: f32, t: &BucketTable) -> Lookup8 {
         base: _mm256_set1_epi32(t.base as i32),
         shift: _mm_cvtsi32_si128(t.shift as i32),
         within_mask: _mm256_set1_epi32((1i32 << t.shift) - 1),
-        last: _mm256_set1_epi32(t.n_buckets as i32 - 1),
         n_buckets: _mm256_set1_epi32(t.n_buckets as i32),
         abs_mask: _mm256_set1_epi32(0x7FFF_FFFF),
+        within_mask16: _mm256_set1_epi32(0xFFFF),
         eight: _mm256_set1_epi32(8),
-        one: _mm256_set1_epi32(1),
         byte: _mm256_set1_epi32(0xFF),
     }
 }
@@ -63,32 +62,38 @@ unsafe fn code8(x: *const f32, k: &Lookup8, t: &BucketTable) -> __m256i {
     let bits = _mm256_castps_si256(y);
     let magnitude = _mm256_and_si256(bits, k.abs_mask);
     let offset = _mm256_sub_epi32(_mm256_max_epu32(magnitude, k.base), k.base);
-    let bucket = _mm256_min_epu32(_mm256_srl_epi32(offset, k.shift), k.last);
+    // No clamp to the last bucket: |y| <= 1 (see `encode`'s safety contract).
+    let bucket = _mm256_srl_epi32(offset, k.shift);
     let negative = _mm256_srai_epi32(bits, 31);
     let index = _mm256_add_epi32(bucket, _mm256_and_si256(negative, k.n_buckets));
     let entry = _mm256_i32gather_epi32::<4>(t.entries.as_ptr() as *const i32, index);
-    let within = _mm256_and_si256(offset, k.within_mask);
-    let boundary = _mm256_srli_epi32::<16>(entry);
-    // Both offsets are below 2^16, so `within - boundary` cannot overflow; negating it on the
-    // negative side (where offsets order against y) leaves "above" as "difference >= 0". The
-    // `| 1` keeps y = +0.0 (bits 0) from zeroing the difference instead of keeping it.
-    let difference = _mm256_sign_epi32(
-        _mm256_sub_epi32(within, boundary),
-        _mm256_or_si256(bits, k.one),
-    );
-    let below = _mm256_srai_epi32::<31>(difference);
+    // Flip the offset on the negative side as the table's keys are (see `BucketTable`); both
+    // are below 2^16, so a signed compare orders them.
+    let flip = _mm256_and_si256(negative, k.within_mask16);
+    let within = _mm256_xor_si256(_mm256_and_si256(offset, k.within_mask), flip);
+    let key = _mm256_srli_epi32::<16>(entry);
+    let below = _mm256_cmpgt_epi32(key, within);
     let shift = _mm256_andnot_si256(below, k.eight);
     _mm256_and_si256(_mm256_srlv_epi32(entry, shift), k.byte)
 }
 
-/// See `portable::encode`; `xs.len() == codes.len()`.
+/// See `portable::encode`.
+///
+/// # Safety
+/// The CPU has AVX2; `xs.len() == codes.len()`; `absmax >= |x|` for every `x` in `xs` (so
+/// `|x / absmax| <= 1` and every table index is in bounds).
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn encode(xs: &[f32], absmax: f32, t: &BucketTable, codes: &mut [u8]) {
+pub(super) unsafe fn encode(
+    xs: &[f32],
+    absmax: f32,
+    t: &BucketTable,
+    codes: &mut [MaybeUninit<u8>],
+) {
     let k = lookup8(absmax, t);
     // packus interleaves 128-bit lanes; this puts the 4-byte groups back in element order.
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let n32 = xs.len() / 32 * 32;
-    let (x, c) = (xs.as_ptr(), codes.as_mut_ptr());
+    let (x, c) = (xs.as_ptr(), codes.as_mut_ptr() as *mut u8);
     let mut i = 0;
     while i < n32 {
         let c0 = code8(x.add(i), &k, t);
