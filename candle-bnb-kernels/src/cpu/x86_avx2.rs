@@ -34,7 +34,7 @@ struct Lookup8 {
     within_mask: __m256i,
     n_buckets: __m256i,
     abs_mask: __m256i,
-    within_mask16: __m256i,
+    flip_mask: __m256i,
     eight: __m256i,
     byte: __m256i,
 }
@@ -48,7 +48,7 @@ unsafe fn lookup8(absmax: f32, t: &BucketTable) -> Lookup8 {
         within_mask: _mm256_set1_epi32((1i32 << t.shift) - 1),
         n_buckets: _mm256_set1_epi32(t.n_buckets as i32),
         abs_mask: _mm256_set1_epi32(0x7FFF_FFFF),
-        within_mask16: _mm256_set1_epi32(0xFFFF),
+        flip_mask: _mm256_set1_epi32(0xFFFF),
         eight: _mm256_set1_epi32(8),
         byte: _mm256_set1_epi32(0xFF),
     }
@@ -69,7 +69,7 @@ unsafe fn code8(x: *const f32, k: &Lookup8, t: &BucketTable) -> __m256i {
     let entry = _mm256_i32gather_epi32::<4>(t.entries.as_ptr() as *const i32, index);
     // Flip the offset on the negative side as the table's keys are (see `BucketTable`); both
     // are below 2^16, so a signed compare orders them.
-    let flip = _mm256_and_si256(negative, k.within_mask16);
+    let flip = _mm256_and_si256(negative, k.flip_mask);
     let within = _mm256_xor_si256(_mm256_and_si256(offset, k.within_mask), flip);
     let key = _mm256_srli_epi32::<16>(entry);
     let below = _mm256_cmpgt_epi32(key, within);
