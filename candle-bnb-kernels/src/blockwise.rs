@@ -206,7 +206,7 @@ fn check_same_device(op: &str, a_name: &str, a: &Tensor, b_name: &str, b: &Tenso
     Ok(())
 }
 
-fn check_block_size(block_size: usize) -> Result<()> {
+pub(crate) fn check_block_size(block_size: usize) -> Result<()> {
     if !SUPPORTED_BLOCK_SIZES.contains(&block_size) {
         bail!("block size {block_size} is not supported; use one of {SUPPORTED_BLOCK_SIZES:?}")
     }

@@ -23,12 +23,16 @@
 
 mod blockwise;
 mod cpu;
+mod fused;
 mod lookup;
 mod qmap;
+mod rules;
 
 pub use blockwise::{
     dequantize_blockwise, dequantize_blockwise_into, quantize_blockwise, Quantized,
     SUPPORTED_BLOCK_SIZES,
 };
 pub use cpu::{Isa, CPU_ISA_ENV};
+pub use fused::{all_finite, check_fused_update, fused_update, BlockwiseState, ParamState};
 pub use qmap::{QuantMap, QUANT_MAP_LEN};
+pub use rules::{AdamRule, UpdateRule, MAX_STATES};

@@ -14,6 +14,12 @@ pub(crate) trait Element: Copy + Send + Sync + 'static {
     /// Lets `fill` write f32 values that end up in `dst`, rounded to nearest-even
     /// (`buf` has `dst`'s length and is used only when a conversion is needed).
     fn store_f32(dst: &mut [Self], buf: &mut [f32], fill: impl FnOnce(&mut [f32]));
+
+    /// Lets `f` update `values` in place as f32 (through `buf`, same length, when converting).
+    fn update_f32(values: &mut [Self], buf: &mut [f32], f: impl FnOnce(&mut [f32])) {
+        Self::load_f32(values, buf);
+        Self::store_f32(values, buf, f);
+    }
 }
 
 impl Element for f32 {
@@ -29,6 +35,10 @@ impl Element for f32 {
 
     fn store_f32(dst: &mut [f32], _buf: &mut [f32], fill: impl FnOnce(&mut [f32])) {
         fill(dst)
+    }
+
+    fn update_f32(values: &mut [f32], _buf: &mut [f32], f: impl FnOnce(&mut [f32])) {
+        f(values)
     }
 }
 

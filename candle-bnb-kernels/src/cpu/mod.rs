@@ -5,6 +5,7 @@
 //! fast path has its scalar twin in [`portable`], and the tests check each against it.
 
 mod element;
+pub(crate) mod fused;
 pub(crate) mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
@@ -187,7 +188,7 @@ pub(crate) fn dequantize<T: Element>(
 
 /// Bits of `max |x|` (as `|x|`'s bit pattern, which orders like the value); `>= 0x7F80_0000`
 /// when some element is infinite or NaN.
-fn absmax_bits(isa: Isa, xs: &[f32]) -> u32 {
+pub(crate) fn absmax_bits(isa: Isa, xs: &[f32]) -> u32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` comes from `Isa::available`, so the CPU has the features.

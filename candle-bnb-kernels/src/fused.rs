@@ -1,0 +1,374 @@
+//! Fused optimizer steps on Candle tensors: the parameter is updated in place and its state,
+//! owned by the optimizer, is read and written in the same pass.
+
+use std::cell::RefCell;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor};
+
+use crate::blockwise::check_block_size;
+use crate::cpu::fused::{step_blockwise_state, step_f32_state, BlockwiseStateMut};
+use crate::cpu::{Element, Isa};
+use crate::rules::UpdateRule;
+use crate::QuantMap;
+
+/// One state buffer stored 8-bit blockwise: a code per element and an f32 absmax per block.
+#[derive(Clone, Debug)]
+pub struct BlockwiseState {
+    codes: Vec<u8>,
+    absmax: Vec<f32>,
+    map: QuantMap,
+    block_size: usize,
+}
+
+impl BlockwiseState {
+    /// An all-zero state of `len` elements (absmax 0, every code the code of 0.0).
+    ///
+    /// # Errors
+    /// A `block_size` not in [`crate::SUPPORTED_BLOCK_SIZES`].
+    pub fn zeros(len: usize, map: QuantMap, block_size: usize) -> Result<Self> {
+        check_block_size(block_size)?;
+        let zero_code = map.nearest_code(0.0);
+        Ok(Self {
+            codes: vec![zero_code; len],
+            absmax: vec![0.0; len.div_ceil(block_size)],
+            map,
+            block_size,
+        })
+    }
+
+    /// The codes, one per element.
+    pub fn codes(&self) -> &[u8] {
+        &self.codes
+    }
+
+    /// The per-block scales, `ceil(len / block_size)` of them.
+    pub fn absmax(&self) -> &[f32] {
+        &self.absmax
+    }
+
+    /// The map the codes index.
+    pub fn map(&self) -> &QuantMap {
+        &self.map
+    }
+
+    /// Elements per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.codes.len()
+    }
+
+    /// Whether the state has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.codes.is_empty()
+    }
+
+    /// The dequantized values, `map[code] * absmax[block]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.codes.len()];
+        crate::cpu::dequantize(
+            &self.codes,
+            &self.absmax,
+            &self.map,
+            self.block_size,
+            &mut out,
+        );
+        out
+    }
+}
+
+/// The optimizer state of one parameter: `R::STATES` buffers as long as the parameter, either
+/// f32 (32-bit optimizers) or 8-bit blockwise.
+#[derive(Clone, Debug)]
+pub enum ParamState {
+    /// 32-bit state: one f32 buffer per state value.
+    F32(Vec<Vec<f32>>),
+    /// 8-bit state: one blockwise-quantized buffer per state value.
+    Blockwise(Vec<BlockwiseState>),
+}
+
+impl ParamState {
+    /// Zero f32 state for rule `R` and a parameter of `len` elements.
+    pub fn zeros_f32<R: UpdateRule>(len: usize) -> Self {
+        Self::F32(vec![vec![0.0; len]; R::STATES])
+    }
+
+    /// Zero 8-bit state for rule `R`: the signed dynamic map for states that take negative
+    /// values, the unsigned one for the others (see [`UpdateRule::SIGNED`]).
+    ///
+    /// # Errors
+    /// An unsupported `block_size`.
+    pub fn zeros_blockwise<R: UpdateRule>(len: usize, block_size: usize) -> Result<Self> {
+        let states = (0..R::STATES)
+            .map(|k| {
+                let map = if R::SIGNED[k] {
+                    QuantMap::dynamic_signed()
+                } else {
+                    QuantMap::dynamic_unsigned()
+                };
+                BlockwiseState::zeros(len, map, block_size)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::Blockwise(states))
+    }
+
+    /// Bytes the state buffers hold (codes, scales and f32 values; not the shared maps).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::F32(states) => states.iter().map(|s| s.len() * 4).sum(),
+            Self::Blockwise(states) => states
+                .iter()
+                .map(|s| s.codes.len() + s.absmax.len() * 4)
+                .sum(),
+        }
+    }
+
+    /// Number of state buffers.
+    pub fn n_states(&self) -> usize {
+        match self {
+            Self::F32(states) => states.len(),
+            Self::Blockwise(states) => states.len(),
+        }
+    }
+
+    /// Elements per state buffer, or `None` when there are no buffers.
+    fn len(&self) -> Option<usize> {
+        match self {
+            Self::F32(states) => states.first().map(Vec::len),
+            Self::Blockwise(states) => states.first().map(BlockwiseState::len),
+        }
+    }
+
+    fn check_consistent(&self) -> Result<()> {
+        let len = self.len().unwrap_or(0);
+        match self {
+            Self::F32(states) => {
+                if let Some((k, s)) = states.iter().enumerate().find(|(_, s)| s.len() != len) {
+                    bail!(
+                        "optimizer state {k} has {} elements, state 0 has {len}",
+                        s.len()
+                    )
+                }
+            }
+            Self::Blockwise(states) => {
+                for (k, s) in states.iter().enumerate() {
+                    let blocks = s.codes.len().div_ceil(s.block_size);
+                    if s.codes.len() != len
+                        || s.absmax.len() != blocks
+                        || s.block_size != states[0].block_size
+                    {
+                        bail!(
+                            "optimizer state {k}: {} codes, {} absmax, block size {} (state 0: {len} codes, block size {})",
+                            s.codes.len(),
+                            s.absmax.len(),
+                            s.block_size,
+                            states[0].block_size
+                        )
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One optimizer step for one parameter, fused: `param` is updated in place from `grad` by
+/// `rule`, and `state` is read and written in the same pass (8-bit state is dequantized,
+/// updated in f32 and re-quantized block by block with fresh absmax scales).
+///
+/// `param` must be a contiguous `F32`, `F16` or `BF16` tensor (a `Var`'s tensor is); `grad` has
+/// its shape and dtype, any layout. Math is f32 whatever the dtype; `F16`/`BF16` parameters are
+/// rounded to nearest-even once per step.
+///
+/// # Errors
+/// A dtype, shape or device mismatch, a non-contiguous `param`, a state with another element
+/// count or number of buffers than `R::STATES`, or a device without these kernels yet (only the
+/// CPU has them for now). Nothing is changed on error.
+pub fn fused_update<R: UpdateRule>(
+    rule: &R,
+    param: &Tensor,
+    grad: &Tensor,
+    state: &mut ParamState,
+) -> Result<()> {
+    check_fused_update::<R>(param, grad, state)?;
+    let grad = grad.contiguous()?;
+    param.inplace_op2(
+        &grad,
+        &FusedUpdate {
+            rule,
+            state: RefCell::new(state),
+        },
+    )
+}
+
+/// Checks everything [`fused_update`] checks, without updating anything: optimizers validate
+/// every parameter this way before a step touches the first one.
+///
+/// # Errors
+/// Those of [`fused_update`].
+pub fn check_fused_update<R: UpdateRule>(
+    param: &Tensor,
+    grad: &Tensor,
+    state: &ParamState,
+) -> Result<()> {
+    if !matches!(param.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        bail!(
+            "fused_update: parameter dtype must be F32, F16 or BF16, got {:?}",
+            param.dtype()
+        )
+    }
+    if grad.dtype() != param.dtype() {
+        bail!(
+            "fused_update: gradient dtype {:?} differs from parameter dtype {:?}",
+            grad.dtype(),
+            param.dtype()
+        )
+    }
+    if grad.dims() != param.dims() {
+        bail!(
+            "fused_update: gradient shape {:?} differs from parameter shape {:?}",
+            grad.dims(),
+            param.dims()
+        )
+    }
+    if !param.is_contiguous() {
+        bail!(
+            "fused_update: the parameter must be contiguous, got strides {:?}",
+            param.stride()
+        )
+    }
+    if !param.device().is_cpu() || !grad.device().is_cpu() {
+        bail!(
+            "fused_update: only the CPU has fused optimizer kernels so far (parameter on {:?}, gradient on {:?})",
+            param.device().location(),
+            grad.device().location()
+        )
+    }
+    if state.n_states() != R::STATES {
+        bail!(
+            "fused_update: the rule keeps {} states per element, the state has {}",
+            R::STATES,
+            state.n_states()
+        )
+    }
+    state.check_consistent()?;
+    if let Some(len) = state.len() {
+        if len != param.elem_count() {
+            bail!(
+                "fused_update: state has {len} elements, parameter shape {:?} has {}",
+                param.dims(),
+                param.elem_count()
+            )
+        }
+    }
+    Ok(())
+}
+
+/// Whether every element of `t` is finite (no NaN, no ±inf); integer tensors always are.
+///
+/// # Errors
+/// Only those of reading `t` (a non-CPU tensor is checked with Candle ops).
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    if !t.device().is_cpu() {
+        let x = t.to_dtype(DType::F32)?;
+        let bad = (x.ne(&x)?.to_dtype(DType::U32)?.sum_all()?
+            + x.abs()?
+                .eq(f64::INFINITY)?
+                .to_dtype(DType::U32)?
+                .sum_all()?)?;
+        return Ok(bad.to_scalar::<u32>()? == 0);
+    }
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("all_finite: expected a contiguous layout")
+    };
+    Ok(match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            crate::cpu::absmax_bits(Isa::selected(), &v[start..end]) < 0x7F80_0000
+        }
+        Storage::Cpu(CpuStorage::F16(v)) => {
+            v[start..end].iter().all(|x| x.to_bits() & 0x7C00 != 0x7C00)
+        }
+        Storage::Cpu(CpuStorage::BF16(v)) => {
+            v[start..end].iter().all(|x| x.to_bits() & 0x7F80 != 0x7F80)
+        }
+        Storage::Cpu(CpuStorage::F64(v)) => v[start..end].iter().all(|x| x.is_finite()),
+        _ => true,
+    })
+}
+
+struct FusedUpdate<'a, R> {
+    rule: &'a R,
+    state: RefCell<&'a mut ParamState>,
+}
+
+impl<R: UpdateRule> FusedUpdate<'_, R> {
+    fn run<T: Element>(&self, params: &mut [T], grads: &[T]) {
+        let mut state = self.state.borrow_mut();
+        match &mut **state {
+            ParamState::F32(states) => {
+                let mut slices: Vec<&mut [f32]> =
+                    states.iter_mut().map(Vec::as_mut_slice).collect();
+                step_f32_state(self.rule, params, grads, &mut slices);
+            }
+            ParamState::Blockwise(states) if states.is_empty() => {
+                step_f32_state(self.rule, params, grads, &mut []);
+            }
+            ParamState::Blockwise(states) => {
+                let block_size = states[0].block_size;
+                let mut views: Vec<BlockwiseStateMut<'_>> = states
+                    .iter_mut()
+                    .map(|s| BlockwiseStateMut {
+                        codes: &mut s.codes,
+                        absmax: &mut s.absmax,
+                        map: &s.map,
+                    })
+                    .collect();
+                step_blockwise_state(
+                    Isa::selected(),
+                    self.rule,
+                    params,
+                    grads,
+                    &mut views,
+                    block_size,
+                );
+            }
+        }
+    }
+}
+
+impl<R: UpdateRule> InplaceOp2 for FusedUpdate<'_, R> {
+    fn name(&self) -> &'static str {
+        "fused-optimizer-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        param: &mut CpuStorage,
+        pl: &Layout,
+        grad: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        let (Some((ps, pe)), Some((gs, ge))) = (pl.contiguous_offsets(), gl.contiguous_offsets())
+        else {
+            bail!("{}: parameter and gradient must be contiguous", self.name())
+        };
+        match (param, grad) {
+            (CpuStorage::F32(p), CpuStorage::F32(g)) => self.run(&mut p[ps..pe], &g[gs..ge]),
+            (CpuStorage::F16(p), CpuStorage::F16(g)) => self.run(&mut p[ps..pe], &g[gs..ge]),
+            (CpuStorage::BF16(p), CpuStorage::BF16(g)) => self.run(&mut p[ps..pe], &g[gs..ge]),
+            (p, g) => bail!(
+                "{}: unsupported dtypes {:?} / {:?}",
+                self.name(),
+                p.dtype(),
+                g.dtype()
+            ),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! Adam/AdamW against candle_nn::AdamW, the paper's formulas and the 32-bit path.
+
+use candle_bnb::kernels::{
+    fused_update, AdamRule, BlockwiseState, ParamState, QuantMap, UpdateRule,
+};
+use candle_bnb::optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, NonFinitePolicy};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, ParamsAdamW};
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+type TestRng = rand::rngs::StdRng;
+
+fn rng(test: &str) -> TestRng {
+    let seed = std::env::var("CANDLE_BNB_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("{test}: CANDLE_BNB_TEST_SEED={seed}");
+    TestRng::seed_from_u64(seed)
+}
+
+fn randn(rng: &mut TestRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let z: f32 = StandardNormal.sample(rng);
+            scale * z
+        })
+        .collect()
+}
+
+/// A loss whose gradient with respect to `w` is exactly `g`: sum(w * g).
+fn loss_with_grad(w: &Var, g: &Tensor) -> Tensor {
+    (w.as_tensor() * g).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn adamw_32bit_reproduces_candle_nn_over_100_steps() {
+    let mut rng = rng("adamw_32bit_vs_candle_nn");
+    let shapes: [&[usize]; 4] = [&[37, 19], &[1], &[300], &[8, 8, 9]];
+    let params = ParamsAdamW {
+        lr: 3e-3,
+        weight_decay: 0.05,
+        ..Default::default()
+    };
+    let ours_cfg = AdamWConfig {
+        lr: params.lr,
+        beta1: params.beta1,
+        beta2: params.beta2,
+        eps: params.eps,
+        weight_decay: params.weight_decay,
+        ..Default::default()
+    };
+    let mut ours_vars = Vec::new();
+    let mut theirs_vars = Vec::new();
+    for shape in shapes {
+        let n = shape.iter().product();
+        let t = Tensor::from_vec(randn(&mut rng, n, 1.0), shape, &Device::Cpu).unwrap();
+        ours_vars.push(Var::from_tensor(&t).unwrap());
+        theirs_vars.push(Var::from_tensor(&t.copy().unwrap()).unwrap());
+    }
+    let mut ours = AdamW::new(ours_vars.clone(), ours_cfg).unwrap();
+    let mut theirs = candle_nn::AdamW::new(theirs_vars.clone(), params).unwrap();
+    for _ in 0..100 {
+        let grads: Vec<Tensor> = ours_vars
+            .iter()
+            .map(|v| {
+                Tensor::from_vec(
+                    randn(&mut rng, v.elem_count(), 0.5),
+                    v.shape(),
+                    &Device::Cpu,
+                )
+                .unwrap()
+            })
+            .collect();
+        let loss = |vars: &[Var]| {
+            vars.iter()
+                .zip(&grads)
+                .map(|(v, g)| loss_with_grad(v, g))
+                .reduce(|a, b| (a + b).unwrap())
+                .unwrap()
+        };
+        ours.backward_step(&loss(&ours_vars)).unwrap();
+        theirs.backward_step(&loss(&theirs_vars)).unwrap();
+    }
+    for (a, b) in ours_vars.iter().zip(&theirs_vars) {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-6 * y.abs().max(1e-3),
+                "element {i}: {x} vs candle-nn {y}"
+            );
+        }
+    }
+    assert_eq!(ours.step_count(), 100);
+    assert_eq!(
+        ours.state_bytes(),
+        8 * ours_vars.iter().map(|v| v.elem_count()).sum::<usize>()
+    );
+}
+
+/// 8-bit AdamW stays near the 32-bit path, measured as bitsandbytes does: both run side by side
+/// from the same start, errors are taken after every step, and every 10 steps the 32-bit
+/// reference is re-synced to the 8-bit parameter and dequantized state.
+#[test]
+fn adamw_8bit_per_step_error_within_bitsandbytes_bounds() {
+    let mut rng = rng("adamw_8bit_per_step");
+    for (n, block_size) in [(4096usize * 10 + 77, 256usize), (5000, 64), (65_536, 2048)] {
+        let init = Tensor::from_vec(randn(&mut rng, n, 1.0), n, &Device::Cpu).unwrap();
+        let (p8, p32) = (init.copy().unwrap(), init);
+        let mut state8 = ParamState::zeros_blockwise::<AdamRule>(n, block_size).unwrap();
+        let mut state32 = ParamState::zeros_f32::<AdamRule>(n);
+        let (mut abs_sum, mut rel_sum, mut count) = (0f64, 0f64, 0usize);
+        for t in 1..=50u64 {
+            let rule = AdamRule::new(t, 1e-3, 0.9, 0.995, 1e-8, 0.01, true);
+            let g = Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu).unwrap();
+            fused_update(&rule, &p32, &g, &mut state32).unwrap();
+            fused_update(&rule, &p8, &g, &mut state8).unwrap();
+            let a = p8.to_vec1::<f32>().unwrap();
+            let b = p32.to_vec1::<f32>().unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                abs_sum += (x - y).abs() as f64;
+                rel_sum += ((x - y).abs() / (y.abs() + 1e-8)) as f64;
+            }
+            count += n;
+            if t % 10 == 0 {
+                let ParamState::Blockwise(states) = &state8 else {
+                    unreachable!()
+                };
+                state32 = ParamState::F32(states.iter().map(BlockwiseState::dequantize).collect());
+                p32.inplace_op1(&CopyFrom(a)).unwrap();
+            }
+        }
+        let (mean_abs, mean_rel) = (abs_sum / count as f64, rel_sum / count as f64);
+        eprintln!(
+            "n {n} block {block_size}: mean |err| {mean_abs:.2e}, mean rel err {mean_rel:.2e}"
+        );
+        assert!(
+            mean_abs > 0.0,
+            "the 8-bit path should differ from the 32-bit one"
+        );
+        assert!(mean_abs < 6e-5, "mean |param error| {mean_abs}");
+        assert!(mean_rel < 6e-4, "mean relative error {mean_rel}");
+    }
+}
+
+/// Overwrites an f32 tensor in place (to re-sync the reference parameter).
+struct CopyFrom(Vec<f32>);
+
+impl candle_core::InplaceOp1 for CopyFrom {
+    fn name(&self) -> &'static str {
+        "copy-from"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        match storage {
+            candle_core::CpuStorage::F32(v) => v.copy_from_slice(&self.0),
+            _ => candle_core::bail!("copy-from: f32 only"),
+        }
+        Ok(())
+    }
+}
+
+/// The fused 8-bit step equals the scalar composition: dequantize, apply the rule, quantize.
+#[test]
+fn fused_8bit_step_equals_dequantize_apply_quantize_for_all_dtypes_and_sizes() {
+    let mut rng = rng("fused_8bit_composition");
+    let signed = QuantMap::dynamic_signed();
+    let unsigned = QuantMap::dynamic_unsigned();
+    for n in [0usize, 1, 255, 256, 257, 1000, 70_001] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let rule = AdamRule::new(rng.random_range(1..50), 1e-2, 0.9, 0.999, 1e-8, 0.1, true);
+            let p = Tensor::from_vec(randn(&mut rng, n, 1.0), n, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let g = Tensor::from_vec(randn(&mut rng, n, 1.0), n, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            // A state that is not zero: one step from zero first.
+            let mut state = ParamState::zeros_blockwise::<AdamRule>(n, 256).unwrap();
+            fused_update(&rule, &p.copy().unwrap(), &g, &mut state).unwrap();
+            let ParamState::Blockwise(before) = state.clone() else {
+                unreachable!()
+            };
+            let p_before = p.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            let g32 = g.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+
+            fused_update(&rule, &p, &g, &mut state).unwrap();
+
+            let (m, v) = (before[0].dequantize(), before[1].dequantize());
+            let mut want_p = Vec::with_capacity(n);
+            let (mut want_m, mut want_v) = (vec![0f32; n], vec![0f32; n]);
+            for i in 0..n {
+                let mut s = [m[i], v[i], 0.0];
+                want_p.push(rule.apply(p_before[i], g32[i], &mut s));
+                want_m[i] = s[0];
+                want_v[i] = s[1];
+            }
+            let want_p = Tensor::from_vec(want_p, n, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            assert_eq!(
+                p.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+                want_p
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+                "params n {n} {dtype:?}"
+            );
+            let ParamState::Blockwise(after) = &state else {
+                unreachable!()
+            };
+            for (k, (want, map)) in [(want_m, &signed), (want_v, &unsigned)]
+                .into_iter()
+                .enumerate()
+            {
+                let q = candle_bnb::quantize_blockwise(
+                    &Tensor::from_vec(want, n, &Device::Cpu).unwrap(),
+                    map,
+                    256,
+                )
+                .unwrap();
+                assert_eq!(
+                    after[k].codes(),
+                    q.codes.to_vec1::<u8>().unwrap(),
+                    "state {k} codes n {n} {dtype:?}"
+                );
+                assert_eq!(
+                    after[k].absmax(),
+                    q.absmax.to_vec1::<f32>().unwrap(),
+                    "state {k} absmax n {n} {dtype:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn state_bytes_per_parameter() {
+    let w = Var::zeros(1 << 20, DType::F32, &Device::Cpu).unwrap();
+    let opt8 = AdamW8bit::new(vec![w.clone()], AdamW8bitConfig::default()).unwrap();
+    let per_param = opt8.state_bytes() as f64 / (1 << 20) as f64;
+    assert!(per_param <= 2.04, "{per_param} bytes/param");
+    let opt32 = AdamW::new(vec![w], AdamWConfig::default()).unwrap();
+    assert_eq!(opt32.state_bytes(), 8 << 20);
+    // Small tensors keep 32-bit state.
+    let small = Var::zeros(4095, DType::F32, &Device::Cpu).unwrap();
+    let opt = AdamW8bit::new(vec![small], AdamW8bitConfig::default()).unwrap();
+    assert_eq!(opt.state_bytes(), 8 * 4095);
+}
+
+#[test]
+fn non_finite_gradient_skips_the_step_bit_for_bit() {
+    let mut rng = rng("non_finite_skip");
+    let a = Var::from_tensor(
+        &Tensor::from_vec(randn(&mut rng, 5000, 1.0), 5000, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let b =
+        Var::from_tensor(&Tensor::from_vec(randn(&mut rng, 300, 1.0), 300, &Device::Cpu).unwrap())
+            .unwrap();
+    let mut opt = AdamW8bit::new(vec![a.clone(), b.clone()], AdamW8bitConfig::default()).unwrap();
+    let ga = Tensor::from_vec(randn(&mut rng, 5000, 1.0), 5000, &Device::Cpu).unwrap();
+    let gb = Tensor::from_vec(randn(&mut rng, 300, 1.0), 300, &Device::Cpu).unwrap();
+    opt.backward_step(&(loss_with_grad(&a, &ga) + loss_with_grad(&b, &gb)).unwrap())
+        .unwrap();
+
+    let snapshot = |opt: &AdamW8bit| {
+        let params: Vec<Vec<f32>> = [&a, &b]
+            .iter()
+            .map(|v| v.to_vec1::<f32>().unwrap())
+            .collect();
+        let states: Vec<String> = opt.states().map(|(_, s)| format!("{s:?}")).collect();
+        (params, states)
+    };
+    let before = snapshot(&opt);
+    let mut bad = randn(&mut rng, 300, 1.0);
+    bad[123] = f32::NAN;
+    let gb_bad = Tensor::from_vec(bad, 300, &Device::Cpu).unwrap();
+    opt.backward_step(&(loss_with_grad(&a, &ga) + loss_with_grad(&b, &gb_bad)).unwrap())
+        .unwrap();
+    assert_eq!(snapshot(&opt), before);
+    assert_eq!((opt.step_count(), opt.skipped_steps()), (1, 1));
+
+    let cfg = AdamW8bitConfig {
+        non_finite: NonFinitePolicy::Error,
+        ..Default::default()
+    };
+    let mut strict = AdamW8bit::new(vec![b.clone()], cfg).unwrap();
+    let err = strict
+        .backward_step(&loss_with_grad(&b, &gb_bad))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("parameter 0") && err.contains("not finite"),
+        "{err}"
+    );
+}
+
+#[test]
+fn half_precision_parameters_train() {
+    for dtype in [DType::F16, DType::BF16] {
+        let target = Tensor::randn(0f32, 1.0, 8192, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let w = Var::zeros(8192, dtype, &Device::Cpu).unwrap();
+        let mut opt = AdamW8bit::new(
+            vec![w.clone()],
+            AdamW8bitConfig {
+                lr: 0.05,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let loss = || {
+            (w.as_tensor() - &target)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let first = loss().to_scalar::<f32>().unwrap();
+        for _ in 0..100 {
+            opt.backward_step(&loss()).unwrap();
+        }
+        let last = loss().to_scalar::<f32>().unwrap();
+        assert!(last < 0.05 * first, "{dtype:?}: loss {first} -> {last}");
+        assert_eq!(w.dtype(), dtype);
+    }
+    let _ = (f16::ONE, bf16::ONE);
+}
+
+#[test]
+fn bad_configs_are_refused() {
+    let w = || vec![Var::zeros(10, DType::F32, &Device::Cpu).unwrap()];
+    let err = |cfg: AdamWConfig| AdamW::new(w(), cfg).err().unwrap().to_string();
+    assert!(err(AdamWConfig {
+        optim_bits: 16,
+        ..Default::default()
+    })
+    .contains("optim_bits must be 8 or 32, got 16"));
+    assert!(err(AdamWConfig {
+        block_size: 100,
+        ..Default::default()
+    })
+    .contains("block_size 100"));
+    assert!(err(AdamWConfig {
+        beta1: 1.0,
+        ..Default::default()
+    })
+    .contains("beta1"));
+    assert!(err(AdamWConfig {
+        lr: f64::NAN,
+        ..Default::default()
+    })
+    .contains("lr"));
+    assert!(err(AdamWConfig {
+        eps: -1.0,
+        ..Default::default()
+    })
+    .contains("eps"));
+}
