@@ -314,10 +314,10 @@ impl<R: UpdateRule> FusedUpdate<'_, R> {
             ParamState::F32(states) => {
                 let mut slices: Vec<&mut [f32]> =
                     states.iter_mut().map(Vec::as_mut_slice).collect();
-                step_f32_state(self.rule, params, grads, &mut slices);
+                step_f32_state(Isa::selected(), self.rule, params, grads, &mut slices);
             }
             ParamState::Blockwise(states) if states.is_empty() => {
-                step_f32_state(self.rule, params, grads, &mut []);
+                step_f32_state(Isa::selected(), self.rule, params, grads, &mut []);
             }
             ParamState::Blockwise(states) => {
                 let block_size = states[0].block_size;
