@@ -27,14 +27,25 @@ impl BlockwiseState {
     /// # Errors
     /// A `block_size` not in [`crate::SUPPORTED_BLOCK_SIZES`].
     pub fn zeros(len: usize, map: QuantMap, block_size: usize) -> Result<Self> {
+        Self::filled(len, 0.0, map, block_size)
+    }
+
+    /// A state of `len` elements all equal to `value` as nearly as the map allows (exactly when
+    /// the map holds `value.signum()`, as both dynamic maps hold 1.0).
+    ///
+    /// # Errors
+    /// A `block_size` not in [`crate::SUPPORTED_BLOCK_SIZES`], or a non-finite `value`.
+    pub fn filled(len: usize, value: f32, map: QuantMap, block_size: usize) -> Result<Self> {
         check_block_size(block_size)?;
-        let zero_code = map.nearest_code(0.0);
-        Ok(Self {
-            codes: vec![zero_code; len],
-            absmax: vec![0.0; len.div_ceil(block_size)],
-            map,
-            block_size,
-        })
+        if !value.is_finite() {
+            bail!("initial optimizer state must be finite, got {value}")
+        }
+        let (code, scale) = if value == 0.0 {
+            (map.nearest_code(0.0), 0.0)
+        } else {
+            (map.nearest_code(value.signum()), value.abs())
+        };
+        Ok(Self { codes: vec![code; len], absmax: vec![scale; len.div_ceil(block_size)], map, block_size })
     }
 
     /// The codes, one per element.
@@ -81,8 +92,8 @@ impl BlockwiseState {
     }
 }
 
-/// The optimizer state of one parameter: `R::STATES` buffers as long as the parameter, either
-/// f32 (32-bit optimizers) or 8-bit blockwise.
+/// The optimizer state of one parameter: one buffer per state value of its rule, as long as the
+/// parameter, either f32 (32-bit optimizers) or 8-bit blockwise.
 #[derive(Clone, Debug)]
 pub enum ParamState {
     /// 32-bit state: one f32 buffer per state value.
@@ -92,25 +103,26 @@ pub enum ParamState {
 }
 
 impl ParamState {
-    /// Zero f32 state for rule `R` and a parameter of `len` elements.
-    pub fn zeros_f32<R: UpdateRule>(len: usize) -> Self {
-        Self::F32(vec![vec![0.0; len]; R::STATES])
+    /// Initial f32 state for `rule` and a parameter of `len` elements.
+    pub fn new_f32<R: UpdateRule>(rule: &R, len: usize) -> Self {
+        let init = rule.initial_state();
+        Self::F32((0..rule.signed_states().len()).map(|k| vec![init[k]; len]).collect())
     }
 
-    /// Zero 8-bit state for rule `R`: the signed dynamic map for states that take negative
-    /// values, the unsigned one for the others (see [`UpdateRule::SIGNED`]).
+    /// Initial 8-bit state for `rule`: the signed dynamic map for states that take negative
+    /// values, the unsigned one for the others (see [`UpdateRule::signed_states`]).
     ///
     /// # Errors
-    /// An unsupported `block_size`.
-    pub fn zeros_blockwise<R: UpdateRule>(len: usize, block_size: usize) -> Result<Self> {
-        let states = (0..R::STATES)
-            .map(|k| {
-                let map = if R::SIGNED[k] {
-                    QuantMap::dynamic_signed()
-                } else {
-                    QuantMap::dynamic_unsigned()
-                };
-                BlockwiseState::zeros(len, map, block_size)
+    /// An unsupported `block_size` or a non-finite initial value.
+    pub fn new_blockwise<R: UpdateRule>(rule: &R, len: usize, block_size: usize) -> Result<Self> {
+        let init = rule.initial_state();
+        let states = rule
+            .signed_states()
+            .iter()
+            .enumerate()
+            .map(|(k, &signed)| {
+                let map = if signed { QuantMap::dynamic_signed() } else { QuantMap::dynamic_unsigned() };
+                BlockwiseState::filled(len, init[k], map, block_size)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::Blockwise(states))
@@ -186,7 +198,7 @@ impl ParamState {
 ///
 /// # Errors
 /// A dtype, shape or device mismatch, a non-contiguous `param`, a state with another element
-/// count or number of buffers than `R::STATES`, or a device without these kernels yet (only the
+/// count or number of buffers than the rule keeps, or a device without these kernels yet (only the
 /// CPU has them for now). Nothing is changed on error.
 pub fn fused_update<R: UpdateRule>(
     rule: &R,
@@ -194,7 +206,7 @@ pub fn fused_update<R: UpdateRule>(
     grad: &Tensor,
     state: &mut ParamState,
 ) -> Result<()> {
-    check_fused_update::<R>(param, grad, state)?;
+    check_fused_update(rule, param, grad, state)?;
     let grad = grad.contiguous()?;
     param.inplace_op2(
         &grad,
@@ -211,6 +223,7 @@ pub fn fused_update<R: UpdateRule>(
 /// # Errors
 /// Those of [`fused_update`].
 pub fn check_fused_update<R: UpdateRule>(
+    rule: &R,
     param: &Tensor,
     grad: &Tensor,
     state: &ParamState,
@@ -248,10 +261,10 @@ pub fn check_fused_update<R: UpdateRule>(
             grad.device().location()
         )
     }
-    if state.n_states() != R::STATES {
+    let n_states = rule.signed_states().len();
+    if state.n_states() != n_states {
         bail!(
-            "fused_update: the rule keeps {} states per element, the state has {}",
-            R::STATES,
+            "fused_update: the rule keeps {n_states} states per element, the state has {}",
             state.n_states()
         )
     }

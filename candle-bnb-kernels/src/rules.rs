@@ -6,19 +6,23 @@ pub const MAX_STATES: usize = 3;
 
 /// The per-element math of one optimizer step.
 ///
-/// The fused kernels load a parameter element, its gradient and its `STATES` state values as f32
+/// The fused kernels load a parameter element, its gradient and its state values as f32
 /// (dequantizing 8-bit state first), call [`UpdateRule::apply`], and store the results back
 /// (re-quantizing 8-bit state). Step-dependent scalars (bias corrections, schedules) are computed
 /// once per step when the rule value is built, so `apply` is plain arithmetic the compiler can
-/// vectorise.
+/// vectorise. Adding an optimizer is one rule plus one config.
 pub trait UpdateRule: Sync {
-    /// Number of state values per parameter element, at most [`MAX_STATES`].
-    const STATES: usize;
-    /// For each state, whether it takes negative values (stored with the signed dynamic map) or
-    /// not (the unsigned map). Entries past `STATES` are ignored.
-    const SIGNED: [bool; MAX_STATES];
+    /// One entry per state value kept per parameter element (at most [`MAX_STATES`]): whether it
+    /// takes negative values (stored with the signed dynamic map) or not (the unsigned map).
+    fn signed_states(&self) -> &'static [bool];
 
-    /// Updates one element: returns the new parameter value and updates `state[..STATES]`.
+    /// The value each state starts from (zero unless the rule says otherwise).
+    fn initial_state(&self) -> [f32; MAX_STATES] {
+        [0.0; MAX_STATES]
+    }
+
+    /// Updates one element: returns the new parameter value and updates the first
+    /// `signed_states().len()` entries of `state`.
     fn apply(&self, param: f32, grad: f32, state: &mut [f32; MAX_STATES]) -> f32;
 }
 
@@ -79,8 +83,9 @@ impl AdamRule {
 }
 
 impl UpdateRule for AdamRule {
-    const STATES: usize = 2;
-    const SIGNED: [bool; MAX_STATES] = [true, false, false];
+    fn signed_states(&self) -> &'static [bool] {
+        &[true, false]
+    }
 
     #[inline(always)]
     fn apply(&self, param: f32, grad: f32, state: &mut [f32; MAX_STATES]) -> f32 {

@@ -78,7 +78,9 @@ macro_rules! adam_optimizer {
 
             fn new(vars: Vec<Var>, config: $config) -> Result<Self> {
                 config.validate()?;
-                let slots = Slots::new::<AdamRule>(vars, config.layout())?;
+                let c = &config;
+                let first = AdamRule::new(1, c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, $decoupled);
+                let slots = Slots::new(vars, config.layout(), &first)?;
                 Ok(Self { slots, config })
             }
 

@@ -55,7 +55,7 @@ pub(crate) struct Slots {
 impl Slots {
     /// Zero state for every floating-point var (others are ignored, as in candle-nn): 8-bit when
     /// `optim_bits == 8` and the var has at least `min_8bit_size` elements, else f32.
-    pub(crate) fn new<R: UpdateRule>(vars: Vec<Var>, layout: StateLayout) -> Result<Self> {
+    pub(crate) fn new<R: UpdateRule>(vars: Vec<Var>, layout: StateLayout, rule: &R) -> Result<Self> {
         layout.validate()?;
         let slots = vars
             .into_iter()
@@ -63,9 +63,9 @@ impl Slots {
             .map(|var| {
                 let n = var.elem_count();
                 let state = if layout.optim_bits == 8 && n >= layout.min_8bit_size {
-                    ParamState::zeros_blockwise::<R>(n, layout.block_size)?
+                    ParamState::new_blockwise(rule, n, layout.block_size)?
                 } else {
-                    ParamState::zeros_f32::<R>(n)
+                    ParamState::new_f32(rule, n)
                 };
                 Ok(Slot { var, state })
             })
@@ -85,11 +85,12 @@ impl Slots {
         policy: NonFinitePolicy,
         make_rule: impl FnOnce(u64) -> R,
     ) -> Result<()> {
+        let rule = make_rule(self.steps + 1);
         for (i, slot) in self.slots.iter().enumerate() {
             let Some(grad) = grads.get(&slot.var) else {
                 continue;
             };
-            check_fused_update::<R>(slot.var.as_tensor(), grad, &slot.state)
+            check_fused_update(&rule, slot.var.as_tensor(), grad, &slot.state)
                 .map_err(|e| e.context(format!("parameter {i} (shape {:?})", slot.var.dims())))?;
             if !all_finite(grad)? {
                 match policy {
@@ -107,7 +108,6 @@ impl Slots {
             }
         }
         self.steps += 1;
-        let rule = make_rule(self.steps);
         for slot in self.slots.iter_mut() {
             if let Some(grad) = grads.get(&slot.var) {
                 fused_update(&rule, slot.var.as_tensor(), grad, &mut slot.state)?;

@@ -19,7 +19,7 @@ pub(crate) struct BlockwiseStateMut<'a> {
 }
 
 /// Applies `rule` to every element: `params` and `grads` as f32, `states[k]` the k-th state
-/// (`states.len() == R::STATES`, every slice as long as `params`).
+/// (one per `rule.signed_states()` entry, every slice as long as `params`).
 ///
 /// Written per state count with zipped iterators so the loop has no bounds checks and
 /// vectorises; compiled once per instruction set (see [`apply_rule`]).
@@ -78,7 +78,7 @@ fn apply_rule<R: UpdateRule>(
     grads: &[f32],
     states: &mut [&mut [f32]],
 ) {
-    debug_assert_eq!(states.len(), R::STATES);
+    debug_assert_eq!(states.len(), rule.signed_states().len());
     match isa {
         // AVX2 (256-bit) also on AVX-512 CPUs: the rule is divide- and sqrt-bound, where 512-bit
         // vectors gain little and cost twice on Zen 4.
@@ -178,6 +178,7 @@ pub(crate) fn step_blockwise_state<R: UpdateRule, T: Element>(
     block_size: usize,
 ) {
     let n = params.len();
+    let n_states = states.len();
     let blocks_per_task = (TASK_ELEMS / block_size).max(1);
     let task_elems = blocks_per_task * block_size;
     let maps: Vec<&QuantMap> = states.iter().map(|s| s.map).collect();
@@ -220,7 +221,7 @@ pub(crate) fn step_blockwise_state<R: UpdateRule, T: Element>(
         {
             let len = pb.len();
             let range = b * block_size..b * block_size + len;
-            for k in 0..R::STATES {
+            for k in 0..n_states {
                 let values = maps[k].values();
                 portable::decode(
                     &codes[k][range.clone()],
@@ -233,9 +234,9 @@ pub(crate) fn step_blockwise_state<R: UpdateRule, T: Element>(
             let [s0, s1, s2] = &mut sbuf;
             let mut sb = [&mut s0[..len], &mut s1[..len], &mut s2[..len]];
             T::update_f32(pb, &mut pbuf[..len], |pf| {
-                apply_rule(isa, rule, pf, gf, &mut sb[..R::STATES])
+                apply_rule(isa, rule, pf, gf, &mut sb[..n_states])
             });
-            for k in 0..R::STATES {
+            for k in 0..n_states {
                 let s = &mut *sb[k];
                 let mut bits = absmax_bits(isa, s);
                 if bits >= 0x7F80_0000 {
