@@ -110,8 +110,14 @@ fn adamw_8bit_per_step_error_within_bitsandbytes_bounds() {
     for (n, block_size) in [(4096usize * 10 + 77, 256usize), (5000, 64), (65_536, 2048)] {
         let init = Tensor::from_vec(randn(&mut rng, n, 1.0), n, &Device::Cpu).unwrap();
         let (p8, p32) = (init.copy().unwrap(), init);
-        let mut state8 = ParamState::new_blockwise(&AdamRule::new(1, 1e-3, 0.9, 0.995, 1e-8, 0.01, true), n, block_size).unwrap();
-        let mut state32 = ParamState::new_f32(&AdamRule::new(1, 1e-3, 0.9, 0.995, 1e-8, 0.01, true), n);
+        let mut state8 = ParamState::new_blockwise(
+            &AdamRule::new(1, 1e-3, 0.9, 0.995, 1e-8, 0.01, true),
+            n,
+            block_size,
+        )
+        .unwrap();
+        let mut state32 =
+            ParamState::new_f32(&AdamRule::new(1, 1e-3, 0.9, 0.995, 1e-8, 0.01, true), n);
         let (mut abs_sum, mut rel_sum, mut count) = (0f64, 0f64, 0usize);
         for t in 1..=50u64 {
             let rule = AdamRule::new(t, 1e-3, 0.9, 0.995, 1e-8, 0.01, true);

@@ -45,7 +45,12 @@ impl BlockwiseState {
         } else {
             (map.nearest_code(value.signum()), value.abs())
         };
-        Ok(Self { codes: vec![code; len], absmax: vec![scale; len.div_ceil(block_size)], map, block_size })
+        Ok(Self {
+            codes: vec![code; len],
+            absmax: vec![scale; len.div_ceil(block_size)],
+            map,
+            block_size,
+        })
     }
 
     /// The codes, one per element.
@@ -106,7 +111,11 @@ impl ParamState {
     /// Initial f32 state for `rule` and a parameter of `len` elements.
     pub fn new_f32<R: UpdateRule>(rule: &R, len: usize) -> Self {
         let init = rule.initial_state();
-        Self::F32((0..rule.signed_states().len()).map(|k| vec![init[k]; len]).collect())
+        Self::F32(
+            (0..rule.signed_states().len())
+                .map(|k| vec![init[k]; len])
+                .collect(),
+        )
     }
 
     /// Initial 8-bit state for `rule`: the signed dynamic map for states that take negative
@@ -121,7 +130,11 @@ impl ParamState {
             .iter()
             .enumerate()
             .map(|(k, &signed)| {
-                let map = if signed { QuantMap::dynamic_signed() } else { QuantMap::dynamic_unsigned() };
+                let map = if signed {
+                    QuantMap::dynamic_signed()
+                } else {
+                    QuantMap::dynamic_unsigned()
+                };
                 BlockwiseState::filled(len, init[k], map, block_size)
             })
             .collect::<Result<Vec<_>>>()?;

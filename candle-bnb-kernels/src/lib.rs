@@ -35,4 +35,4 @@ pub use blockwise::{
 pub use cpu::{Isa, CPU_ISA_ENV};
 pub use fused::{all_finite, check_fused_update, fused_update, BlockwiseState, ParamState};
 pub use qmap::{QuantMap, QUANT_MAP_LEN};
-pub use rules::{AdamRule, UpdateRule, MAX_STATES};
+pub use rules::{AdamRule, LionRule, SgdRule, UpdateRule, MAX_STATES};

@@ -100,6 +100,118 @@ impl UpdateRule for AdamRule {
     }
 }
 
+/// Lion (Chen et al., "Symbolic Discovery of Optimization Algorithms"), with decoupled weight
+/// decay as in the paper: `c = b1*m + (1-b1)*g`, `p = p*(1 - lr*wd) - lr*sign(c)` (sign(0) = 0),
+/// `m = b2*m + (1-b2)*g`. One state, the momentum `m` (signed).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LionRule {
+    lr: f32,
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    decay_factor: f32,
+}
+
+impl LionRule {
+    /// The rule with these hyper-parameters (the step count does not enter Lion).
+    pub fn new(lr: f64, beta1: f64, beta2: f64, weight_decay: f64) -> Self {
+        Self {
+            lr: lr as f32,
+            beta1: beta1 as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            decay_factor: (1.0 - lr * weight_decay) as f32,
+        }
+    }
+}
+
+impl UpdateRule for LionRule {
+    fn signed_states(&self) -> &'static [bool] {
+        &[true]
+    }
+
+    #[inline(always)]
+    fn apply(&self, param: f32, grad: f32, state: &mut [f32; MAX_STATES]) -> f32 {
+        let m = state[0];
+        let c = m * self.beta1 + grad * self.one_minus_beta1;
+        let sign = if c > 0.0 {
+            1.0
+        } else if c < 0.0 {
+            -1.0
+        } else {
+            0.0
+        };
+        state[0] = m * self.beta2 + grad * self.one_minus_beta2;
+        param * self.decay_factor - self.lr * sign
+    }
+}
+
+/// Stochastic gradient descent as `torch.optim.SGD` defines it: `g += wd*p`; with momentum,
+/// `buf = g` on the first step and `buf = momentum*buf + (1-dampening)*g` after, then
+/// `g = g + momentum*buf` (Nesterov) or `g = buf`; finally `p -= lr*g`. One state (the momentum
+/// buffer, signed) when `momentum != 0`, none otherwise.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdRule {
+    lr: f32,
+    momentum: f32,
+    one_minus_dampening: f32,
+    weight_decay: f32,
+    nesterov: bool,
+    first_step: bool,
+}
+
+impl SgdRule {
+    /// The rule for step `step` (1-based: step 1 initialises the momentum buffer to the gradient).
+    pub fn new(
+        step: u64,
+        lr: f64,
+        momentum: f64,
+        dampening: f64,
+        weight_decay: f64,
+        nesterov: bool,
+    ) -> Self {
+        Self {
+            lr: lr as f32,
+            momentum: momentum as f32,
+            one_minus_dampening: (1.0 - dampening) as f32,
+            weight_decay: weight_decay as f32,
+            nesterov,
+            first_step: step <= 1,
+        }
+    }
+}
+
+impl UpdateRule for SgdRule {
+    fn signed_states(&self) -> &'static [bool] {
+        if self.momentum != 0.0 {
+            &[true]
+        } else {
+            &[]
+        }
+    }
+
+    #[inline(always)]
+    fn apply(&self, param: f32, grad: f32, state: &mut [f32; MAX_STATES]) -> f32 {
+        let mut g = grad + self.weight_decay * param;
+        if self.momentum != 0.0 {
+            let buf = if self.first_step {
+                g
+            } else {
+                self.momentum * state[0] + self.one_minus_dampening * g
+            };
+            state[0] = buf;
+            g = if self.nesterov {
+                g + self.momentum * buf
+            } else {
+                buf
+            };
+        }
+        param - self.lr * g
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,7 +55,11 @@ pub(crate) struct Slots {
 impl Slots {
     /// Zero state for every floating-point var (others are ignored, as in candle-nn): 8-bit when
     /// `optim_bits == 8` and the var has at least `min_8bit_size` elements, else f32.
-    pub(crate) fn new<R: UpdateRule>(vars: Vec<Var>, layout: StateLayout, rule: &R) -> Result<Self> {
+    pub(crate) fn new<R: UpdateRule>(
+        vars: Vec<Var>,
+        layout: StateLayout,
+        rule: &R,
+    ) -> Result<Self> {
         layout.validate()?;
         let slots = vars
             .into_iter()

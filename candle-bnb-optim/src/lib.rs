@@ -14,15 +14,20 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 //!
-//! Status: Adam and AdamW (8- and 32-bit, CPU) are here; the rest of the family, clipping and
-//! checkpoints are being built.
+//! Status: Adam, AdamW, Lion and SGD (8- and 32-bit, CPU) are here; the rest of the family,
+//! clipping and checkpoints are being built.
 #![deny(missing_docs)]
 
 mod adam;
+mod define;
 mod engine;
+mod lion;
+mod sgd;
 
 pub use adam::{
     Adam, Adam8bit, Adam8bitConfig, AdamConfig, AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig,
 };
 pub use candle_bnb_kernels as kernels;
 pub use engine::NonFinitePolicy;
+pub use lion::{Lion, Lion8bit, Lion8bitConfig, LionConfig};
+pub use sgd::{SGD8bit, SGD8bitConfig, SGDConfig, SGD};
