@@ -4,23 +4,17 @@
 //! with 8-bit state (one step each, gradient fixed), then prints M params/s and each ratio to
 //! candle_nn::AdamW. Targets on a 2-core machine (issue 3): 8-bit AdamW >= 20x candle_nn::AdamW.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use candle_bnb::optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
+use common::{mean_ns, output_dir};
 use criterion::{Criterion, Throughput};
 
 const PARAMS: usize = 1 << 24;
 const GROUP: &str = "optim_step_16.8M_f32";
-
-fn output_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("criterion")
-}
 
 /// A var and a gradient store holding a fixed random gradient for it.
 fn setup() -> (Var, GradStore) {
@@ -59,20 +53,8 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-fn mean_ns(name: &str) -> Option<f64> {
-    let path = output_dir()
-        .join(GROUP)
-        .join(name)
-        .join("new")
-        .join("estimates.json");
-    let text = std::fs::read_to_string(path).ok()?;
-    let mean = &text[text.find("\"mean\"")?..];
-    let value = &mean[mean.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
-    value[..value.find([',', '}'])?].trim().parse().ok()
-}
-
 fn report() {
-    let Some(anchor) = mean_ns("candle_nn_adamw") else {
+    let Some(anchor) = mean_ns(GROUP, "candle_nn_adamw") else {
         eprintln!(
             "no criterion estimates found under {}",
             output_dir().display()
@@ -88,7 +70,7 @@ fn report() {
         "optimizer", "ms", "M params/s", "x candle_nn::AdamW"
     );
     for name in ["candle_nn_adamw", "adamw_32bit", "adamw_8bit"] {
-        if let Some(ns) = mean_ns(name) {
+        if let Some(ns) = mean_ns(GROUP, name) {
             println!(
                 "{name:<18} {:>10.2} {:>12.0} {:>18.2}",
                 ns / 1e6,

@@ -12,22 +12,16 @@
 //! to the copy (targets on a 2-core machine: quantize >= 0.5x, dequantize >= 0.7x).
 //! `CANDLE_BNB_CPU_ISA=portable|avx2` caps the instruction set to compare paths.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use candle_bnb::kernels::{quantize_blockwise, Isa, QuantMap};
 use candle_core::{DType, Device, Tensor};
+use common::{mean_ns, output_dir};
 use criterion::{Criterion, Throughput};
 
 const ELEMENTS: usize = 1 << 24;
 const BLOCK_SIZE: usize = 256;
 const GROUP: &str = "blockwise_16.8M_f32";
-
-fn output_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("criterion")
-}
 
 fn bench(c: &mut Criterion) {
     let x = Tensor::randn(0f32, 1.0, ELEMENTS, &Device::Cpu).unwrap();
@@ -59,19 +53,6 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-/// Mean time per iteration in ns from criterion's saved estimates.
-fn mean_ns(name: &str) -> Option<f64> {
-    let path = output_dir()
-        .join(GROUP)
-        .join(name)
-        .join("new")
-        .join("estimates.json");
-    let text = std::fs::read_to_string(path).ok()?;
-    let mean = &text[text.find("\"mean\"")?..];
-    let value = &mean[mean.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
-    value[..value.find([',', '}'])?].trim().parse().ok()
-}
-
 fn report() {
     let bytes = [
         ("copy", 8.0 * ELEMENTS as f64),
@@ -88,7 +69,7 @@ fn report() {
             (ELEMENTS * 5 + ELEMENTS.div_ceil(BLOCK_SIZE) * 4) as f64,
         ),
     ];
-    let Some(copy_ns) = mean_ns("copy") else {
+    let Some(copy_ns) = mean_ns(GROUP, "copy") else {
         eprintln!(
             "no criterion estimates found under {}",
             output_dir().display()
@@ -106,7 +87,7 @@ fn report() {
         "op", "ms", "GB/s", "ratio to copy"
     );
     for (name, b) in bytes {
-        if let Some(ns) = mean_ns(name) {
+        if let Some(ns) = mean_ns(GROUP, name) {
             let gbs = b / ns;
             println!(
                 "{name:<16} {:>8.2} {gbs:>8.2} {:>14.2}",

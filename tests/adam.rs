@@ -7,28 +7,10 @@ use candle_bnb::optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, NonFinit
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 use half::{bf16, f16};
-use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, StandardNormal};
+use rand::Rng;
 
-type TestRng = rand::rngs::StdRng;
-
-fn rng(test: &str) -> TestRng {
-    let seed = std::env::var("CANDLE_BNB_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("{test}: CANDLE_BNB_TEST_SEED={seed}");
-    TestRng::seed_from_u64(seed)
-}
-
-fn randn(rng: &mut TestRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let z: f32 = StandardNormal.sample(rng);
-            scale * z
-        })
-        .collect()
-}
+mod common;
+use common::{randn, rng};
 
 /// A loss whose gradient with respect to `w` is exactly `g`: sum(w * g).
 fn loss_with_grad(w: &Var, g: &Tensor) -> Tensor {

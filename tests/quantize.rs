@@ -8,20 +8,11 @@ use candle_bnb::kernels::{
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 use num_bigint::BigInt;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-type TestRng = rand::rngs::StdRng;
-
-/// A fresh seed per run (printed, and reusable through `CANDLE_BNB_TEST_SEED`).
-fn rng(test: &str) -> TestRng {
-    let seed = std::env::var("CANDLE_BNB_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("{test}: CANDLE_BNB_TEST_SEED={seed}");
-    TestRng::seed_from_u64(seed)
-}
+mod common;
+use common::{rng, TestRng};
 
 fn reference_map(name: &str) -> [f32; 256] {
     let path = format!(
