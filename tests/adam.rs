@@ -1,8 +1,6 @@
 //! Adam/AdamW against candle_nn::AdamW, the paper's formulas and the 32-bit path.
 
-use candle_bnb::kernels::{
-    fused_update, AdamRule, BlockwiseState, ParamState, QuantMap, UpdateRule,
-};
+use candle_bnb::kernels::{fused_update, AdamRule, ParamState, QuantMap, UpdateRule};
 use candle_bnb::optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, NonFinitePolicy};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
@@ -10,7 +8,7 @@ use half::{bf16, f16};
 use rand::Rng;
 
 mod common;
-use common::{randn, rng};
+use common::{eight_bit_vs_32_bit, randn, rng};
 
 /// A loss whose gradient with respect to `w` is exactly `g`: sum(w * g).
 fn loss_with_grad(w: &Var, g: &Tensor) -> Tensor {
@@ -90,38 +88,8 @@ fn adamw_32bit_reproduces_candle_nn_over_100_steps() {
 fn adamw_8bit_per_step_error_within_bitsandbytes_bounds() {
     let mut rng = rng("adamw_8bit_per_step");
     for (n, block_size) in [(4096usize * 10 + 77, 256usize), (5000, 64), (65_536, 2048)] {
-        let init = Tensor::from_vec(randn(&mut rng, n, 1.0), n, &Device::Cpu).unwrap();
-        let (p8, p32) = (init.copy().unwrap(), init);
-        let mut state8 = ParamState::new_blockwise(
-            &AdamRule::new(1, 1e-3, 0.9, 0.995, 1e-8, 0.01, true),
-            n,
-            block_size,
-        )
-        .unwrap();
-        let mut state32 =
-            ParamState::new_f32(&AdamRule::new(1, 1e-3, 0.9, 0.995, 1e-8, 0.01, true), n);
-        let (mut abs_sum, mut rel_sum, mut count) = (0f64, 0f64, 0usize);
-        for t in 1..=50u64 {
-            let rule = AdamRule::new(t, 1e-3, 0.9, 0.995, 1e-8, 0.01, true);
-            let g = Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu).unwrap();
-            fused_update(&rule, &p32, &g, &mut state32).unwrap();
-            fused_update(&rule, &p8, &g, &mut state8).unwrap();
-            let a = p8.to_vec1::<f32>().unwrap();
-            let b = p32.to_vec1::<f32>().unwrap();
-            for (x, y) in a.iter().zip(&b) {
-                abs_sum += (x - y).abs() as f64;
-                rel_sum += ((x - y).abs() / (y.abs() + 1e-8)) as f64;
-            }
-            count += n;
-            if t % 10 == 0 {
-                let ParamState::Blockwise(states) = &state8 else {
-                    unreachable!()
-                };
-                state32 = ParamState::F32(states.iter().map(BlockwiseState::dequantize).collect());
-                p32.inplace_op1(&CopyFrom(a)).unwrap();
-            }
-        }
-        let (mean_abs, mean_rel) = (abs_sum / count as f64, rel_sum / count as f64);
+        let rule = |t| AdamRule::new(t, 1e-3, 0.9, 0.995, 1e-8, 0.01, true);
+        let (mean_abs, mean_rel) = eight_bit_vs_32_bit(&mut rng, rule, n, block_size, 50, 0.1);
         eprintln!(
             "n {n} block {block_size}: mean |err| {mean_abs:.2e}, mean rel err {mean_rel:.2e}"
         );
@@ -131,27 +99,6 @@ fn adamw_8bit_per_step_error_within_bitsandbytes_bounds() {
         );
         assert!(mean_abs < 6e-5, "mean |param error| {mean_abs}");
         assert!(mean_rel < 6e-4, "mean relative error {mean_rel}");
-    }
-}
-
-/// Overwrites an f32 tensor in place (to re-sync the reference parameter).
-struct CopyFrom(Vec<f32>);
-
-impl candle_core::InplaceOp1 for CopyFrom {
-    fn name(&self) -> &'static str {
-        "copy-from"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &mut candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> candle_core::Result<()> {
-        match storage {
-            candle_core::CpuStorage::F32(v) => v.copy_from_slice(&self.0),
-            _ => candle_core::bail!("copy-from: f32 only"),
-        }
-        Ok(())
     }
 }
 

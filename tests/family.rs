@@ -1,9 +1,7 @@
 //! Every optimizer's 32-bit path against a scalar f64 reference written from its paper's (or
 //! torch's) formulas, and its 8-bit path against its 32-bit path.
 
-use candle_bnb::kernels::{
-    fused_update, BlockwiseState, LionRule, ParamState, SgdRule, UpdateRule,
-};
+use candle_bnb::kernels::{LionRule, SgdRule};
 use candle_bnb::optim::{
     Lion, Lion8bit, Lion8bitConfig, LionConfig, SGD8bit, SGD8bitConfig, SGDConfig, SGD,
 };
@@ -12,7 +10,7 @@ use candle_nn::Optimizer;
 use rand::Rng;
 
 mod common;
-use common::{randn, rng, TestRng};
+use common::{eight_bit_vs_32_bit, randn, rng, TestRng};
 
 /// Runs `opt` for `steps` steps on fresh random gradients; the reference `step(t, p, g, state)`
 /// follows each element in f64. Returns the max relative difference (f32 rounding accumulated
@@ -118,51 +116,26 @@ fn sgd_32bit_follows_torch_for_every_momentum_variant() {
     );
 }
 
-/// Side-by-side 8-bit and 32-bit runs re-synced every 10 steps; mean errors per step.
-fn eight_bit_vs_32_bit<R: UpdateRule>(
-    rng: &mut TestRng,
-    make_rule: impl Fn(u64) -> R,
-    grad_scale: f32,
-) -> (f64, f64) {
-    let n = 4096 * 5 + 77;
-    let init = Tensor::from_vec(randn(rng, n, 1.0), n, &Device::Cpu).unwrap();
-    let (p8, p32) = (init.copy().unwrap(), init);
-    let mut s8 = ParamState::new_blockwise(&make_rule(1), n, 256).unwrap();
-    let mut s32 = ParamState::new_f32(&make_rule(1), n);
-    let (mut abs, mut rel, mut count) = (0f64, 0f64, 0usize);
-    for t in 1..=40 {
-        let rule = make_rule(t);
-        let g = Tensor::from_vec(randn(rng, n, grad_scale), n, &Device::Cpu).unwrap();
-        fused_update(&rule, &p32, &g, &mut s32).unwrap();
-        fused_update(&rule, &p8, &g, &mut s8).unwrap();
-        let (a, b) = (p8.to_vec1::<f32>().unwrap(), p32.to_vec1::<f32>().unwrap());
-        for (x, y) in a.iter().zip(&b) {
-            abs += (x - y).abs() as f64;
-            rel += ((x - y).abs() / (y.abs() + 1e-8)) as f64;
-        }
-        count += n;
-        if t % 10 == 0 {
-            let ParamState::Blockwise(states) = &s8 else {
-                unreachable!()
-            };
-            s32 = ParamState::F32(states.iter().map(BlockwiseState::dequantize).collect());
-            // Re-sync the parameter: one zero-gradient step would move it, so rebuild the tensor.
-            let fresh = Tensor::from_vec(a, n, &Device::Cpu).unwrap();
-            p32.slice_set(&fresh, 0, 0).unwrap();
-        }
-    }
-    (abs / count as f64, rel / count as f64)
-}
-
 #[test]
 fn eight_bit_paths_stay_near_their_32_bit_paths() {
+    const N: usize = 4096 * 5 + 77;
     let mut rng = rng("eight_bit_vs_32_bit");
-    let (abs, rel) = eight_bit_vs_32_bit(&mut rng, |_| LionRule::new(1e-4, 0.9, 0.99, 0.0), 0.1);
+    let (abs, rel) = eight_bit_vs_32_bit(
+        &mut rng,
+        |_| LionRule::new(1e-4, 0.9, 0.99, 0.0),
+        N,
+        256,
+        40,
+        0.1,
+    );
     eprintln!("lion: mean |err| {abs:.2e}, rel {rel:.2e}");
     assert!(abs > 0.0 && abs < 6e-5 && rel < 6e-4, "lion: {abs} {rel}");
     let (abs, rel) = eight_bit_vs_32_bit(
         &mut rng,
         |t| SgdRule::new(t, 1e-3, 0.9, 0.0, 0.0, false),
+        N,
+        256,
+        40,
         0.1,
     );
     eprintln!("sgd: mean |err| {abs:.2e}, rel {rel:.2e}");
