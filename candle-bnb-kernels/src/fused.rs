@@ -4,11 +4,13 @@
 use std::cell::RefCell;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor};
+use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
 
 use crate::blockwise::check_block_size;
-use crate::cpu::fused::{step_blockwise_state, step_f32_state, BlockwiseStateMut};
-use crate::cpu::{Element, Isa};
+use crate::cpu::fused::{
+    measure, step_blockwise_state, step_f32_state, BlockwiseStateMut, StateView,
+};
+use crate::cpu::{Element, Isa, MAX_BLOCK};
 use crate::rules::UpdateRule;
 use crate::QuantMap;
 
@@ -48,6 +50,41 @@ impl BlockwiseState {
         Ok(Self {
             codes: vec![code; len],
             absmax: vec![scale; len.div_ceil(block_size)],
+            map,
+            block_size,
+        })
+    }
+
+    /// A state from its parts (as a checkpoint stores them).
+    ///
+    /// # Errors
+    /// An unsupported `block_size`, `absmax` not holding `ceil(codes.len() / block_size)`
+    /// values, or a scale that is negative or not finite (naming the block).
+    pub fn from_parts(
+        codes: Vec<u8>,
+        absmax: Vec<f32>,
+        map: QuantMap,
+        block_size: usize,
+    ) -> Result<Self> {
+        check_block_size(block_size)?;
+        let blocks = codes.len().div_ceil(block_size);
+        if absmax.len() != blocks {
+            bail!(
+                "{} codes in blocks of {block_size} need {blocks} absmax values, got {}",
+                codes.len(),
+                absmax.len()
+            )
+        }
+        if let Some((b, a)) = absmax
+            .iter()
+            .enumerate()
+            .find(|(_, a)| !(a.is_finite() && **a >= 0.0))
+        {
+            bail!("absmax of block {b} is {a}; scales must be finite and >= 0")
+        }
+        Ok(Self {
+            codes,
+            absmax,
             map,
             block_size,
         })
@@ -294,38 +331,27 @@ pub fn check_fused_update<R: UpdateRule>(
     Ok(())
 }
 
-/// Whether every element of `t` is finite (no NaN, no ±inf); integer tensors always are.
-///
-/// # Errors
-/// Only those of reading `t` (a non-CPU tensor is checked with Candle ops).
-pub fn all_finite(t: &Tensor) -> Result<bool> {
-    if !t.device().is_cpu() {
-        let x = t.to_dtype(DType::F32)?;
-        let bad = (x.ne(&x)?.to_dtype(DType::U32)?.sum_all()?
-            + x.abs()?
-                .eq(f64::INFINITY)?
-                .to_dtype(DType::U32)?
-                .sum_all()?)?;
-        return Ok(bad.to_scalar::<u32>()? == 0);
+/// [`measure`] over a parameter's state, whatever its storage.
+fn measure_state<R: UpdateRule, T: Element>(
+    rule: &R,
+    params: &[T],
+    grads: &[T],
+    state: &ParamState,
+) -> (f64, f64) {
+    match state {
+        ParamState::F32(states) => {
+            let views: Vec<StateView<'_>> = states.iter().map(|s| StateView::F32(s)).collect();
+            measure(rule, params, grads, &views, MAX_BLOCK)
+        }
+        ParamState::Blockwise(states) => {
+            let views: Vec<StateView<'_>> = states
+                .iter()
+                .map(|s| StateView::Blockwise(&s.codes, &s.absmax, &s.map))
+                .collect();
+            let chunk = states.first().map_or(MAX_BLOCK, |s| s.block_size);
+            measure(rule, params, grads, &views, chunk)
+        }
     }
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("all_finite: expected a contiguous layout")
-    };
-    Ok(match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => {
-            crate::cpu::absmax_bits(Isa::selected(), &v[start..end]) < 0x7F80_0000
-        }
-        Storage::Cpu(CpuStorage::F16(v)) => {
-            v[start..end].iter().all(|x| x.to_bits() & 0x7C00 != 0x7C00)
-        }
-        Storage::Cpu(CpuStorage::BF16(v)) => {
-            v[start..end].iter().all(|x| x.to_bits() & 0x7F80 != 0x7F80)
-        }
-        Storage::Cpu(CpuStorage::F64(v)) => v[start..end].iter().all(|x| x.is_finite()),
-        _ => true,
-    })
 }
 
 struct FusedUpdate<'a, R> {
@@ -336,14 +362,24 @@ struct FusedUpdate<'a, R> {
 impl<R: UpdateRule> FusedUpdate<'_, R> {
     fn run<T: Element>(&self, params: &mut [T], grads: &[T]) {
         let mut state = self.state.borrow_mut();
+        let layerwise_rule;
+        let rule = if R::LAYERWISE {
+            let (param_sq, direction_sq) = measure_state(self.rule, params, grads, &state);
+            layerwise_rule = self
+                .rule
+                .with_norms(param_sq.sqrt() as f32, direction_sq.sqrt() as f32);
+            &layerwise_rule
+        } else {
+            self.rule
+        };
         match &mut **state {
             ParamState::F32(states) => {
                 let mut slices: Vec<&mut [f32]> =
                     states.iter_mut().map(Vec::as_mut_slice).collect();
-                step_f32_state(Isa::selected(), self.rule, params, grads, &mut slices);
+                step_f32_state(Isa::selected(), rule, params, grads, &mut slices);
             }
             ParamState::Blockwise(states) if states.is_empty() => {
-                step_f32_state(Isa::selected(), self.rule, params, grads, &mut []);
+                step_f32_state(Isa::selected(), rule, params, grads, &mut []);
             }
             ParamState::Blockwise(states) => {
                 let block_size = states[0].block_size;
@@ -355,14 +391,7 @@ impl<R: UpdateRule> FusedUpdate<'_, R> {
                         map: &s.map,
                     })
                     .collect();
-                step_blockwise_state(
-                    Isa::selected(),
-                    self.rule,
-                    params,
-                    grads,
-                    &mut views,
-                    block_size,
-                );
+                step_blockwise_state(Isa::selected(), rule, params, grads, &mut views, block_size);
             }
         }
     }

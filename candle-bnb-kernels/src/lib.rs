@@ -25,6 +25,7 @@ mod blockwise;
 mod cpu;
 mod fused;
 mod lookup;
+mod norms;
 mod qmap;
 mod rules;
 
@@ -33,6 +34,10 @@ pub use blockwise::{
     SUPPORTED_BLOCK_SIZES,
 };
 pub use cpu::{Isa, CPU_ISA_ENV};
-pub use fused::{all_finite, check_fused_update, fused_update, BlockwiseState, ParamState};
+pub use fused::{check_fused_update, fused_update, BlockwiseState, ParamState};
+pub use norms::{all_finite, sum_squares};
 pub use qmap::{QuantMap, QUANT_MAP_LEN};
-pub use rules::{AdamRule, LionRule, SgdRule, UpdateRule, MAX_STATES};
+pub use rules::{
+    AdEMAMixRule, AdagradRule, AdamRule, LambRule, LarsRule, LionRule, RmspropRule, ScaledGrad,
+    SgdRule, UpdateRule, MAX_STATES,
+};

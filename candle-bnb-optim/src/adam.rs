@@ -7,6 +7,7 @@ use crate::define::{check, define_optimizer};
 define_optimizer! {
     doc: "Adam with L2 weight decay added to the gradient (`torch.optim.Adam`, `bnb.optim.Adam`).
 States: first moment (signed), second moment (unsigned).",
+    kind: "Adam",
     optimizers: [(Adam, AdamConfig, 32, "32-bit"), (Adam8bit, Adam8bitConfig, 8, "8-bit")],
     fields: {
         /// Learning rate.
@@ -35,6 +36,7 @@ define_optimizer! {
 Adam step), so its 32-bit form reproduces candle-nn. The first five config fields are named as in
 `candle_nn::ParamsAdamW`. States: first moment (signed), second moment (unsigned); 8-bit state takes
 about 2 bytes per parameter instead of 8.",
+    kind: "AdamW",
     optimizers: [(AdamW, AdamWConfig, 32, "32-bit"), (AdamW8bit, AdamW8bitConfig, 8, "8-bit")],
     fields: {
         /// Learning rate.

@@ -1,10 +1,12 @@
 //! `define_optimizer!`: one config struct and one `candle_nn::Optimizer` per name, from a rule and
-//! a list of hyper-parameters. Every config also gets the state-storage fields shared by the
-//! family (`optim_bits`, `min_8bit_size`, `block_size`, `non_finite`).
+//! a list of hyper-parameters. Every config also gets the fields shared by the family: state
+//! storage (`optim_bits`, `min_8bit_size`, `block_size`) and gradient handling (`non_finite`,
+//! `max_grad_norm`, `percentile_clipping`).
 
 macro_rules! define_optimizer {
     (
         doc: $doc:literal,
+        kind: $kind:literal,
         optimizers: [$( ($name:ident, $config:ident, $bits:expr, $what:literal) ),+ $(,)?],
         fields: $fields:tt,
         validate: |$vc:ident| $validate:block,
@@ -12,12 +14,12 @@ macro_rules! define_optimizer {
     ) => {
         $(
             define_optimizer!(@one
-                $doc, $name, $config, $bits, $what, $fields, |$vc| $validate, |$rc, $t| $rule
+                $doc, $kind, $name, $config, $bits, $what, $fields, |$vc| $validate, |$rc, $t| $rule
             );
         )+
     };
     (@one
-        $doc:literal, $name:ident, $config:ident, $bits:expr, $what:literal,
+        $doc:literal, $kind:literal, $name:ident, $config:ident, $bits:expr, $what:literal,
         { $( $(#[$fdoc:meta])* $field:ident : $ty:ty = $default:expr ),* $(,)? },
         |$vc:ident| $validate:block, |$rc:ident, $t:ident| $rule:expr
     ) => {
@@ -30,10 +32,18 @@ macro_rules! define_optimizer {
             pub optim_bits: u32,
             /// Parameters with fewer elements keep 32-bit state even when `optim_bits` is 8.
             pub min_8bit_size: usize,
-            /// Elements per quantization block of 8-bit state.
+            /// Elements per quantization block of 8-bit state (one of
+            /// [`SUPPORTED_BLOCK_SIZES`](candle_bnb_kernels::SUPPORTED_BLOCK_SIZES)).
             pub block_size: usize,
             /// What a step does when a gradient holds NaN or ±inf.
             pub non_finite: $crate::NonFinitePolicy,
+            /// Global gradient-norm clipping: when the L2 norm of all gradients together exceeds
+            /// it, every gradient is scaled by `max_grad_norm / (norm + 1e-6)` (as
+            /// `torch.nn.utils.clip_grad_norm_`). `None`: off.
+            pub max_grad_norm: Option<f64>,
+            /// Percentile clipping (bitsandbytes ≤ 0.49), in `1..=100`, 100 = off: each gradient
+            /// whose norm exceeds this percentile of its own last 100 norms is scaled down to it.
+            pub percentile_clipping: u32,
         }
 
         impl Default for $config {
@@ -44,15 +54,68 @@ macro_rules! define_optimizer {
                     min_8bit_size: 4096,
                     block_size: 256,
                     non_finite: $crate::NonFinitePolicy::Skip,
+                    max_grad_norm: None,
+                    percentile_clipping: 100,
                 }
             }
         }
 
         impl $config {
-            fn validate(&self) -> candle_core::Result<()> {
+            /// The name of every field, in declaration order (as [`Self::fields`] and
+            /// [`Self::set_field`] spell them).
+            pub const FIELD_NAMES: &'static [&'static str] = &[
+                $( stringify!($field), )*
+                "optim_bits", "min_8bit_size", "block_size", "non_finite", "max_grad_norm",
+                "percentile_clipping",
+            ];
+
+            /// Every field with its value as text (`f64` values round-trip exactly; `None`
+            /// is `none`), in the order of [`Self::FIELD_NAMES`].
+            pub fn fields(&self) -> Vec<(&'static str, String)> {
+                use $crate::define::FieldText;
+                vec![
+                    $( (stringify!($field), self.$field.to_text()), )*
+                    ("optim_bits", self.optim_bits.to_text()),
+                    ("min_8bit_size", self.min_8bit_size.to_text()),
+                    ("block_size", self.block_size.to_text()),
+                    ("non_finite", self.non_finite.to_text()),
+                    ("max_grad_norm", self.max_grad_norm.to_text()),
+                    ("percentile_clipping", self.percentile_clipping.to_text()),
+                ]
+            }
+
+            /// Sets the field `name` from its text form (as [`Self::fields`] writes it).
+            ///
+            /// # Errors
+            /// An unknown name (the message lists the fields) or a value that does not parse
+            /// as the field's type. Values are range-checked when an optimizer is built.
+            pub fn set_field(&mut self, name: &str, value: &str) -> candle_core::Result<()> {
+                use $crate::define::FieldText;
+                match name {
+                    $( stringify!($field) => self.$field = FieldText::from_text(name, value)?, )*
+                    "optim_bits" => self.optim_bits = FieldText::from_text(name, value)?,
+                    "min_8bit_size" => self.min_8bit_size = FieldText::from_text(name, value)?,
+                    "block_size" => self.block_size = FieldText::from_text(name, value)?,
+                    "non_finite" => self.non_finite = FieldText::from_text(name, value)?,
+                    "max_grad_norm" => self.max_grad_norm = FieldText::from_text(name, value)?,
+                    "percentile_clipping" => {
+                        self.percentile_clipping = FieldText::from_text(name, value)?
+                    }
+                    _ => candle_core::bail!(
+                        "{} has no field {name:?}; its fields are {:?}",
+                        stringify!($config),
+                        Self::FIELD_NAMES
+                    ),
+                }
+                Ok(())
+            }
+
+            /// Checks every field's range; errors name the field and its value.
+            pub fn validate(&self) -> candle_core::Result<()> {
                 let $vc = self;
                 $validate
-                Ok(())
+                self.layout().validate()?;
+                self.grad_handling().validate()
             }
 
             fn layout(&self) -> $crate::engine::StateLayout {
@@ -60,6 +123,14 @@ macro_rules! define_optimizer {
                     optim_bits: self.optim_bits,
                     min_8bit_size: self.min_8bit_size,
                     block_size: self.block_size,
+                }
+            }
+
+            fn grad_handling(&self) -> $crate::engine::GradHandling {
+                $crate::engine::GradHandling {
+                    non_finite: self.non_finite,
+                    max_grad_norm: self.max_grad_norm,
+                    percentile_clipping: self.percentile_clipping,
                 }
             }
 
@@ -71,7 +142,8 @@ macro_rules! define_optimizer {
 
         #[doc = $doc]
         #[doc = ""]
-        #[doc = concat!("This form keeps ", $what, " state by default.")]
+        #[doc = concat!("This form keeps ", $what, " state by default. Checkpoints ([`", stringify!($name), "::save`])")]
+        #[doc = concat!("have kind `", $kind, "`.")]
         pub struct $name {
             slots: $crate::engine::Slots,
             config: $config,
@@ -80,15 +152,17 @@ macro_rules! define_optimizer {
         impl candle_nn::Optimizer for $name {
             type Config = $config;
 
+            /// Parameters are named by position (`"0"`, `"1"`, ...) in checkpoints.
             fn new(vars: Vec<candle_core::Var>, config: $config) -> candle_core::Result<Self> {
-                config.validate()?;
-                let slots = $crate::engine::Slots::new(vars, config.layout(), &config.rule(1))?;
-                Ok(Self { slots, config })
+                Self::new_named(
+                    vars.into_iter().enumerate().map(|(i, v)| (i.to_string(), v)).collect(),
+                    config,
+                )
             }
 
             fn step(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
                 let config = &self.config;
-                self.slots.step(grads, config.non_finite, |t| config.rule(t))
+                self.slots.step(grads, config.grad_handling(), |t| config.rule(t))
             }
 
             fn learning_rate(&self) -> f64 {
@@ -101,6 +175,34 @@ macro_rules! define_optimizer {
         }
 
         impl $name {
+            /// The kind written into and checked in checkpoints.
+            pub const KIND: &'static str = $kind;
+
+            /// An optimizer over named parameters; the names key its checkpoints.
+            ///
+            /// # Errors
+            /// An invalid config (naming the field) or duplicate names.
+            pub fn new_named(
+                vars: Vec<(String, candle_core::Var)>,
+                config: $config,
+            ) -> candle_core::Result<Self> {
+                config.validate()?;
+                let slots = $crate::engine::Slots::new(vars, config.layout(), &config.rule(1))?;
+                Ok(Self { slots, config })
+            }
+
+            /// An optimizer over every variable of `varmap`, named as in the map (sorted by name,
+            /// so the order does not depend on hashing).
+            ///
+            /// # Errors
+            /// As [`Self::new_named`].
+            pub fn from_varmap(
+                varmap: &candle_nn::VarMap,
+                config: $config,
+            ) -> candle_core::Result<Self> {
+                Self::new_named($crate::engine::sorted_vars(varmap), config)
+            }
+
             /// The configuration in use.
             pub fn config(&self) -> &$config {
                 &self.config
@@ -108,12 +210,12 @@ macro_rules! define_optimizer {
 
             /// Steps taken (skipped steps not included).
             pub fn step_count(&self) -> u64 {
-                self.slots.steps()
+                self.slots.steps
             }
 
             /// Steps skipped because a gradient was not finite ([`NonFinitePolicy::Skip`](crate::NonFinitePolicy::Skip)).
             pub fn skipped_steps(&self) -> u64 {
-                self.slots.skipped()
+                self.slots.skipped
             }
 
             /// Bytes held by the optimizer state (codes, scales and f32 state).
@@ -121,15 +223,122 @@ macro_rules! define_optimizer {
                 self.slots.state_bytes()
             }
 
+            /// The parameter names, in order (positions when built with `new`).
+            pub fn param_names(&self) -> Vec<&str> {
+                self.slots.slots.iter().map(|s| s.name.as_str()).collect()
+            }
+
             /// Each parameter with its state, in the order of the rule's states.
             pub fn states(&self) -> impl Iterator<Item = (&candle_core::Var, &candle_bnb_kernels::ParamState)> {
                 self.slots.states()
+            }
+
+            /// Writes the whole optimizer state to `path` as safetensors, atomically (a
+            /// temporary file in the same folder, fsync, rename): see [`crate::checkpoint`].
+            ///
+            /// # Errors
+            /// I/O errors, naming the path.
+            pub fn save(&self, path: impl AsRef<std::path::Path>) -> candle_core::Result<()> {
+                $crate::checkpoint::save(path.as_ref(), $kind, &self.config.fields(), &self.slots)
+            }
+
+            /// Replaces the whole optimizer state (states, step counts, clipping history and
+            /// hyper-parameters) by the checkpoint at `path`. Everything is checked first; on
+            /// error nothing changes.
+            ///
+            /// # Errors
+            /// An unreadable or truncated file, another kind or version, or a mismatch with this
+            /// optimizer (parameter count, names, shapes, dtypes, state precision, block size):
+            /// the message names the first mismatch.
+            pub fn load(&mut self, path: impl AsRef<std::path::Path>) -> candle_core::Result<()> {
+                let path = path.as_ref();
+                let loaded = $crate::checkpoint::load(path, $kind, &self.slots)?;
+                let mut config = self.config.clone();
+                for (name, value) in &loaded.config {
+                    config.set_field(name, value).map_err(|e| {
+                        e.context(format!("checkpoint {}: config", path.display()))
+                    })?;
+                }
+                if config.layout() != self.config.layout() {
+                    candle_core::bail!(
+                        "checkpoint {}: state layout {:?} differs from this optimizer's {:?}",
+                        path.display(),
+                        config.layout(),
+                        self.config.layout()
+                    )
+                }
+                config.validate()?;
+                self.config = config;
+                self.slots.restore(loaded);
+                Ok(())
             }
         }
     };
 }
 
 pub(crate) use define_optimizer;
+
+/// Config values as text, for checkpoints and [`set_field`](crate::AdamWConfig::set_field).
+pub(crate) trait FieldText: Sized {
+    /// The value as text (parsed back exactly by `from_text`).
+    fn to_text(&self) -> String;
+    /// Parses `value` for the field `name` (named in the error).
+    fn from_text(name: &str, value: &str) -> candle_core::Result<Self>;
+}
+
+macro_rules! field_text_from_str {
+    ($($ty:ty),*) => {$(
+        impl FieldText for $ty {
+            fn to_text(&self) -> String {
+                self.to_string()
+            }
+            fn from_text(name: &str, value: &str) -> candle_core::Result<Self> {
+                value.trim().parse().map_err(|e| {
+                    candle_core::Error::Msg(format!(
+                        "field {name}: cannot parse {value:?} as {}: {e}",
+                        stringify!($ty)
+                    ))
+                })
+            }
+        }
+    )*};
+}
+
+field_text_from_str!(f64, bool, u32, u64, usize);
+
+impl<T: FieldText> FieldText for Option<T> {
+    fn to_text(&self) -> String {
+        match self {
+            Some(v) => v.to_text(),
+            None => "none".to_string(),
+        }
+    }
+
+    fn from_text(name: &str, value: &str) -> candle_core::Result<Self> {
+        match value.trim() {
+            "none" => Ok(None),
+            v => T::from_text(name, v).map(Some),
+        }
+    }
+}
+
+impl FieldText for crate::NonFinitePolicy {
+    fn to_text(&self) -> String {
+        match self {
+            Self::Skip => "skip",
+            Self::Error => "error",
+        }
+        .to_string()
+    }
+
+    fn from_text(name: &str, value: &str) -> candle_core::Result<Self> {
+        match value.trim() {
+            "skip" => Ok(Self::Skip),
+            "error" => Ok(Self::Error),
+            v => candle_core::bail!("field {name}: expected \"skip\" or \"error\", got {v:?}"),
+        }
+    }
+}
 
 /// Checks shared by many configs; each error names the field and its value.
 pub(crate) mod check {

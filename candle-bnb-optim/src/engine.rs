@@ -1,7 +1,11 @@
 //! What every optimizer of the family shares: per-parameter state slots, the step counter, the
-//! gradient pre-pass and the non-finite policy.
+//! gradient pre-pass (norms, clipping, non-finite policy).
 
-use candle_bnb_kernels::{all_finite, check_fused_update, fused_update, ParamState, UpdateRule};
+use std::collections::VecDeque;
+
+use candle_bnb_kernels::{
+    check_fused_update, fused_update, sum_squares, ParamState, ScaledGrad, UpdateRule,
+};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Var};
 
@@ -15,6 +19,9 @@ pub enum NonFinitePolicy {
     /// Return an error naming the first offending parameter (nothing is changed).
     Error,
 }
+
+/// Squared gradient norms kept per parameter for percentile clipping (as bitsandbytes does).
+pub const GRAD_NORM_HISTORY: usize = 100;
 
 /// How state is stored, shared by every optimizer config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,38 +47,73 @@ impl StateLayout {
     }
 }
 
-struct Slot {
-    var: Var,
-    state: ParamState,
+/// The gradient pre-pass settings shared by every optimizer config.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct GradHandling {
+    pub(crate) non_finite: NonFinitePolicy,
+    pub(crate) max_grad_norm: Option<f64>,
+    pub(crate) percentile_clipping: u32,
+}
+
+impl GradHandling {
+    pub(crate) fn validate(&self) -> Result<()> {
+        if let Some(max) = self.max_grad_norm {
+            if !(max.is_finite() && max > 0.0) {
+                bail!("max_grad_norm must be finite and > 0, got {max}")
+            }
+        }
+        if !(1..=100).contains(&self.percentile_clipping) {
+            bail!(
+                "percentile_clipping must be in 1..=100 (100: off), got {}",
+                self.percentile_clipping
+            )
+        }
+        Ok(())
+    }
+}
+
+/// One parameter with its name, state and gradient-norm history.
+pub(crate) struct Slot {
+    pub(crate) name: String,
+    pub(crate) var: Var,
+    pub(crate) state: ParamState,
+    /// The last (up to [`GRAD_NORM_HISTORY`]) squared gradient norms, oldest first.
+    pub(crate) grad_norms: VecDeque<f64>,
 }
 
 /// The parameters of one optimizer with their state.
 pub(crate) struct Slots {
-    slots: Vec<Slot>,
-    steps: u64,
-    skipped: u64,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) steps: u64,
+    pub(crate) skipped: u64,
 }
 
 impl Slots {
-    /// Zero state for every floating-point var (others are ignored, as in candle-nn): 8-bit when
-    /// `optim_bits == 8` and the var has at least `min_8bit_size` elements, else f32.
+    /// Initial state for every floating-point var (others are ignored, as in candle-nn): 8-bit
+    /// when `optim_bits == 8` and the var has at least `min_8bit_size` elements, else f32.
     pub(crate) fn new<R: UpdateRule>(
-        vars: Vec<Var>,
+        vars: Vec<(String, Var)>,
         layout: StateLayout,
         rule: &R,
     ) -> Result<Self> {
         layout.validate()?;
+        let mut seen = std::collections::HashSet::new();
+        for (name, _) in &vars {
+            if !seen.insert(name.as_str()) {
+                bail!("parameter name {name:?} is given twice")
+            }
+        }
         let slots = vars
             .into_iter()
-            .filter(|v| v.dtype().is_float())
-            .map(|var| {
-                let n = var.elem_count();
-                let state = if layout.optim_bits == 8 && n >= layout.min_8bit_size {
-                    ParamState::new_blockwise(rule, n, layout.block_size)?
-                } else {
-                    ParamState::new_f32(rule, n)
-                };
-                Ok(Slot { var, state })
+            .filter(|(_, v)| v.dtype().is_float())
+            .map(|(name, var)| {
+                let state = initial_state(&var, layout, rule)?;
+                Ok(Slot {
+                    name,
+                    var,
+                    state,
+                    grad_norms: VecDeque::new(),
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -81,51 +123,83 @@ impl Slots {
         })
     }
 
-    /// One step: check every gradient first (finite, matching shapes, dtypes, devices), then
-    /// update each parameter that has one with the rule `make_rule(step)`.
+    /// Replaces every state, history and counter by a checkpoint's (already checked against
+    /// these slots).
+    pub(crate) fn restore(&mut self, loaded: crate::checkpoint::Loaded) {
+        for ((slot, state), norms) in self
+            .slots
+            .iter_mut()
+            .zip(loaded.states)
+            .zip(loaded.grad_norms)
+        {
+            slot.state = state;
+            slot.grad_norms = norms;
+        }
+        self.steps = loaded.steps;
+        self.skipped = loaded.skipped;
+    }
+
+    /// One step. First the pre-pass: every gradient is checked (shape, dtype, device) and its
+    /// squared norm taken, which also detects NaN/inf; nothing is changed until all pass. Then
+    /// each parameter with a gradient is updated by `make_rule(step)` on its clipped gradient.
     pub(crate) fn step<R: UpdateRule>(
         &mut self,
         grads: &GradStore,
-        policy: NonFinitePolicy,
+        handling: GradHandling,
         make_rule: impl FnOnce(u64) -> R,
     ) -> Result<()> {
         let rule = make_rule(self.steps + 1);
+        let mut norms: Vec<Option<f64>> = Vec::with_capacity(self.slots.len());
         for (i, slot) in self.slots.iter().enumerate() {
             let Some(grad) = grads.get(&slot.var) else {
+                norms.push(None);
                 continue;
             };
-            check_fused_update(&rule, slot.var.as_tensor(), grad, &slot.state)
-                .map_err(|e| e.context(format!("parameter {i} (shape {:?})", slot.var.dims())))?;
-            if !all_finite(grad)? {
-                match policy {
+            check_fused_update(&rule, slot.var.as_tensor(), grad, &slot.state).map_err(|e| {
+                e.context(format!(
+                    "parameter {i} {:?} (shape {:?})",
+                    slot.name,
+                    slot.var.dims()
+                ))
+            })?;
+            let sq = sum_squares(grad)?;
+            if !sq.is_finite() {
+                match handling.non_finite {
                     NonFinitePolicy::Skip => {
                         self.skipped += 1;
                         return Ok(());
                     }
-                    NonFinitePolicy::Error => {
-                        bail!(
-                            "the gradient of parameter {i} (shape {:?}) is not finite",
-                            slot.var.dims()
-                        )
-                    }
+                    NonFinitePolicy::Error => bail!(
+                        "the gradient of parameter {i} {:?} (shape {:?}) is not finite",
+                        slot.name,
+                        slot.var.dims()
+                    ),
                 }
             }
+            norms.push(Some(sq));
         }
-        self.steps += 1;
-        for slot in self.slots.iter_mut() {
-            if let Some(grad) = grads.get(&slot.var) {
-                fused_update(&rule, slot.var.as_tensor(), grad, &mut slot.state)?;
+        let global_scale = match handling.max_grad_norm {
+            Some(max) => {
+                let total = norms.iter().flatten().sum::<f64>().sqrt();
+                (max / (total + 1e-6)).min(1.0)
             }
+            None => 1.0,
+        };
+        self.steps += 1;
+        for (slot, sq) in self.slots.iter_mut().zip(norms) {
+            let (Some(sq), Some(grad)) = (sq, grads.get(&slot.var)) else {
+                continue;
+            };
+            let scale = global_scale
+                * percentile_scale(&mut slot.grad_norms, sq, handling.percentile_clipping);
+            fused_update(
+                &ScaledGrad::new(rule.clone(), scale as f32),
+                slot.var.as_tensor(),
+                grad,
+                &mut slot.state,
+            )?;
         }
         Ok(())
-    }
-
-    pub(crate) fn steps(&self) -> u64 {
-        self.steps
-    }
-
-    pub(crate) fn skipped(&self) -> u64 {
-        self.skipped
     }
 
     pub(crate) fn state_bytes(&self) -> usize {
@@ -135,4 +209,50 @@ impl Slots {
     pub(crate) fn states(&self) -> impl Iterator<Item = (&Var, &ParamState)> {
         self.slots.iter().map(|s| (&s.var, &s.state))
     }
+}
+
+/// The state a fresh optimizer gives `var`.
+pub(crate) fn initial_state<R: UpdateRule>(
+    var: &Var,
+    layout: StateLayout,
+    rule: &R,
+) -> Result<ParamState> {
+    let n = var.elem_count();
+    if layout.optim_bits == 8 && n >= layout.min_8bit_size {
+        ParamState::new_blockwise(rule, n, layout.block_size)
+    } else {
+        Ok(ParamState::new_f32(rule, n))
+    }
+}
+
+/// Records the squared norm `sq` and returns the gradient scale of percentile clipping
+/// (bitsandbytes ≤ 0.49): the clip value is the `percentile`-th percentile of the recorded
+/// norms (this one included); a larger norm is scaled down to it. bitsandbytes starts from 100
+/// zero norms, which zeroes the first updates; here only norms actually seen count, the
+/// percentile taken over the `k` recorded (`k ≤ 100`, index `⌊percentile·k/100⌋`).
+pub(crate) fn percentile_scale(history: &mut VecDeque<f64>, sq: f64, percentile: u32) -> f64 {
+    if percentile >= 100 {
+        return 1.0;
+    }
+    if history.len() == GRAD_NORM_HISTORY {
+        history.pop_front();
+    }
+    history.push_back(sq);
+    let mut sorted: Vec<f64> = history.iter().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    let index = (percentile as usize * sorted.len() / 100).min(sorted.len() - 1);
+    let (clip, current) = (sorted[index].sqrt(), sq.sqrt());
+    if current > clip {
+        clip / current
+    } else {
+        1.0
+    }
+}
+
+/// The variables of `varmap` with their names, sorted by name.
+pub(crate) fn sorted_vars(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
 }

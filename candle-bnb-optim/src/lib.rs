@@ -14,20 +14,35 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 //!
-//! Status: Adam, AdamW, Lion and SGD (8- and 32-bit, CPU) are here; the rest of the family,
-//! clipping and checkpoints are being built.
+//! The family: [`Adam`], [`AdamW`], [`SGD`], [`Lion`], [`RMSprop`], [`Adagrad`], [`LAMB`],
+//! [`LARS`], [`AdEMAMix`] (32-bit state by default) and their `...8bit` forms (8-bit state by
+//! default); every config has `optim_bits` to choose. Each optimizer clips gradients
+//! (`max_grad_norm`, `percentile_clipping`), skips steps with NaN/inf gradients (or errors, see
+//! [`NonFinitePolicy`]), and saves and loads its whole state ([`checkpoint`]). CPU for now.
 #![deny(missing_docs)]
 
 mod adam;
+mod ademamix;
+pub mod checkpoint;
 mod define;
 mod engine;
+mod lamb;
 mod lion;
+mod rmsprop;
 mod sgd;
 
 pub use adam::{
     Adam, Adam8bit, Adam8bitConfig, AdamConfig, AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig,
 };
+pub use ademamix::{AdEMAMix, AdEMAMix8bit, AdEMAMix8bitConfig, AdEMAMixConfig};
 pub use candle_bnb_kernels as kernels;
-pub use engine::NonFinitePolicy;
+pub use engine::{NonFinitePolicy, GRAD_NORM_HISTORY};
+pub use lamb::{
+    LAMB8bit, LAMB8bitConfig, LAMBConfig, LARS8bit, LARS8bitConfig, LARSConfig, LAMB, LARS,
+};
 pub use lion::{Lion, Lion8bit, Lion8bitConfig, LionConfig};
+pub use rmsprop::{
+    Adagrad, Adagrad8bit, Adagrad8bitConfig, AdagradConfig, RMSprop, RMSprop8bit,
+    RMSprop8bitConfig, RMSpropConfig,
+};
 pub use sgd::{SGD8bit, SGD8bitConfig, SGDConfig, SGD};

@@ -7,6 +7,7 @@ use crate::define::{check, define_optimizer};
 define_optimizer! {
     doc: "Lion (Chen et al. 2023): the sign of an interpolated momentum, with decoupled weight decay
 as in the paper. One state, the momentum (signed): 8-bit state takes about 1 byte per parameter.",
+    kind: "Lion",
     optimizers: [(Lion, LionConfig, 32, "32-bit"), (Lion8bit, Lion8bitConfig, 8, "8-bit")],
     fields: {
         /// Learning rate.

@@ -9,6 +9,7 @@ define_optimizer! {
     doc: "Stochastic gradient descent as `torch.optim.SGD` defines it: L2 weight decay, momentum with
 dampening, optionally Nesterov. One state (the momentum buffer, signed) when `momentum != 0`, none
 otherwise. bitsandbytes ignores `dampening` and `nesterov`; here both do what they say.",
+    kind: "SGD",
     optimizers: [(SGD, SGDConfig, 32, "32-bit"), (SGD8bit, SGD8bitConfig, 8, "8-bit")],
     fields: {
         /// Learning rate.

@@ -265,3 +265,63 @@ pub(crate) fn step_blockwise_state<R: UpdateRule, T: Element>(
         tasks.into_iter().for_each(run);
     }
 }
+
+/// One state of a parameter, read-only, for [`measure`].
+pub(crate) enum StateView<'a> {
+    /// f32 values, one per element.
+    F32(&'a [f32]),
+    /// Codes, per-block scales and the map they index.
+    Blockwise(&'a [u8], &'a [f32], &'a QuantMap),
+}
+
+/// Sums of squares of the parameter and of `rule`'s update direction, for layer-wise rules; the
+/// state is read (dequantized) but not written. `chunk` must be the block size of blockwise
+/// states (any size up to [`MAX_BLOCK`] for f32 states).
+///
+/// Chunks are summed in f64 in index order whatever the thread count, so the result (and the
+/// trust ratio it gives) is the same from run to run.
+pub(crate) fn measure<R: UpdateRule, T: Element>(
+    rule: &R,
+    params: &[T],
+    grads: &[T],
+    states: &[StateView<'_>],
+    chunk: usize,
+) -> (f64, f64) {
+    debug_assert!(chunk <= MAX_BLOCK && states.len() <= MAX_STATES);
+    let n = params.len();
+    let per_chunk = |c: usize| -> (f64, f64) {
+        let range = c * chunk..((c + 1) * chunk).min(n);
+        let len = range.len();
+        let (mut pbuf, mut gbuf) = ([0f32; MAX_BLOCK], [0f32; MAX_BLOCK]);
+        let mut sbuf = [[0f32; MAX_BLOCK]; MAX_STATES];
+        let pf = T::load_f32(&params[range.clone()], &mut pbuf[..len]);
+        let gf = T::load_f32(&grads[range.clone()], &mut gbuf[..len]);
+        for (k, state) in states.iter().enumerate() {
+            match state {
+                StateView::F32(values) => sbuf[k][..len].copy_from_slice(&values[range.clone()]),
+                StateView::Blockwise(codes, absmax, map) => portable::decode(
+                    &codes[range.clone()],
+                    map.values(),
+                    absmax[c],
+                    &mut sbuf[k][..len],
+                ),
+            }
+        }
+        let (mut param_sq, mut direction_sq) = (0f64, 0f64);
+        for i in 0..len {
+            let mut s = [sbuf[0][i], sbuf[1][i], sbuf[2][i]];
+            let d = rule.direction(pf[i], gf[i], &mut s) as f64;
+            param_sq += pf[i] as f64 * pf[i] as f64;
+            direction_sq += d * d;
+        }
+        (param_sq, direction_sq)
+    };
+    let chunks = n.div_ceil(chunk);
+    let sums: Vec<(f64, f64)> = if n >= PARALLEL_MIN_ELEMS {
+        (0..chunks).into_par_iter().map(per_chunk).collect()
+    } else {
+        (0..chunks).map(per_chunk).collect()
+    };
+    sums.iter()
+        .fold((0.0, 0.0), |(a, b), &(p, d)| (a + p, b + d))
+}

@@ -6,6 +6,7 @@
 
 mod element;
 pub(crate) mod fused;
+pub(crate) mod norms;
 pub(crate) mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;

@@ -1,0 +1,134 @@
+//! Optimizer update rules: the per-element math of one step, written once and shared by the
+//! 8-bit (blockwise-quantized state) and 32-bit (f32 state) paths.
+
+mod adam;
+mod ademamix;
+mod lion;
+mod rmsprop;
+mod sgd;
+
+pub use adam::{AdamRule, LambRule};
+pub use ademamix::AdEMAMixRule;
+pub use lion::LionRule;
+pub use rmsprop::{AdagradRule, RmspropRule};
+pub use sgd::{LarsRule, SgdRule};
+
+/// Most state values a rule keeps per parameter element.
+pub const MAX_STATES: usize = 3;
+
+/// The per-element math of one optimizer step.
+///
+/// The fused kernels load a parameter element, its gradient and its state values as f32
+/// (dequantizing 8-bit state first), call [`UpdateRule::apply`], and store the results back
+/// (re-quantizing 8-bit state). Step-dependent scalars (bias corrections, schedules) are computed
+/// once per step when the rule value is built, so `apply` is plain arithmetic the compiler can
+/// vectorise. Adding an optimizer is one rule plus one config.
+///
+/// Layer-wise rules (LAMB, LARS) scale each parameter's step by a trust ratio computed from the
+/// norms of the parameter and of its update direction: they set [`UpdateRule::LAYERWISE`], and
+/// the kernels first measure both norms with [`UpdateRule::direction`] (on a copy of the state),
+/// then step with the rule returned by [`UpdateRule::with_norms`].
+pub trait UpdateRule: Sync + Clone {
+    /// Whether the step of a parameter depends on its norm and its update direction's norm.
+    const LAYERWISE: bool = false;
+
+    /// One entry per state value kept per parameter element (at most [`MAX_STATES`]): whether it
+    /// takes negative values (stored with the signed dynamic map) or not (the unsigned map).
+    fn signed_states(&self) -> &'static [bool];
+
+    /// The value each state starts from (zero unless the rule says otherwise).
+    fn initial_state(&self) -> [f32; MAX_STATES] {
+        [0.0; MAX_STATES]
+    }
+
+    /// Updates one element: returns the new parameter value and updates the first
+    /// `signed_states().len()` entries of `state`.
+    fn apply(&self, param: f32, grad: f32, state: &mut [f32; MAX_STATES]) -> f32;
+
+    /// The update direction of one element before the learning rate and the trust ratio scale
+    /// it, advancing `state` as [`UpdateRule::apply`] would. Only layer-wise rules need it; the
+    /// default is the gradient.
+    fn direction(&self, param: f32, grad: f32, state: &mut [f32; MAX_STATES]) -> f32 {
+        let _ = (param, state);
+        grad
+    }
+
+    /// This rule for one parameter whose L2 norm is `param_norm` and whose update direction's L2
+    /// norm is `direction_norm` (layer-wise rules fix their trust ratio here; others ignore it).
+    fn with_norms(&self, param_norm: f32, direction_norm: f32) -> Self {
+        let _ = (param_norm, direction_norm);
+        self.clone()
+    }
+}
+
+/// A rule that sees every gradient multiplied by `scale` (gradient clipping).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScaledGrad<R> {
+    rule: R,
+    scale: f32,
+}
+
+impl<R: UpdateRule> ScaledGrad<R> {
+    /// `rule` applied to `scale * grad`.
+    pub fn new(rule: R, scale: f32) -> Self {
+        Self { rule, scale }
+    }
+}
+
+impl<R: UpdateRule> UpdateRule for ScaledGrad<R> {
+    const LAYERWISE: bool = R::LAYERWISE;
+
+    fn signed_states(&self) -> &'static [bool] {
+        self.rule.signed_states()
+    }
+
+    fn initial_state(&self) -> [f32; MAX_STATES] {
+        self.rule.initial_state()
+    }
+
+    #[inline(always)]
+    fn apply(&self, param: f32, grad: f32, state: &mut [f32; MAX_STATES]) -> f32 {
+        self.rule.apply(param, grad * self.scale, state)
+    }
+
+    #[inline(always)]
+    fn direction(&self, param: f32, grad: f32, state: &mut [f32; MAX_STATES]) -> f32 {
+        self.rule.direction(param, grad * self.scale, state)
+    }
+
+    fn with_norms(&self, param_norm: f32, direction_norm: f32) -> Self {
+        Self {
+            rule: self.rule.with_norms(param_norm, direction_norm),
+            scale: self.scale,
+        }
+    }
+}
+
+/// `1 / (1 - beta^step)`, in f64 then rounded once, as candle-nn does.
+pub(crate) fn bias_correction(beta: f64, step: u64) -> f32 {
+    let t = step.clamp(1, i32::MAX as u64) as i32;
+    (1.0 / (1.0 - beta.powi(t))) as f32
+}
+
+/// The trust ratio of LAMB and LARS as bitsandbytes applies it (`max_unorm`): the step is scaled
+/// down so that the update's norm stays at most `max_unorm` times the parameter's norm; 1 when
+/// `max_unorm` is 0 (no limit) or either norm is 0 (a zero-initialised parameter still moves).
+pub(crate) fn trust_ratio(max_unorm: f32, param_norm: f32, direction_norm: f32) -> f32 {
+    let limit = max_unorm * param_norm;
+    if max_unorm > 0.0 && param_norm > 0.0 && direction_norm > limit {
+        limit / direction_norm
+    } else {
+        1.0
+    }
+}
+
+#[inline(always)]
+pub(crate) fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
