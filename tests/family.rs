@@ -426,7 +426,7 @@ fn lars_32bit_follows_bitsandbytes_definition() {
 fn eight_bit_paths_of_the_rest_of_the_family_stay_near_32_bit() {
     const N: usize = 4096 * 5 + 77;
     let mut rng = rng("eight_bit_vs_32_bit_rest");
-    let mut check = |name: &str, (abs, rel): (f64, f64)| {
+    let check = |name: &str, (abs, rel): (f64, f64)| {
         eprintln!("{name}: mean |err| {abs:.2e}, rel {rel:.2e}");
         assert!(abs > 0.0 && abs < 6e-5 && rel < 6e-4, "{name}: {abs} {rel}");
     };

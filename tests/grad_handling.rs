@@ -86,7 +86,8 @@ fn percentile_clipping_follows_the_history_of_each_parameter() {
         };
         let g = randn(&mut rng, n, scale);
         let before = w.to_vec1::<f32>().unwrap();
-        opt.backward_step(&loss(&[&w], &[g.clone()])).unwrap();
+        opt.backward_step(&loss(&[&w], std::slice::from_ref(&g)))
+            .unwrap();
         let after = w.to_vec1::<f32>().unwrap();
         let delta: Vec<f32> = before.iter().zip(&after).map(|(x, y)| x - y).collect();
 
@@ -140,8 +141,11 @@ macro_rules! check_non_finite {
             assert!(snapshot(&opt) == before, "{}: {bad} changed something", stringify!($ty));
         }
         assert_eq!((opt.step_count(), opt.skipped_steps()), (1, 3), "{}", stringify!($ty));
-        let mut strict_config = $config;
-        strict_config.non_finite = NonFinitePolicy::Error;
+        type Config = <$ty as Optimizer>::Config;
+        let strict_config = Config {
+            non_finite: NonFinitePolicy::Error,
+            ..$config
+        };
         let mut strict = $ty::new(vec![b.clone()], strict_config).unwrap();
         let mut g = vec![grads[1].clone()];
         g[0][7] = f32::NAN;
