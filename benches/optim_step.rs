@@ -1,17 +1,20 @@
 //! One optimizer step over 16.8 M f32 parameters, next to candle_nn::AdamW in the same run.
 //!
 //! `cargo bench --bench optim_step` measures `candle_nn::AdamW`, our AdamW with 32-bit state and
-//! with 8-bit state (one step each, gradient fixed), then prints M params/s and each ratio to
-//! candle_nn::AdamW. Targets on a 2-core machine (issue 3): 8-bit AdamW >= 20x candle_nn::AdamW.
+//! with 8-bit state, Lion with 8-bit state (one step each, gradient fixed), and a memory pass that
+//! reads 4 and writes 3 f32 streams of the same length (what a fused 32-bit Adam step must move),
+//! then prints M params/s and each ratio to candle_nn::AdamW and to the memory pass. Targets on a
+//! 2-core machine (issue 3): 8-bit AdamW >= 20x candle_nn::AdamW; 32-bit AdamW close to the pass.
 
 mod common;
 
-use candle_bnb::optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig};
+use candle_bnb::optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, Lion8bit, Lion8bitConfig};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
 use common::{mean_ns, output_dir};
 use criterion::{Criterion, Throughput};
+use rayon::prelude::*;
 
 const PARAMS: usize = 1 << 24;
 const GROUP: &str = "optim_step_16.8M_f32";
@@ -50,6 +53,26 @@ fn bench(c: &mut Criterion) {
     );
     bench_optimizer::<AdamW>(&mut group, "adamw_32bit", AdamWConfig::default());
     bench_optimizer::<AdamW8bit>(&mut group, "adamw_8bit", AdamW8bitConfig::default());
+    bench_optimizer::<Lion8bit>(&mut group, "lion_8bit", Lion8bitConfig::default());
+    // The memory floor of a fused 32-bit Adam step: read p, g, m, v; write p, m, v.
+    let mut p = vec![1f32; PARAMS];
+    let g = vec![1e-3f32; PARAMS];
+    let (mut m, mut v) = (vec![0f32; PARAMS], vec![0f32; PARAMS]);
+    group.bench_function("memory_pass_4r3w", |b| {
+        b.iter(|| {
+            p.par_chunks_mut(1 << 16)
+                .zip(g.par_chunks(1 << 16))
+                .zip(m.par_chunks_mut(1 << 16))
+                .zip(v.par_chunks_mut(1 << 16))
+                .for_each(|(((p, g), m), v)| {
+                    for i in 0..p.len() {
+                        m[i] = m[i] * 0.5 + g[i];
+                        v[i] = v[i] * 0.5 + g[i];
+                        p[i] -= m[i] * v[i];
+                    }
+                })
+        })
+    });
     group.finish();
 }
 
@@ -65,17 +88,25 @@ fn report() {
         "\n{PARAMS} f32 parameters, one step; CPU kernels {:?}",
         candle_bnb::kernels::Isa::selected()
     );
+    let pass = mean_ns(GROUP, "memory_pass_4r3w").unwrap_or(f64::NAN);
     println!(
-        "{:<18} {:>10} {:>12} {:>18}",
-        "optimizer", "ms", "M params/s", "x candle_nn::AdamW"
+        "{:<18} {:>10} {:>12} {:>18} {:>14}",
+        "optimizer", "ms", "M params/s", "x candle_nn::AdamW", "x memory pass"
     );
-    for name in ["candle_nn_adamw", "adamw_32bit", "adamw_8bit"] {
+    for name in [
+        "candle_nn_adamw",
+        "adamw_32bit",
+        "adamw_8bit",
+        "lion_8bit",
+        "memory_pass_4r3w",
+    ] {
         if let Some(ns) = mean_ns(GROUP, name) {
             println!(
-                "{name:<18} {:>10.2} {:>12.0} {:>18.2}",
+                "{name:<18} {:>10.2} {:>12.0} {:>18.2} {:>14.2}",
                 ns / 1e6,
                 PARAMS as f64 / ns * 1e3,
-                anchor / ns
+                anchor / ns,
+                pass / ns
             );
         }
     }
