@@ -173,3 +173,34 @@ fn non_finite_gradients_change_nothing_in_any_optimizer() {
         AdEMAMix: AdEMAMixConfig::default(),
     );
 }
+
+/// Each parameter counts its own steps (as torch does): one that first gets a gradient at step 4
+/// is bias-corrected as at its step 1, exactly like a fresh optimizer over it alone.
+#[test]
+fn a_parameter_joining_late_starts_its_own_step_count() {
+    let mut rng = rng("late_parameter");
+    let (a, b) = (var(&mut rng, 700), var(&mut rng, 500));
+    let b_alone = Var::from_tensor(&b.as_tensor().copy().unwrap()).unwrap();
+    let config = AdamWConfig {
+        lr: 1e-2,
+        ..Default::default()
+    };
+    let mut both = AdamW::new(vec![a.clone(), b.clone()], config.clone()).unwrap();
+    let mut alone = AdamW::new(vec![b_alone.clone()], config).unwrap();
+    for step in 0..8 {
+        let ga = randn(&mut rng, 700, 1.0);
+        let gb = randn(&mut rng, 500, 1.0);
+        if step < 3 {
+            both.backward_step(&loss(&[&a], &[ga])).unwrap();
+        } else {
+            both.backward_step(&loss(&[&a, &b], &[ga, gb.clone()]))
+                .unwrap();
+            alone.backward_step(&loss(&[&b_alone], &[gb])).unwrap();
+        }
+    }
+    assert_eq!(
+        b.to_vec1::<f32>().unwrap(),
+        b_alone.to_vec1::<f32>().unwrap()
+    );
+    assert_eq!(both.step_count(), 8);
+}

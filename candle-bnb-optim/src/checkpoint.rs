@@ -11,7 +11,8 @@
 //!
 //! and as safetensors metadata: `format` ([`FORMAT`]), `version` ([`VERSION`]), `kind` (the
 //! optimizer family, e.g. `AdamW` for `AdamW` and `AdamW8bit`), `steps`, `skipped`, `params`
-//! (the count), `param.{i}` (the i-th name), `NAME.shape`, `NAME.dtype`, `NAME.states`
+//! (the count), `param.{i}` (the i-th name), `NAME.shape`, `NAME.dtype`, `NAME.steps` (the steps
+//! this parameter took), `NAME.states`
 //! (`f32:K` or `8bit:K`), `NAME.block_size`, and `config.FIELD` for every config field.
 //!
 //! Saving is atomic: the file is written under a temporary name in the same folder, flushed to
@@ -39,6 +40,7 @@ pub const VERSION: u32 = 1;
 pub(crate) struct Loaded {
     pub(crate) states: Vec<ParamState>,
     pub(crate) grad_norms: Vec<VecDeque<f64>>,
+    pub(crate) param_steps: Vec<u64>,
     pub(crate) steps: u64,
     pub(crate) skipped: u64,
     pub(crate) config: Vec<(String, String)>,
@@ -108,6 +110,7 @@ pub(crate) fn save(
         meta.insert(format!("param.{i}"), name.clone());
         meta.insert(format!("{name}.shape"), shape_text(slot.var.dims()));
         meta.insert(format!("{name}.dtype"), dtype_name(slot.var.dtype()).into());
+        meta.insert(format!("{name}.steps"), slot.steps.to_string());
         match &slot.state {
             ParamState::F32(states) => {
                 meta.insert(format!("{name}.states"), format!("f32:{}", states.len()));
@@ -291,6 +294,7 @@ pub(crate) fn load(path: &Path, kind: &str, slots: &Slots) -> Result<Loaded> {
     }
     let mut states = Vec::with_capacity(count);
     let mut grad_norms = Vec::with_capacity(count);
+    let mut param_steps = Vec::with_capacity(count);
     for (i, slot) in slots.slots.iter().enumerate() {
         let name = r.meta(&format!("param.{i}"))?;
         if name != slot.name {
@@ -313,6 +317,7 @@ pub(crate) fn load(path: &Path, kind: &str, slots: &Slots) -> Result<Loaded> {
                 dtype_name(slot.var.dtype())
             ));
         }
+        param_steps.push(r.meta_num::<u64>(&format!("{name}.steps"))?);
         let n = slot.var.elem_count();
         let stored = r.meta(&format!("{name}.states"))?;
         let (expected, n_states, block_size) = match &slot.state {
@@ -393,6 +398,7 @@ pub(crate) fn load(path: &Path, kind: &str, slots: &Slots) -> Result<Loaded> {
     Ok(Loaded {
         states,
         grad_norms,
+        param_steps,
         steps: r.meta_num("steps")?,
         skipped: r.meta_num("skipped")?,
         config,

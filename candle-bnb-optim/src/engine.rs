@@ -77,6 +77,9 @@ pub(crate) struct Slot {
     pub(crate) name: String,
     pub(crate) var: Var,
     pub(crate) state: ParamState,
+    /// Steps this parameter took (it skips steps where it has no gradient): rules see its own
+    /// count, as torch keeps `state["step"]` per parameter.
+    pub(crate) steps: u64,
     /// The last (up to [`GRAD_NORM_HISTORY`]) squared gradient norms, oldest first.
     pub(crate) grad_norms: VecDeque<f64>,
 }
@@ -112,6 +115,7 @@ impl Slots {
                     name,
                     var,
                     state,
+                    steps: 0,
                     grad_norms: VecDeque::new(),
                 })
             })
@@ -126,13 +130,14 @@ impl Slots {
     /// Replaces every state, history and counter by a checkpoint's (already checked against
     /// these slots).
     pub(crate) fn restore(&mut self, loaded: crate::checkpoint::Loaded) {
-        for ((slot, state), norms) in self
-            .slots
-            .iter_mut()
-            .zip(loaded.states)
-            .zip(loaded.grad_norms)
-        {
+        for (slot, (state, (steps, norms))) in self.slots.iter_mut().zip(
+            loaded
+                .states
+                .into_iter()
+                .zip(loaded.param_steps.into_iter().zip(loaded.grad_norms)),
+        ) {
             slot.state = state;
+            slot.steps = steps;
             slot.grad_norms = norms;
         }
         self.steps = loaded.steps;
@@ -141,20 +146,21 @@ impl Slots {
 
     /// One step. First the pre-pass: every gradient is checked (shape, dtype, device) and its
     /// squared norm taken, which also detects NaN/inf; nothing is changed until all pass. Then
-    /// each parameter with a gradient is updated by `make_rule(step)` on its clipped gradient.
+    /// each parameter with a gradient is updated by `make_rule(step)` on its clipped gradient,
+    /// `step` being that parameter's own 1-based step count.
     pub(crate) fn step<R: UpdateRule>(
         &mut self,
         grads: &GradStore,
         handling: GradHandling,
-        make_rule: impl FnOnce(u64) -> R,
+        make_rule: impl Fn(u64) -> R,
     ) -> Result<()> {
-        let rule = make_rule(self.steps + 1);
         let mut norms: Vec<Option<f64>> = Vec::with_capacity(self.slots.len());
         for (i, slot) in self.slots.iter().enumerate() {
             let Some(grad) = grads.get(&slot.var) else {
                 norms.push(None);
                 continue;
             };
+            let rule = make_rule(slot.steps + 1);
             check_fused_update(&rule, slot.var.as_tensor(), grad, &slot.state).map_err(|e| {
                 e.context(format!(
                     "parameter {i} {:?} (shape {:?})",
@@ -193,11 +199,12 @@ impl Slots {
             let scale = global_scale
                 * percentile_scale(&mut slot.grad_norms, sq, handling.percentile_clipping);
             fused_update(
-                &ScaledGrad::new(rule.clone(), scale as f32),
+                &ScaledGrad::new(make_rule(slot.steps + 1), scale as f32),
                 slot.var.as_tensor(),
                 grad,
                 &mut slot.state,
             )?;
+            slot.steps += 1;
         }
         Ok(())
     }
