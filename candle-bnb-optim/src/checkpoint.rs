@@ -13,7 +13,9 @@
 //! optimizer family, e.g. `AdamW` for `AdamW` and `AdamW8bit`), `steps`, `skipped`, `params`
 //! (the count), `param.{i}` (the i-th name), `NAME.shape`, `NAME.dtype`, `NAME.steps` (the steps
 //! this parameter took), `NAME.states`
-//! (`f32:K` or `8bit:K`), `NAME.block_size`, and `config.FIELD` for every config field.
+//! (`f32:K` or `8bit:K`), `NAME.block_size`, `NAME.overrides` (the [`crate::Overrides`]
+//! settings that apply to it, `field=value;...`: loading with other overrides is an error naming
+//! the parameter), `config.FIELD` for every field of the base config and `optimizer.initial_lr`.
 //!
 //! Saving is atomic: the file is written under a temporary name in the same folder, flushed to
 //! disk (fsync), then renamed over `path`, so a crash leaves either the old file or the new one.
@@ -44,6 +46,17 @@ pub(crate) struct Loaded {
     pub(crate) steps: u64,
     pub(crate) skipped: u64,
     pub(crate) config: Vec<(String, String)>,
+    /// Metadata the optimizer itself wrote (`save`'s `extra`).
+    pub(crate) extra: HashMap<String, String>,
+}
+
+/// A parameter's override settings as one metadata value: `field=value` joined by `;`.
+fn settings_text(settings: &[(String, String)]) -> String {
+    settings
+        .iter()
+        .map(|(f, v)| format!("{f}={v}"))
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 /// One tensor to write.
@@ -92,6 +105,8 @@ pub(crate) fn save(
     path: &Path,
     kind: &str,
     config: &[(&'static str, String)],
+    settings: &[Vec<(String, String)>],
+    extra: &[(String, String)],
     slots: &Slots,
 ) -> Result<()> {
     let mut meta: HashMap<String, String> = HashMap::new();
@@ -104,6 +119,9 @@ pub(crate) fn save(
     for (field, value) in config {
         meta.insert(format!("config.{field}"), value.clone());
     }
+    for (key, value) in extra {
+        meta.insert(format!("optimizer.{key}"), value.clone());
+    }
     let mut tensors: Vec<(String, Entry<'_>)> = Vec::new();
     for (i, slot) in slots.slots.iter().enumerate() {
         let name = &slot.name;
@@ -111,6 +129,7 @@ pub(crate) fn save(
         meta.insert(format!("{name}.shape"), shape_text(slot.var.dims()));
         meta.insert(format!("{name}.dtype"), dtype_name(slot.var.dtype()).into());
         meta.insert(format!("{name}.steps"), slot.steps.to_string());
+        meta.insert(format!("{name}.overrides"), settings_text(&settings[i]));
         match &slot.state {
             ParamState::F32(states) => {
                 meta.insert(format!("{name}.states"), format!("f32:{}", states.len()));
@@ -256,7 +275,12 @@ impl<'a> Reader<'a> {
 }
 
 /// Reads the checkpoint at `path` and checks it against `slots` without changing them.
-pub(crate) fn load(path: &Path, kind: &str, slots: &Slots) -> Result<Loaded> {
+pub(crate) fn load(
+    path: &Path,
+    kind: &str,
+    slots: &Slots,
+    settings: &[Vec<(String, String)>],
+) -> Result<Loaded> {
     let bytes = std::fs::read(path)
         .map_err(|e| Error::Msg(format!("checkpoint {}: reading: {e}", path.display())))?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| {
@@ -318,6 +342,13 @@ pub(crate) fn load(path: &Path, kind: &str, slots: &Slots) -> Result<Loaded> {
             ));
         }
         param_steps.push(r.meta_num::<u64>(&format!("{name}.steps"))?);
+        let stored = r.meta(&format!("{name}.overrides"))?;
+        let ours = settings_text(&settings[i]);
+        if stored != ours {
+            return r.fail(format!(
+                "parameter {name:?} was saved with overrides [{stored}], this optimizer has [{ours}]"
+            ));
+        }
         let n = slot.var.elem_count();
         let stored = r.meta(&format!("{name}.states"))?;
         let (expected, n_states, block_size) = match &slot.state {
@@ -395,6 +426,10 @@ pub(crate) fn load(path: &Path, kind: &str, slots: &Slots) -> Result<Loaded> {
         .iter()
         .filter_map(|(k, v)| Some((k.strip_prefix("config.")?.to_string(), v.clone())))
         .collect();
+    let extra = meta
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("optimizer.")?.to_string(), v.clone())))
+        .collect();
     Ok(Loaded {
         states,
         grad_norms,
@@ -402,5 +437,6 @@ pub(crate) fn load(path: &Path, kind: &str, slots: &Slots) -> Result<Loaded> {
         steps: r.meta_num("steps")?,
         skipped: r.meta_num("skipped")?,
         config,
+        extra,
     })
 }

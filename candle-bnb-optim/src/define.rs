@@ -142,11 +142,19 @@ macro_rules! define_optimizer {
 
         #[doc = $doc]
         #[doc = ""]
-        #[doc = concat!("This form keeps ", $what, " state by default. Checkpoints ([`", stringify!($name), "::save`])")]
-        #[doc = concat!("have kind `", $kind, "`.")]
+        #[doc = concat!("This form keeps ", $what, " state by default. Per-parameter settings: [`", stringify!($name), "::new_with_overrides`].")]
+        #[doc = concat!("Checkpoints ([`", stringify!($name), "::save`]) have kind `", $kind, "`.")]
         pub struct $name {
             slots: $crate::engine::Slots,
+            /// The base config (what `learning_rate` reports and `set_learning_rate` sets).
             config: $config,
+            /// The base learning rate at construction: overridden learning rates keep their
+            /// ratio to it when the base changes.
+            initial_lr: f64,
+            /// Per parameter: the override settings that apply, in application order.
+            settings: Vec<Vec<(String, String)>>,
+            /// Per parameter: the resolved config.
+            params: Vec<$config>,
         }
 
         impl candle_nn::Optimizer for $name {
@@ -161,16 +169,33 @@ macro_rules! define_optimizer {
             }
 
             fn step(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
-                let config = &self.config;
-                self.slots.step(grads, config.grad_handling(), |t| config.rule(t))
+                let params = &self.params;
+                self.slots.step(
+                    grads,
+                    self.config.grad_handling(),
+                    |i| params[i].percentile_clipping,
+                    |i, t| params[i].rule(t),
+                )
             }
 
             fn learning_rate(&self) -> f64 {
                 self.config.lr
             }
 
+            /// Sets the base learning rate. A parameter whose `lr` was overridden keeps its ratio
+            /// to the base: its learning rate becomes `lr * override / base_at_construction`
+            /// (or stays at the override when the base was 0 at construction).
             fn set_learning_rate(&mut self, lr: f64) {
-                self.config.lr = lr
+                let mut config = self.config.clone();
+                config.lr = lr;
+                // Settings were checked at construction; a base lr that makes a scaled one
+                // invalid (negative, NaN) leaves the optimizer as it was.
+                if let Ok(params) =
+                    Self::derive(&config, self.initial_lr, &self.settings, &self.named_vars())
+                {
+                    self.config = config;
+                    self.params = params;
+                }
             }
         }
 
@@ -186,9 +211,44 @@ macro_rules! define_optimizer {
                 vars: Vec<(String, candle_core::Var)>,
                 config: $config,
             ) -> candle_core::Result<Self> {
+                Self::new_with_overrides(vars, config, &$crate::Overrides::new())
+            }
+
+            /// An optimizer over named parameters whose config is `config` with `overrides`
+            /// applied per parameter (see [`Overrides`](crate::Overrides) for the precedence).
+            ///
+            /// # Errors
+            /// An invalid config, an override naming an unknown field or an invalid value (naming
+            /// the parameter), an override that matches no parameter (naming the closest
+            /// names), a per-parameter override of a whole-step setting (`non_finite`,
+            /// `max_grad_norm`), or duplicate names.
+            pub fn new_with_overrides(
+                vars: Vec<(String, candle_core::Var)>,
+                config: $config,
+                overrides: &$crate::Overrides,
+            ) -> candle_core::Result<Self> {
                 config.validate()?;
-                let slots = $crate::engine::Slots::new(vars, config.layout(), &config.rule(1))?;
-                Ok(Self { slots, config })
+                let vars = $crate::engine::float_vars(vars)?;
+                let settings = overrides.resolve(&vars)?;
+                for ((name, _), set) in vars.iter().zip(&settings) {
+                    if let Some((field, _)) =
+                        set.iter().find(|(f, _)| f == "non_finite" || f == "max_grad_norm")
+                    {
+                        candle_core::bail!(
+                            "{field} applies to the whole step and cannot be overridden per parameter (override for {name:?})"
+                        )
+                    }
+                }
+                let params = Self::derive(&config, config.lr, &settings, &vars)?;
+                let slots =
+                    $crate::engine::Slots::new(vars, |i| (params[i].layout(), params[i].rule(1)))?;
+                Ok(Self {
+                    slots,
+                    initial_lr: config.lr,
+                    config,
+                    settings,
+                    params,
+                })
             }
 
             /// An optimizer over every variable of `varmap`, named as in the map (sorted by name,
@@ -203,9 +263,61 @@ macro_rules! define_optimizer {
                 Self::new_named($crate::engine::sorted_vars(varmap), config)
             }
 
-            /// The configuration in use.
+            /// [`Self::from_varmap`] with per-parameter overrides.
+            ///
+            /// # Errors
+            /// As [`Self::new_with_overrides`].
+            pub fn from_varmap_with_overrides(
+                varmap: &candle_nn::VarMap,
+                config: $config,
+                overrides: &$crate::Overrides,
+            ) -> candle_core::Result<Self> {
+                Self::new_with_overrides($crate::engine::sorted_vars(varmap), config, overrides)
+            }
+
+            /// Per-parameter configs: `base` with each parameter's settings applied (an
+            /// overridden `lr` scaled by `base.lr / initial_lr`), each validated; errors name the
+            /// parameter.
+            fn derive(
+                base: &$config,
+                initial_lr: f64,
+                settings: &[Vec<(String, String)>],
+                vars: &[(String, candle_core::Var)],
+            ) -> candle_core::Result<Vec<$config>> {
+                let mut params = Vec::with_capacity(vars.len());
+                for ((name, _), set) in vars.iter().zip(settings) {
+                    let resolve = || -> candle_core::Result<$config> {
+                        let mut c = base.clone();
+                        for (field, value) in set {
+                            c.set_field(field, value)?;
+                        }
+                        if c.lr != base.lr && initial_lr > 0.0 {
+                            c.lr *= base.lr / initial_lr;
+                        }
+                        c.validate()?;
+                        Ok(c)
+                    };
+                    params.push(
+                        resolve()
+                            .map_err(|e| e.context(format!("override for parameter {name:?}")))?,
+                    );
+                }
+                Ok(params)
+            }
+
+            fn named_vars(&self) -> Vec<(String, candle_core::Var)> {
+                self.slots.slots.iter().map(|s| (s.name.clone(), s.var.clone())).collect()
+            }
+
+            /// The base configuration.
             pub fn config(&self) -> &$config {
                 &self.config
+            }
+
+            /// The resolved configuration of each parameter (base config plus its overrides), in
+            /// the order of [`Self::param_names`].
+            pub fn param_configs(&self) -> &[$config] {
+                &self.params
             }
 
             /// Steps taken (skipped steps not included).
@@ -239,7 +351,15 @@ macro_rules! define_optimizer {
             /// # Errors
             /// I/O errors, naming the path.
             pub fn save(&self, path: impl AsRef<std::path::Path>) -> candle_core::Result<()> {
-                $crate::checkpoint::save(path.as_ref(), $kind, &self.config.fields(), &self.slots)
+                let extra = vec![("initial_lr".to_string(), self.initial_lr.to_string())];
+                $crate::checkpoint::save(
+                    path.as_ref(),
+                    $kind,
+                    &self.config.fields(),
+                    &self.settings,
+                    &extra,
+                    &self.slots,
+                )
             }
 
             /// Replaces the whole optimizer state (states, step counts, clipping history and
@@ -248,11 +368,11 @@ macro_rules! define_optimizer {
             ///
             /// # Errors
             /// An unreadable or truncated file, another kind or version, or a mismatch with this
-            /// optimizer (parameter count, names, shapes, dtypes, state precision, block size):
-            /// the message names the first mismatch.
+            /// optimizer (parameter count, names, shapes, dtypes, overrides, state precision,
+            /// block size): the message names the first mismatch.
             pub fn load(&mut self, path: impl AsRef<std::path::Path>) -> candle_core::Result<()> {
                 let path = path.as_ref();
-                let loaded = $crate::checkpoint::load(path, $kind, &self.slots)?;
+                let loaded = $crate::checkpoint::load(path, $kind, &self.slots, &self.settings)?;
                 let mut config = self.config.clone();
                 for (name, value) in &loaded.config {
                     config.set_field(name, value).map_err(|e| {
@@ -268,7 +388,18 @@ macro_rules! define_optimizer {
                     )
                 }
                 config.validate()?;
+                let initial_lr: f64 = match loaded.extra.get("initial_lr").map(|v| v.parse()) {
+                    Some(Ok(v)) => v,
+                    _ => candle_core::bail!(
+                        "checkpoint {}: metadata \"initial_lr\" is missing or not a number",
+                        path.display()
+                    ),
+                };
+                let params = Self::derive(&config, initial_lr, &self.settings, &self.named_vars())
+                    .map_err(|e| e.context(format!("checkpoint {}", path.display())))?;
                 self.config = config;
+                self.initial_lr = initial_lr;
+                self.params = params;
                 self.slots.restore(loaded);
                 Ok(())
             }

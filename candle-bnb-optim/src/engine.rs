@@ -92,25 +92,19 @@ pub(crate) struct Slots {
 }
 
 impl Slots {
-    /// Initial state for every floating-point var (others are ignored, as in candle-nn): 8-bit
-    /// when `optim_bits == 8` and the var has at least `min_8bit_size` elements, else f32.
+    /// Initial state for each var: `setup(i)` gives the i-th var's state layout and step-1 rule.
+    /// `vars` come from [`float_vars`].
     pub(crate) fn new<R: UpdateRule>(
         vars: Vec<(String, Var)>,
-        layout: StateLayout,
-        rule: &R,
+        setup: impl Fn(usize) -> (StateLayout, R),
     ) -> Result<Self> {
-        layout.validate()?;
-        let mut seen = std::collections::HashSet::new();
-        for (name, _) in &vars {
-            if !seen.insert(name.as_str()) {
-                bail!("parameter name {name:?} is given twice")
-            }
-        }
         let slots = vars
             .into_iter()
-            .filter(|(_, v)| v.dtype().is_float())
-            .map(|(name, var)| {
-                let state = initial_state(&var, layout, rule)?;
+            .enumerate()
+            .map(|(i, (name, var))| {
+                let (layout, rule) = setup(i);
+                layout.validate()?;
+                let state = initial_state(&var, layout, &rule)?;
                 Ok(Slot {
                     name,
                     var,
@@ -146,13 +140,15 @@ impl Slots {
 
     /// One step. First the pre-pass: every gradient is checked (shape, dtype, device) and its
     /// squared norm taken, which also detects NaN/inf; nothing is changed until all pass. Then
-    /// each parameter with a gradient is updated by `make_rule(step)` on its clipped gradient,
-    /// `step` being that parameter's own 1-based step count.
+    /// each parameter `i` with a gradient is updated by `make_rule(i, step)` on its clipped
+    /// gradient, `step` being that parameter's own 1-based step count; `percentile(i)` is its
+    /// percentile-clipping setting.
     pub(crate) fn step<R: UpdateRule>(
         &mut self,
         grads: &GradStore,
         handling: GradHandling,
-        make_rule: impl Fn(u64) -> R,
+        percentile: impl Fn(usize) -> u32,
+        make_rule: impl Fn(usize, u64) -> R,
     ) -> Result<()> {
         let mut norms: Vec<Option<f64>> = Vec::with_capacity(self.slots.len());
         for (i, slot) in self.slots.iter().enumerate() {
@@ -160,7 +156,7 @@ impl Slots {
                 norms.push(None);
                 continue;
             };
-            let rule = make_rule(slot.steps + 1);
+            let rule = make_rule(i, slot.steps + 1);
             check_fused_update(&rule, slot.var.as_tensor(), grad, &slot.state).map_err(|e| {
                 e.context(format!(
                     "parameter {i} {:?} (shape {:?})",
@@ -192,14 +188,13 @@ impl Slots {
             None => 1.0,
         };
         self.steps += 1;
-        for (slot, sq) in self.slots.iter_mut().zip(norms) {
+        for (i, (slot, sq)) in self.slots.iter_mut().zip(norms).enumerate() {
             let (Some(sq), Some(grad)) = (sq, grads.get(&slot.var)) else {
                 continue;
             };
-            let scale = global_scale
-                * percentile_scale(&mut slot.grad_norms, sq, handling.percentile_clipping);
+            let scale = global_scale * percentile_scale(&mut slot.grad_norms, sq, percentile(i));
             fused_update(
-                &ScaledGrad::new(make_rule(slot.steps + 1), scale as f32),
+                &ScaledGrad::new(make_rule(i, slot.steps + 1), scale as f32),
                 slot.var.as_tensor(),
                 grad,
                 &mut slot.state,
@@ -262,4 +257,21 @@ pub(crate) fn sorted_vars(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
     let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars
+}
+
+/// The floating-point vars among `vars` (others are ignored, as in candle-nn).
+///
+/// # Errors
+/// A name given twice.
+pub(crate) fn float_vars(vars: Vec<(String, Var)>) -> Result<Vec<(String, Var)>> {
+    let mut seen = std::collections::HashSet::new();
+    for (name, _) in &vars {
+        if !seen.insert(name.as_str()) {
+            bail!("parameter name {name:?} is given twice")
+        }
+    }
+    Ok(vars
+        .into_iter()
+        .filter(|(_, v)| v.dtype().is_float())
+        .collect())
 }

@@ -28,6 +28,7 @@ mod define;
 mod engine;
 mod lamb;
 mod lion;
+mod overrides;
 mod rmsprop;
 mod sgd;
 
@@ -41,6 +42,7 @@ pub use lamb::{
     LAMB8bit, LAMB8bitConfig, LAMBConfig, LARS8bit, LARS8bitConfig, LARSConfig, LAMB, LARS,
 };
 pub use lion::{Lion, Lion8bit, Lion8bitConfig, LionConfig};
+pub use overrides::{Overrides, Target};
 pub use rmsprop::{
     Adagrad, Adagrad8bit, Adagrad8bitConfig, AdagradConfig, RMSprop, RMSprop8bit,
     RMSprop8bitConfig, RMSpropConfig,
