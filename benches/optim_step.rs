@@ -113,10 +113,5 @@ fn report() {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .output_directory(&output_dir())
-        .configure_from_args();
-    bench(&mut c);
-    c.final_summary();
-    report();
+    common::run(bench, report);
 }

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use criterion::Criterion;
+
 /// Criterion's output directory, fixed so the summary table can read the estimates.
 pub fn output_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -21,4 +23,14 @@ pub fn mean_ns(group: &str, name: &str) -> Option<f64> {
     let mean = &text[text.find("\"mean\"")?..];
     let value = &mean[mean.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
     value[..value.find([',', '}'])?].trim().parse().ok()
+}
+
+/// Runs the criterion benches into [`output_dir`], then prints the bench's summary table.
+pub fn run(bench: impl FnOnce(&mut Criterion), report: impl FnOnce()) {
+    let mut c = Criterion::default()
+        .output_directory(&output_dir())
+        .configure_from_args();
+    bench(&mut c);
+    c.final_summary();
+    report();
 }

@@ -35,7 +35,7 @@ pub use blockwise::{
 };
 pub use cpu::{Isa, CPU_ISA_ENV};
 pub use fused::{check_fused_update, fused_update, BlockwiseState, ParamState};
-pub use norms::{all_finite, sum_squares};
+pub use norms::sum_squares;
 pub use qmap::{QuantMap, QUANT_MAP_LEN};
 pub use rules::{
     AdEMAMixRule, AdagradRule, AdamRule, LambRule, LarsRule, LionRule, RmspropRule, ScaledGrad,

@@ -27,37 +27,3 @@ pub fn sum_squares(t: &Tensor) -> Result<f64> {
         _ => bail!("sum_squares: unexpected storage for dtype {:?}", t.dtype()),
     })
 }
-
-/// Whether every element of `t` is finite (no NaN, no ±inf); integer tensors always are.
-///
-/// # Errors
-/// Only those of reading `t` (a non-CPU tensor is checked with Candle ops).
-pub fn all_finite(t: &Tensor) -> Result<bool> {
-    if !t.device().is_cpu() {
-        let x = t.to_dtype(DType::F32)?;
-        let bad = (x.ne(&x)?.to_dtype(DType::U32)?.sum_all()?
-            + x.abs()?
-                .eq(f64::INFINITY)?
-                .to_dtype(DType::U32)?
-                .sum_all()?)?;
-        return Ok(bad.to_scalar::<u32>()? == 0);
-    }
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("all_finite: expected a contiguous layout")
-    };
-    Ok(match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => {
-            crate::cpu::absmax_bits(Isa::selected(), &v[start..end]) < 0x7F80_0000
-        }
-        Storage::Cpu(CpuStorage::F16(v)) => {
-            v[start..end].iter().all(|x| x.to_bits() & 0x7C00 != 0x7C00)
-        }
-        Storage::Cpu(CpuStorage::BF16(v)) => {
-            v[start..end].iter().all(|x| x.to_bits() & 0x7F80 != 0x7F80)
-        }
-        Storage::Cpu(CpuStorage::F64(v)) => v[start..end].iter().all(|x| x.is_finite()),
-        _ => true,
-    })
-}

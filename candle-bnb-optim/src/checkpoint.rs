@@ -265,6 +265,22 @@ impl<'a> Reader<'a> {
         Ok(t)
     }
 
+    /// The 8-bit state stored under `key` (`.codes`, `.absmax`, `.map`), validated.
+    fn blockwise(&self, key: &str, len: usize, block_size: usize) -> Result<BlockwiseState> {
+        let codes = self
+            .tensor(&format!("{key}.codes"), Dtype::U8, Some(len))?
+            .data()
+            .to_vec();
+        let absmax = self.f32s(&format!("{key}.absmax"), len.div_ceil(block_size))?;
+        let values: [f32; QUANT_MAP_LEN] = self
+            .f32s(&format!("{key}.map"), QUANT_MAP_LEN)?
+            .try_into()
+            .expect("checked length");
+        let context = |e: Error| e.context(format!("checkpoint {}: {key}", self.path.display()));
+        let map = QuantMap::from_values(&values).map_err(context)?;
+        BlockwiseState::from_parts(codes, absmax, map, block_size).map_err(context)
+    }
+
     fn f32s(&self, key: &str, len: usize) -> Result<Vec<f32>> {
         let t = self.tensor(key, Dtype::F32, Some(len))?;
         Ok(t.data()
@@ -351,61 +367,36 @@ pub(crate) fn load(
         }
         let n = slot.var.elem_count();
         let stored = r.meta(&format!("{name}.states"))?;
-        let (expected, n_states, block_size) = match &slot.state {
-            ParamState::F32(s) => (format!("f32:{}", s.len()), s.len(), None),
-            ParamState::Blockwise(s) => (
-                format!("8bit:{}", s.len()),
-                s.len(),
-                s.first().map(|b| b.block_size()),
-            ),
+        let expected = match &slot.state {
+            ParamState::F32(s) => format!("f32:{}", s.len()),
+            ParamState::Blockwise(s) => format!("8bit:{}", s.len()),
         };
         if stored != expected {
             return r.fail(format!(
                 "parameter {name:?} has state {stored}, this optimizer keeps {expected}"
             ));
         }
-        let state = match block_size {
-            None if matches!(slot.state, ParamState::F32(_)) => ParamState::F32(
-                (0..n_states)
+        let state = match &slot.state {
+            ParamState::F32(s) => ParamState::F32(
+                (0..s.len())
                     .map(|k| r.f32s(&format!("{name}.state{k}"), n))
                     .collect::<Result<_>>()?,
             ),
-            _ => {
-                let bs: usize = if n_states == 0 {
-                    0
-                } else {
-                    r.meta_num(&format!("{name}.block_size"))?
-                };
-                if let Some(expected) = block_size {
-                    if bs != expected {
+            ParamState::Blockwise(s) => ParamState::Blockwise(match s.first() {
+                None => Vec::new(),
+                Some(first) => {
+                    let bs: usize = r.meta_num(&format!("{name}.block_size"))?;
+                    if bs != first.block_size() {
                         return r.fail(format!(
-                            "parameter {name:?} has block size {bs}, this optimizer uses {expected}"
+                            "parameter {name:?} has block size {bs}, this optimizer uses {}",
+                            first.block_size()
                         ));
                     }
+                    (0..s.len())
+                        .map(|k| r.blockwise(&format!("{name}.state{k}"), n, bs))
+                        .collect::<Result<_>>()?
                 }
-                let mut blockwise = Vec::with_capacity(n_states);
-                for k in 0..n_states {
-                    let key = format!("{name}.state{k}");
-                    let codes = r
-                        .tensor(&format!("{key}.codes"), Dtype::U8, Some(n))?
-                        .data()
-                        .to_vec();
-                    let absmax = r.f32s(&format!("{key}.absmax"), n.div_ceil(bs))?;
-                    let values: [f32; QUANT_MAP_LEN] = r
-                        .f32s(&format!("{key}.map"), QUANT_MAP_LEN)?
-                        .try_into()
-                        .expect("checked length");
-                    let map = QuantMap::from_values(&values).map_err(|e| {
-                        e.context(format!("checkpoint {}: {key}.map", path.display()))
-                    })?;
-                    blockwise.push(
-                        BlockwiseState::from_parts(codes, absmax, map, bs).map_err(|e| {
-                            e.context(format!("checkpoint {}: {key}", path.display()))
-                        })?,
-                    );
-                }
-                ParamState::Blockwise(blockwise)
-            }
+            }),
         };
         states.push(state);
         let norms_key = format!("{name}.grad_norms");

@@ -191,7 +191,7 @@ macro_rules! define_optimizer {
                 // Settings were checked at construction; a base lr that makes a scaled one
                 // invalid (negative, NaN) leaves the optimizer as it was.
                 if let Ok(params) =
-                    Self::derive(&config, self.initial_lr, &self.settings, &self.named_vars())
+                    Self::derive(&config, self.initial_lr, &self.settings, self.slots.names())
                 {
                     self.config = config;
                     self.params = params;
@@ -239,7 +239,8 @@ macro_rules! define_optimizer {
                         )
                     }
                 }
-                let params = Self::derive(&config, config.lr, &settings, &vars)?;
+                let names = vars.iter().map(|(name, _)| name.as_str());
+                let params = Self::derive(&config, config.lr, &settings, names)?;
                 let slots =
                     $crate::engine::Slots::new(vars, |i| (params[i].layout(), params[i].rule(1)))?;
                 Ok(Self {
@@ -278,14 +279,14 @@ macro_rules! define_optimizer {
             /// Per-parameter configs: `base` with each parameter's settings applied (an
             /// overridden `lr` scaled by `base.lr / initial_lr`), each validated; errors name the
             /// parameter.
-            fn derive(
+            fn derive<'a>(
                 base: &$config,
                 initial_lr: f64,
                 settings: &[Vec<(String, String)>],
-                vars: &[(String, candle_core::Var)],
+                names: impl Iterator<Item = &'a str>,
             ) -> candle_core::Result<Vec<$config>> {
-                let mut params = Vec::with_capacity(vars.len());
-                for ((name, _), set) in vars.iter().zip(settings) {
+                let mut params = Vec::with_capacity(settings.len());
+                for (name, set) in names.zip(settings) {
                     let resolve = || -> candle_core::Result<$config> {
                         let mut c = base.clone();
                         for (field, value) in set {
@@ -303,10 +304,6 @@ macro_rules! define_optimizer {
                     );
                 }
                 Ok(params)
-            }
-
-            fn named_vars(&self) -> Vec<(String, candle_core::Var)> {
-                self.slots.slots.iter().map(|s| (s.name.clone(), s.var.clone())).collect()
             }
 
             /// The base configuration.
@@ -337,7 +334,7 @@ macro_rules! define_optimizer {
 
             /// The parameter names, in order (positions when built with `new`).
             pub fn param_names(&self) -> Vec<&str> {
-                self.slots.slots.iter().map(|s| s.name.as_str()).collect()
+                self.slots.names().collect()
             }
 
             /// Each parameter with its state, in the order of the rule's states.
@@ -395,7 +392,7 @@ macro_rules! define_optimizer {
                         path.display()
                     ),
                 };
-                let params = Self::derive(&config, initial_lr, &self.settings, &self.named_vars())
+                let params = Self::derive(&config, initial_lr, &self.settings, self.slots.names())
                     .map_err(|e| e.context(format!("checkpoint {}", path.display())))?;
                 self.config = config;
                 self.initial_lr = initial_lr;

@@ -92,8 +92,8 @@ pub(crate) struct Slots {
 }
 
 impl Slots {
-    /// Initial state for each var: `setup(i)` gives the i-th var's state layout and step-1 rule.
-    /// `vars` come from [`float_vars`].
+    /// Initial state for each var: `setup(i)` gives the i-th var's state layout (from a
+    /// validated config) and step-1 rule. `vars` come from [`float_vars`].
     pub(crate) fn new<R: UpdateRule>(
         vars: Vec<(String, Var)>,
         setup: impl Fn(usize) -> (StateLayout, R),
@@ -103,7 +103,6 @@ impl Slots {
             .enumerate()
             .map(|(i, (name, var))| {
                 let (layout, rule) = setup(i);
-                layout.validate()?;
                 let state = initial_state(&var, layout, &rule)?;
                 Ok(Slot {
                     name,
@@ -202,6 +201,10 @@ impl Slots {
             slot.steps += 1;
         }
         Ok(())
+    }
+
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().map(|s| s.name.as_str())
     }
 
     pub(crate) fn state_bytes(&self) -> usize {

@@ -165,17 +165,21 @@ impl Overrides {
     /// An override that matches no parameter, naming the closest names.
     pub(crate) fn resolve(&self, params: &[(String, Var)]) -> Result<Vec<Vec<(String, String)>>> {
         for entry in &self.entries {
-            if !params.iter().any(|(n, v)| entry.target.matches(n, v)) {
-                let wanted = match &entry.target {
-                    Target::Var(_) => String::new(),
-                    Target::Name(s) | Target::Module(s) | Target::Pattern(s) => s.clone(),
-                };
-                bail!(
+            if params.iter().any(|(n, v)| entry.target.matches(n, v)) {
+                continue;
+            }
+            match &entry.target {
+                Target::Var(_) => bail!(
+                    "the override of {} for {} matches no parameter: that Var is not one of this optimizer's",
+                    entry.field,
+                    entry.target.describe()
+                ),
+                Target::Name(s) | Target::Module(s) | Target::Pattern(s) => bail!(
                     "the override of {} for {} matches no parameter; closest names: {}",
                     entry.field,
                     entry.target.describe(),
-                    closest_names(&wanted, params.iter().map(|(n, _)| n.as_str()), 3).join(", ")
-                )
+                    closest_names(s, params.iter().map(|(n, _)| n.as_str()), 3).join(", ")
+                ),
             }
         }
         Ok(params
@@ -224,7 +228,6 @@ fn closest_names<'a>(wanted: &str, names: impl Iterator<Item = &'a str>, k: usiz
         })
         .collect();
     scored.sort();
-    scored.dedup_by(|a, b| a.1 == b.1);
     scored
         .into_iter()
         .take(k)
