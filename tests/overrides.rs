@@ -188,6 +188,11 @@ fn set_learning_rate_keeps_the_ratio_of_overridden_rates() {
     let scaled: Vec<f64> = lrs(&opt).iter().map(|v| v.parse().unwrap()).collect();
     assert!((scaled[0] - 5e-5).abs() < 1e-15, "{scaled:?}");
     assert_eq!(scaled[1], 5e-4);
+    // A base equal to the override value still scales the override (1e-4 * 1e-4 / 1e-3).
+    opt.set_learning_rate(1e-4);
+    let scaled: Vec<f64> = lrs(&opt).iter().map(|v| v.parse().unwrap()).collect();
+    assert!((scaled[0] - 1e-5).abs() < 1e-15, "{scaled:?}");
+    assert_eq!(scaled[1], 1e-4);
 }
 
 #[test]

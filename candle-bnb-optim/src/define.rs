@@ -292,7 +292,7 @@ macro_rules! define_optimizer {
                         for (field, value) in set {
                             c.set_field(field, value)?;
                         }
-                        if c.lr != base.lr && initial_lr > 0.0 {
+                        if initial_lr > 0.0 && set.iter().any(|(field, _)| field == "lr") {
                             c.lr *= base.lr / initial_lr;
                         }
                         c.validate()?;
