@@ -19,6 +19,9 @@
 //! default); every config has `optim_bits` to choose. Each optimizer clips gradients
 //! (`max_grad_norm`, `percentile_clipping`), skips steps with NaN/inf gradients (or errors, see
 //! [`NonFinitePolicy`]), and saves and loads its whole state ([`checkpoint`]). CPU for now.
+//!
+//! Per-parameter settings are a value, [`Overrides`]; embeddings built with [`nn::Embedding`] or
+//! [`nn::StableEmbedding`] keep 32-bit state without one ([`keep_32bit_state`]).
 #![deny(missing_docs)]
 
 mod adam;
@@ -28,6 +31,8 @@ mod define;
 mod engine;
 mod lamb;
 mod lion;
+mod marks;
+pub mod nn;
 mod overrides;
 mod rmsprop;
 mod sgd;
@@ -42,6 +47,7 @@ pub use lamb::{
     LAMB8bit, LAMB8bitConfig, LAMBConfig, LARS8bit, LARS8bitConfig, LARSConfig, LAMB, LARS,
 };
 pub use lion::{Lion, Lion8bit, Lion8bitConfig, LionConfig};
+pub use marks::{keep_32bit_state, keeps_32bit_state};
 pub use overrides::{Overrides, Target};
 pub use rmsprop::{
     Adagrad, Adagrad8bit, Adagrad8bitConfig, AdagradConfig, RMSprop, RMSprop8bit,

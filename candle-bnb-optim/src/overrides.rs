@@ -89,8 +89,9 @@ struct Entry {
 ///
 /// Precedence, when several overrides set the same field of one parameter: a [`Target::Var`]
 /// wins over a [`Target::Name`], which wins over a [`Target::Module`] (the longest prefix winning
-/// among modules), which wins over a [`Target::Pattern`], which wins over the config; among
-/// equals, the one added last wins.
+/// among modules), which wins over a [`Target::Pattern`], which wins over a variable's
+/// [32-bit mark](crate::keep_32bit_state) (set by the embedding modules of [`crate::nn`]), which
+/// wins over the config; among equals, the one added last wins.
 ///
 /// ```
 /// use candle_bnb_optim::Overrides;
@@ -159,7 +160,8 @@ impl Overrides {
         self.entries.is_empty()
     }
 
-    /// For each parameter, the `(field, value)` settings to apply in order (later ones win).
+    /// For each parameter, the `(field, value)` settings to apply in order (later ones win),
+    /// starting with `optim_bits = 32` for a variable marked by [`crate::keep_32bit_state`].
     ///
     /// # Errors
     /// An override that matches no parameter, naming the closest names.
@@ -200,9 +202,15 @@ impl Overrides {
                 };
                 // Stable sort: among equal keys, insertion order is kept, so the last added wins.
                 matching.sort_by_key(|(_, e)| key(e));
-                matching
-                    .into_iter()
-                    .map(|(_, e)| (e.field.clone(), e.value.clone()))
+                // A variable marked for 32-bit state gets that first, so any override wins.
+                let mark = crate::marks::keeps_32bit_state(var)
+                    .then(|| ("optim_bits".to_string(), "32".to_string()));
+                mark.into_iter()
+                    .chain(
+                        matching
+                            .into_iter()
+                            .map(|(_, e)| (e.field.clone(), e.value.clone())),
+                    )
                     .collect()
             })
             .collect())
