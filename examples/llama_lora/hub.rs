@@ -93,6 +93,9 @@ fn offline() -> bool {
     )
 }
 
+/// Fetches one file of the repository by name.
+type Fetch<'a> = Box<dyn Fn(&str) -> Result<PathBuf> + 'a>;
+
 /// The files of hub model `id` at `revision`: downloaded into the cache (or taken from it).
 ///
 /// # Errors
@@ -104,7 +107,7 @@ pub fn hub(id: &str, revision: &str) -> Result<ModelFiles> {
         revision.to_string(),
     );
     let cache = hf_hub::Cache::new(cache_dir());
-    let get: Box<dyn Fn(&str) -> Result<PathBuf>> = if offline() {
+    let get: Fetch<'_> = if offline() {
         let cached = cache.repo(repo);
         Box::new(move |name: &str| {
             cached.get(name).ok_or_else(|| {

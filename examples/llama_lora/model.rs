@@ -92,14 +92,14 @@ impl Spec {
         let c: LlamaConfig = serde_json::from_value(value)
             .map_err(|e| candle_core::Error::msg(format!("{origin}: {e}")))?;
         let kv_heads = c.num_key_value_heads();
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             bail!(
                 "{origin}: hidden_size {} is not a multiple of num_attention_heads {}",
                 c.hidden_size,
                 c.num_attention_heads
             )
         }
-        if kv_heads == 0 || c.num_attention_heads % kv_heads != 0 {
+        if kv_heads == 0 || !c.num_attention_heads.is_multiple_of(kv_heads) {
             bail!(
                 "{origin}: num_attention_heads {} is not a multiple of num_key_value_heads {kv_heads}",
                 c.num_attention_heads
@@ -109,7 +109,7 @@ impl Spec {
         if let Some(h) = head_dim_field.filter(|&h| h as usize != head_dim) {
             bail!("{origin}: head_dim {h} differs from hidden_size / num_attention_heads = {head_dim}; not supported")
         }
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             bail!("{origin}: head_dim {head_dim} must be even for rotary embeddings")
         }
         use candle_transformers::models::llama::LlamaEosToks;

@@ -1,0 +1,378 @@
+//! The LLaMA LoRA example, through its own modules: training, the 8-bit vs candle-nn
+//! comparison, PEFT adapters, the `--model-dir` and hub-cache paths, resuming, bad input.
+
+#[path = "../examples/llama_lora"]
+#[allow(dead_code)]
+mod llama_lora {
+    pub mod args;
+    pub mod data;
+    pub mod hub;
+    pub mod model;
+    pub mod output;
+    pub mod train;
+}
+
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use llama_lora::args::Args;
+use llama_lora::model::{random_weights, Spec};
+use llama_lora::output::load_adapter;
+use llama_lora::train::{run, Setup};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("candle-bnb-lora-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn args(extra: &[&str]) -> Args {
+    let mut argv = vec!["llama_lora", "--quiet"];
+    argv.extend_from_slice(extra);
+    Args::try_parse_from(argv).unwrap()
+}
+
+fn logits(setup: &Setup, model: &llama_lora::model::Llama) -> Vec<f32> {
+    let idx: Vec<usize> = (0..4).collect();
+    let (x, _, _) = setup.dataset.batch(&idx, &Device::Cpu).unwrap();
+    model
+        .forward(&x, &mut None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn tiny_default_trains_and_8bit_adamw_matches_candle_adamw() {
+    let out = temp_dir("train");
+    let a = args(&["--steps", "60", "--compare", "--out", out.to_str().unwrap()]);
+    let runs = run(&a).unwrap();
+    let (ours, candle) = (&runs[0], &runs[1]);
+    assert_eq!(
+        (ours.optimizer.as_str(), candle.optimizer.as_str()),
+        ("adamw8bit", "candle-adamw")
+    );
+    // The loss falls by at least 40 % in 60 steps...
+    assert!(
+        ours.final_eval_loss < 0.6 * ours.first_eval_loss,
+        "{} -> {}",
+        ours.first_eval_loss,
+        ours.final_eval_loss
+    );
+    // ... and 8-bit AdamW ends within 2 % of candle_nn::AdamW from the same seed and batches,
+    let gap = (ours.final_eval_loss - candle.final_eval_loss).abs() / candle.final_eval_loss;
+    assert!(
+        gap < 0.02,
+        "{} vs {}",
+        ours.final_eval_loss,
+        candle.final_eval_loss
+    );
+    // ... with under a third of its state.
+    assert!(
+        3 * ours.state_bytes < candle.state_bytes,
+        "{} vs {}",
+        ours.state_bytes,
+        candle.state_bytes
+    );
+    for file in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "training_log.csv",
+        "loss_curve.png",
+        "tokenizer.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let csv = std::fs::read_to_string(out.join("training_log.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 * 60);
+    let png = std::fs::read(out.join("loss_curve.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+
+    // The adapter follows PEFT's names and shapes...
+    let spec = &ours.model.spec;
+    let stored =
+        candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(stored.len(), spec.layers * 7 * 2);
+    let (h, i, r) = (spec.hidden, spec.intermediate, a.lora_rank);
+    let kv = spec.kv_heads * spec.head_dim;
+    for l in 0..spec.layers {
+        for (module, out_dim, in_dim) in [
+            ("self_attn.q_proj", h, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, h),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
+            let key = |m: &str| format!("base_model.model.model.layers.{l}.{module}.{m}.weight");
+            assert_eq!(
+                stored[&key("lora_A")].dims(),
+                &[r, in_dim],
+                "{}",
+                key("lora_A")
+            );
+            assert_eq!(
+                stored[&key("lora_B")].dims(),
+                &[out_dim, r],
+                "{}",
+                key("lora_B")
+            );
+            assert_eq!(stored[&key("lora_A")].dtype(), DType::F32);
+        }
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], r);
+    assert_eq!(config["lora_alpha"], a.lora_alpha);
+    assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
+
+    // ... and reloads into a fresh model with exactly the trained logits.
+    let setup = Setup::new(&a).unwrap();
+    let fresh = setup.model().unwrap();
+    let trained = logits(&setup, &ours.model);
+    assert_ne!(logits(&setup, &fresh), trained, "training changed nothing");
+    load_adapter(&fresh, &setup.lora, &out).unwrap();
+    assert_eq!(logits(&setup, &fresh), trained);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn a_resumed_run_equals_an_uninterrupted_one() {
+    let (full, resumed) = (temp_dir("full"), temp_dir("resumed"));
+    let common = ["--steps", "12", "--grad-accum", "2", "--batch-size", "4"];
+    let mut a: Vec<&str> = common.to_vec();
+    a.extend(["--save-every", "5", "--out", full.to_str().unwrap()]);
+    let uninterrupted = run(&args(&a)).unwrap();
+    let checkpoint = full.join("checkpoint-5");
+    assert!(checkpoint.join("optimizer.safetensors").is_file());
+    let mut b: Vec<&str> = common.to_vec();
+    b.extend([
+        "--resume",
+        checkpoint.to_str().unwrap(),
+        "--out",
+        resumed.to_str().unwrap(),
+    ]);
+    let continued = run(&args(&b)).unwrap();
+    // Everything but the measured speed repeats exactly.
+    let key = |r: &llama_lora::output::LogRow| (r.step, r.lr, r.loss, r.state_bytes);
+    let keys = |log: &[llama_lora::output::LogRow]| log.iter().map(key).collect::<Vec<_>>();
+    assert_eq!(keys(&continued[0].log), keys(&uninterrupted[0].log));
+    let read = |dir: &Path| {
+        candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (x, y) = (read(&full), read(&resumed));
+    assert_eq!(x.len(), y.len());
+    for (key, t) in &x {
+        let u = &y[key];
+        assert_eq!(
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            u.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{key}"
+        );
+    }
+    // Resuming with another optimizer is refused.
+    let mut c: Vec<&str> = common.to_vec();
+    c.extend([
+        "--optimizer",
+        "lion8bit",
+        "--resume",
+        checkpoint.to_str().unwrap(),
+        "--out",
+        resumed.to_str().unwrap(),
+    ]);
+    let err = run(&args(&c)).err().unwrap().to_string();
+    assert!(
+        err.contains("adamw8bit") && err.contains("lion8bit"),
+        "{err}"
+    );
+    for d in [full, resumed] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// Writes a random LLaMA checkpoint with Hugging Face names into `dir`: `config.json`, the
+/// tiny default's `tokenizer.json`, and the weights in two shards with an index.
+fn write_checkpoint(dir: &Path, drop: Option<&str>) -> Spec {
+    let setup = Setup::new(&args(&["--steps", "0"])).unwrap();
+    let mut spec = Spec::tiny(
+        setup.spec.vocab,
+        128,
+        2,
+        setup.bos.unwrap(),
+        setup.eos.unwrap(),
+    );
+    spec.kv_heads = 4; // plain multi-head attention this time
+    spec.tie_embeddings = true;
+    std::fs::write(dir.join("config.json"), spec.to_json().to_string()).unwrap();
+    setup
+        .tokenizer
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    let weights = random_weights(&spec, 7, DType::F32, &Device::Cpu).unwrap();
+    let (first, second) = weights.split_at(weights.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let part: HashMap<String, Tensor> = part
+            .iter()
+            .filter(|(n, _)| Some(n.as_str()) != drop)
+            .cloned()
+            .collect();
+        for name in part.keys() {
+            map.insert(name.clone(), file.into());
+        }
+        candle_core::safetensors::save(&part, dir.join(file)).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    spec
+}
+
+#[test]
+fn a_sharded_hugging_face_checkpoint_loads_from_a_folder_and_the_hub_cache() {
+    let dir = temp_dir("model-dir");
+    let spec = write_checkpoint(&dir, None);
+    let out = temp_dir("model-dir-out");
+    let a = args(&[
+        "--model-dir",
+        dir.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let runs = run(&a).unwrap();
+    assert_eq!(runs[0].model.spec.hidden, spec.hidden);
+    assert!(runs[0].log.iter().all(|r| r.loss.is_finite()));
+    // The shards hold exactly the weights written: the model loaded through --model-dir gives
+    // the logits of one built straight from those tensors.
+    let setup = Setup::new(&a).unwrap();
+    let fresh = setup.model().unwrap();
+    let stored = random_weights(&spec, 7, DType::F32, &Device::Cpu).unwrap();
+    let vb =
+        candle_nn::VarBuilder::from_tensors(stored.into_iter().collect(), DType::F32, &Device::Cpu);
+    let direct =
+        llama_lora::model::Llama::load(setup.spec.clone(), vb, &setup.lora, a.seed).unwrap();
+    assert_eq!(logits(&setup, &direct), logits(&setup, &fresh));
+
+    // The same files in a hub cache layout load through --model-id with HF_HUB_OFFLINE=1.
+    let cache = temp_dir("hub-cache");
+    let repo = cache.join("models--tiny-org--tiny-llama");
+    let snapshot = repo.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123abcd").unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    // SAFETY of the environment: no other test reads these variables.
+    unsafe {
+        std::env::set_var("HF_HUB_CACHE", &cache);
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    }
+    let b = args(&[
+        "--model-id",
+        "tiny-org/tiny-llama",
+        "--steps",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let from_hub = Setup::new(&b).unwrap();
+    assert_eq!(
+        logits(&from_hub, &from_hub.model().unwrap()),
+        logits(&setup, &fresh)
+    );
+    let c = args(&["--model-id", "tiny-org/missing", "--steps", "0"]);
+    let err = Setup::new(&c).err().unwrap().to_string();
+    assert!(
+        err.contains("config.json") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+    for d in [dir, out, cache] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn bad_input_is_reported_before_training() {
+    let dir = temp_dir("bad");
+    let err_of = |extra: &[&str]| {
+        Setup::new(&args(extra))
+            .err()
+            .expect("an error")
+            .to_string()
+    };
+
+    // A checkpoint missing a tensor names it.
+    write_checkpoint(&dir, Some("model.layers.1.mlp.up_proj.weight"));
+    let e = err_of(&["--model-dir", dir.to_str().unwrap()]);
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+    // A malformed config, then a missing one.
+    std::fs::write(dir.join("config.json"), "{\"hidden_size\": 64,").unwrap();
+    let e = err_of(&["--model-dir", dir.to_str().unwrap()]);
+    assert!(e.contains("config.json") && e.contains("malformed"), "{e}");
+    std::fs::write(dir.join("config.json"), "{\"hidden_size\": 64}").unwrap();
+    let e = err_of(&["--model-dir", dir.to_str().unwrap()]);
+    assert!(e.contains("intermediate_size"), "{e}");
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    let e = err_of(&["--model-dir", dir.to_str().unwrap()]);
+    assert!(e.contains("config.json is missing"), "{e}");
+
+    let e = err_of(&["--target-modules", "q,kv"]);
+    assert!(e.contains("\"kv\""), "{e}");
+    let e = err_of(&["--optimizer", "adamw9bit"]);
+    assert!(e.contains("adamw9bit") && e.contains("adamw8bit"), "{e}");
+
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, "\n\n").unwrap();
+    let e = err_of(&["--data", data.to_str().unwrap()]);
+    assert!(e.contains("empty"), "{e}");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"text\": \"ok\"}\n{\"prompt\": oops}\n",
+    )
+    .unwrap();
+    let e = err_of(&["--data", data.to_str().unwrap()]);
+    assert!(e.contains("line 3"), "{e}");
+    std::fs::write(&data, "{\"prompt\": \"a\"}\n").unwrap();
+    let e = err_of(&["--data", data.to_str().unwrap()]);
+    assert!(e.contains("line 1"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn jsonl_prompts_are_masked_out_of_the_loss() {
+    let dir = temp_dir("jsonl");
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"Name a colour.\", \"response\": \"Blue.\"}\n{\"text\": \"Plain text is all learned.\"}\n").unwrap();
+    let setup = Setup::new(&args(&["--data", data.to_str().unwrap(), "--steps", "0"])).unwrap();
+    let tok = &setup.tokenizer;
+    let enc = |s: &str| llama_lora::data::encode(tok, s).unwrap();
+    let (chat, learn) = &setup.dataset.examples[0];
+    let prompt = enc(&llama_lora::data::format_prompt("Name a colour."));
+    let response = enc("Blue.");
+    // [bos] prompt response [eos]; weights per predicted token: 0 over the prompt, 1 after.
+    assert_eq!(chat.len(), 1 + prompt.len() + response.len() + 1);
+    let want: Vec<f32> = std::iter::repeat_n(0.0, prompt.len())
+        .chain(std::iter::repeat_n(1.0, response.len() + 1))
+        .collect();
+    assert_eq!(learn, &want);
+    let (text, learn) = &setup.dataset.examples[1];
+    assert_eq!(text.len(), 1 + enc("Plain text is all learned.").len() + 1);
+    assert!(learn.iter().all(|&w| w == 1.0));
+    std::fs::remove_dir_all(dir).unwrap();
+}
