@@ -217,7 +217,7 @@ fn write_checkpoint(dir: &Path, drop: Option<&str>) -> Spec {
         128,
         2,
         setup.bos.unwrap(),
-        setup.eos.unwrap(),
+        setup.spec.eos[0],
     );
     spec.kv_heads = 4; // plain multi-head attention this time
     spec.tie_embeddings = true;
@@ -333,6 +333,11 @@ fn bad_input_is_reported_before_training() {
     std::fs::write(dir.join("config.json"), "{\"hidden_size\": 64,").unwrap();
     let e = err_of(&["--model-dir", dir.to_str().unwrap()]);
     assert!(e.contains("config.json") && e.contains("malformed"), "{e}");
+    let mut qwen = Spec::tiny(300, 64, 2, 1, 2).to_json();
+    qwen["model_type"] = "qwen2".into();
+    std::fs::write(dir.join("config.json"), qwen.to_string()).unwrap();
+    let e = err_of(&["--model-dir", dir.to_str().unwrap()]);
+    assert!(e.contains("qwen2"), "{e}");
     std::fs::write(dir.join("config.json"), "{\"hidden_size\": 64}").unwrap();
     let e = err_of(&["--model-dir", dir.to_str().unwrap()]);
     assert!(e.contains("intermediate_size"), "{e}");
@@ -410,4 +415,123 @@ fn half_precision_base_weights_train() {
             "{name} did not train"
         );
     }
+}
+
+#[test]
+fn forward_matches_candle_transformers_llama_and_is_causal() {
+    use candle_transformers::models::llama as ct;
+    let dev = Device::Cpu;
+    for llama3_scaling in [false, true] {
+        // 4 query heads over 2 KV heads; once with Llama 3.1 rope scaling that moves every
+        // frequency band (original context 16).
+        let mut json = Spec::tiny(300, 64, 2, 1, 2).to_json();
+        if llama3_scaling {
+            json["rope_theta"] = 500000.0.into();
+            json["rope_scaling"] = serde_json::json!({
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16
+            });
+        }
+        let spec = Spec::from_json(&json.to_string(), "test config").unwrap();
+        let weights: HashMap<String, Tensor> = random_weights(&spec, 3, DType::F32, &dev)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let no_lora = llama_lora::model::LoraSettings {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: vec![],
+        };
+        let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &dev);
+        let ours = llama_lora::model::Llama::load(spec.clone(), vb, &no_lora, 0).unwrap();
+        let config: ct::LlamaConfig = serde_json::from_value(json).unwrap();
+        let config = config.into_config(false);
+        let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &dev);
+        let theirs = ct::Llama::load(vb, &config).unwrap();
+        let mut cache = ct::Cache::new(false, DType::F32, &config, &dev).unwrap();
+
+        let ids: Vec<u32> = (0..24u32).map(|i| (i * 37 + 11) % 300).collect();
+        let x = Tensor::new(ids.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let want: Vec<f32> = theirs
+            .forward(&x, 0, &mut cache)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let all = ours.forward(&x, &mut None).unwrap();
+        let got: Vec<f32> = all.get(0).unwrap().get(23).unwrap().to_vec1().unwrap();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-4,
+            "scaling {llama3_scaling}: max |logit diff| {diff}"
+        );
+
+        // Changing token 15 changes nothing before it, and something from it on.
+        let mut changed = ids.clone();
+        changed[15] = (changed[15] + 1) % 300;
+        let y = Tensor::new(changed.as_slice(), &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let other = ours.forward(&y, &mut None).unwrap();
+        let rows = |t: &Tensor, r: std::ops::Range<usize>| -> Vec<f32> {
+            t.get(0)
+                .unwrap()
+                .narrow(0, r.start, r.len())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(rows(&all, 0..15), rows(&other, 0..15));
+        assert_ne!(rows(&all, 15..24), rows(&other, 15..24));
+    }
+}
+
+#[test]
+fn datasets_without_bos_learn_every_token_after_the_first() {
+    let setup = Setup::new(&args(&["--steps", "0"])).unwrap();
+    let examples = vec![llama_lora::data::Example::Text("a b c".into())];
+    let ds = llama_lora::data::Dataset::new(&examples, &setup.tokenizer, None, None, 64).unwrap();
+    let (tokens, learn) = &ds.examples[0];
+    assert_eq!(
+        tokens,
+        &llama_lora::data::encode(&setup.tokenizer, "a b c").unwrap()
+    );
+    assert_eq!(learn.len(), tokens.len() - 1);
+    assert!(learn.iter().all(|&w| w == 1.0));
+}
+
+#[test]
+fn the_schedule_warms_up_then_decays() {
+    use llama_lora::train::learning_rate;
+    assert_eq!(learning_rate(1, 100, 10, 1.0), 0.1);
+    assert_eq!(learning_rate(10, 100, 10, 1.0), 1.0);
+    let (a, b, c) = (
+        learning_rate(11, 100, 10, 1.0),
+        learning_rate(55, 100, 10, 1.0),
+        learning_rate(100, 100, 10, 1.0),
+    );
+    assert!(1.0 > a && a > b && b > c && c > 0.0, "{a} {b} {c}");
+    assert!(
+        (learning_rate(55, 100, 10, 1.0)
+            - 0.5 * (1.0 + (std::f64::consts::PI * 45.0 / 91.0).cos()))
+        .abs()
+            < 1e-12
+    );
+    assert_eq!(learning_rate(5, 3, 10, 1.0), 0.5);
+    assert_eq!(
+        learning_rate(3, 3, 0, 1.0),
+        0.5 * (1.0 + (std::f64::consts::PI * 3.0 / 4.0).cos())
+    );
 }

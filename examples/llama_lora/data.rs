@@ -160,7 +160,8 @@ pub const EOS: &str = "</s>";
 /// same examples, same tokenizer).
 pub fn train_tokenizer(examples: &[Example], vocab_size: usize) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::new(BPE::default());
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::default()));
+    // No prefix space: prompt and response are encoded separately and joined.
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
     tokenizer.with_decoder(Some(ByteLevel::default()));
     let mut trainer = TrainerWrapper::BpeTrainer(
         BpeTrainerBuilder::new()

@@ -88,8 +88,8 @@ pub fn cache_dir() -> PathBuf {
 
 fn offline() -> bool {
     matches!(
-        std::env::var("HF_HUB_OFFLINE").as_deref(),
-        Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes")
+        std::env::var("HF_HUB_OFFLINE"),
+        Ok(v) if matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
     )
 }
 
@@ -118,7 +118,26 @@ pub fn hub(id: &str, revision: &str) -> Result<ModelFiles> {
             })
         })
     } else {
-        let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true);
+        // hf-hub 0.4 looks for the token next to the cache only; honour HF_TOKEN and HF_HOME.
+        let token = std::env::var("HF_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| {
+                let home = std::env::var_os("HF_HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| {
+                        let home = std::env::var_os("HOME")
+                            .map(PathBuf::from)
+                            .unwrap_or_default();
+                        home.join(".cache").join("huggingface")
+                    });
+                std::fs::read_to_string(home.join("token"))
+                    .ok()
+                    .map(|t| t.trim().to_string())
+            });
+        let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+            .with_progress(true)
+            .with_token(token);
         if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
             builder = builder.with_endpoint(endpoint);
         }

@@ -56,6 +56,18 @@ impl Spec {
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
         let mut value: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| candle_core::Error::msg(format!("{origin}: malformed JSON: {e}")))?;
+        let text_field = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        if let Some(kind) = text_field("model_type").filter(|k| k != "llama") {
+            bail!("{origin}: model_type {kind:?} is not a LLaMA-family model (\"llama\")")
+        }
+        if let Some(act) = text_field("hidden_act").filter(|a| a != "silu") {
+            bail!("{origin}: hidden_act {act:?} is not supported (silu)")
+        }
+        for flag in ["attention_bias", "mlp_bias"] {
+            if value.get(flag).and_then(|v| v.as_bool()) == Some(true) {
+                bail!("{origin}: {flag} = true is not supported (projections without bias)")
+            }
+        }
         let mut scaling = None;
         if let Some(obj) = value.as_object_mut() {
             if let Some(rs) = obj.remove("rope_scaling").filter(|v| !v.is_null()) {
@@ -77,6 +89,11 @@ impl Spec {
                         Some(RopeScaling::Linear(factor as f32))
                     }
                     "llama3" => {
+                        // Older configs spell the kind `type`; candle's struct wants `rope_type`.
+                        let mut rs = rs;
+                        if let Some(o) = rs.as_object_mut() {
+                            o.insert("rope_type".into(), "llama3".into());
+                        }
                         let c: Llama3RopeConfig = serde_json::from_value(rs).map_err(|e| {
                             candle_core::Error::msg(format!("{origin}: rope_scaling: {e}"))
                         })?;

@@ -70,6 +70,27 @@ pub fn load_adapter(model: &Llama, lora: &LoraSettings, dir: &Path) -> Result<()
             path.display(), lora.rank, lora.alpha
         )
     }
+    for (flag, plain) in [
+        ("use_rslora", false),
+        ("fan_in_fan_out", false),
+        ("use_dora", false),
+    ] {
+        if config.get(flag).and_then(|v| v.as_bool()).unwrap_or(plain) != plain {
+            bail!("{}: {flag} = {} is not supported", path.display(), !plain)
+        }
+    }
+    for map in ["rank_pattern", "alpha_pattern"] {
+        if config
+            .get(map)
+            .and_then(|v| v.as_object())
+            .is_some_and(|m| !m.is_empty())
+        {
+            bail!(
+                "{}: a non-empty {map} is not supported (one rank and alpha for every module)",
+                path.display()
+            )
+        }
+    }
     let path = dir.join("adapter_model.safetensors");
     let stored = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
     let vars = model.named_lora_vars();

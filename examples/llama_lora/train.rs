@@ -200,13 +200,18 @@ pub fn make_optimizer(
     })
 }
 
-/// Linear warm-up to `peak` over `warmup` steps, then cosine decay towards 0 at `total`.
+/// Linear warm-up to `peak` at step `warmup`, then cosine decay towards 0 after step `total`
+/// (steps count from 1; with `warmup >= total` the rate stays at the peak after warm-up).
 pub fn learning_rate(step: usize, total: usize, warmup: usize, peak: f64) -> f64 {
-    if step <= warmup {
-        return peak * step as f64 / warmup.max(1) as f64;
+    if step < warmup {
+        return peak * step as f64 / warmup as f64;
     }
-    let progress = (step - warmup - 1) as f64 / (total - warmup).max(1) as f64;
-    peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    if total <= warmup {
+        return peak;
+    }
+    // Step `warmup` has the peak; the decay reaches 0 one step after the last.
+    let progress = (step - warmup) as f64 / (total - warmup + 1) as f64;
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
 }
 
 /// Base weights: files on disk (mmapped) or the tiny default's seeded random tensors.
@@ -224,7 +229,6 @@ pub struct Setup {
     pub device: Device,
     pub dtype: DType,
     pub bos: Option<u32>,
-    pub eos: Option<u32>,
     /// Where the base model came from (for `adapter_config.json`).
     pub source: String,
     base: Base,
@@ -260,6 +264,12 @@ impl Setup {
                 args.batch_size,
                 args.grad_accum
             )
+        }
+        if args.compare && args.resume.is_some() {
+            bail!("--compare trains both optimizers from the start; it cannot be combined with --resume")
+        }
+        if args.save_every == Some(0) {
+            bail!("--save-every must be at least 1")
         }
         let lora = LoraSettings {
             rank: args.lora_rank,
@@ -324,7 +334,6 @@ impl Setup {
             device,
             dtype,
             bos,
-            eos,
             source,
             base,
             seed: args.seed,
@@ -479,11 +488,11 @@ pub fn train(setup: &Setup, args: &Args, optimizer: &str, out: Option<&Path>) ->
                 }
             });
         }
-        opt.step(grads.as_ref().expect("grad_accum >= 1"))?;
         let loss = loss_sum / args.grad_accum as f64;
         if !loss.is_finite() {
             bail!("the loss became {loss} at step {step}; lower --lr")
         }
+        opt.step(grads.as_ref().expect("grad_accum >= 1"))?;
         let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64();
         state.step = step;
         state.log.push(LogRow {
@@ -577,7 +586,7 @@ pub fn generate(
             }
             chosen as u32
         };
-        if Some(next) == setup.eos {
+        if setup.spec.eos.contains(&next) {
             break;
         }
         ids.push(next);
