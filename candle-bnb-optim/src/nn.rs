@@ -11,49 +11,6 @@ fn xavier_bound(num_embeddings: usize, embedding_dim: usize) -> f64 {
     (6.0 / (num_embeddings + embedding_dim) as f64).sqrt()
 }
 
-/// The `[num_embeddings, embedding_dim]` weight, Xavier-uniform initialised when the
-/// `VarBuilder` creates it, and marked for 32-bit optimizer state.
-fn embedding_weight(
-    num_embeddings: usize,
-    embedding_dim: usize,
-    vb: &VarBuilder,
-) -> Result<Tensor> {
-    if num_embeddings == 0 || embedding_dim == 0 {
-        bail!(
-            "an embedding needs at least one row and one column, got num_embeddings {num_embeddings} and embedding_dim {embedding_dim}"
-        )
-    }
-    let bound = xavier_bound(num_embeddings, embedding_dim);
-    let init = Init::Uniform {
-        lo: -bound,
-        up: bound,
-    };
-    let weight = vb.get_with_hints((num_embeddings, embedding_dim), "weight", init)?;
-    crate::marks::mark_tensor(&weight);
-    Ok(weight)
-}
-
-/// Rows of `weight` for integer `ids` of any shape: `[..ids, embedding_dim]`.
-fn lookup(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
-        bail!(
-            "embedding ids must be u8, u32 or i64, got {:?} (shape {:?})",
-            ids.dtype(),
-            ids.dims()
-        )
-    }
-    if !ids.device().same_device(weight.device()) {
-        bail!(
-            "embedding ids are on {:?} but the weight is on {:?}",
-            ids.device(),
-            weight.device()
-        )
-    }
-    let mut dims = ids.dims().to_vec();
-    dims.push(weight.dim(1)?);
-    weight.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
-}
-
 /// An embedding table (`bnb.nn.Embedding`): a lookup whose weight keeps 32-bit optimizer state.
 ///
 /// Use it in place of `candle_nn::Embedding` when fine-tuning a pretrained model with an 8-bit
@@ -65,15 +22,26 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    /// A `[num_embeddings, embedding_dim]` table named `weight` under `vb`, Xavier-uniform
+    /// A `[num_embeddings, embedding_dim]` table named `weight` under `vb`, marked for 32-bit
+    /// optimizer state ([`crate::keep_32bit_state`]) and Xavier-uniform
     /// initialised when `vb` creates it (dtype and device from `vb`).
     ///
     /// # Errors
     /// A zero `num_embeddings` or `embedding_dim`, or a stored weight of another shape.
     pub fn new(num_embeddings: usize, embedding_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: embedding_weight(num_embeddings, embedding_dim, &vb)?,
-        })
+        if num_embeddings == 0 || embedding_dim == 0 {
+            bail!(
+                "an embedding needs at least one row and one column, got num_embeddings {num_embeddings} and embedding_dim {embedding_dim}"
+            )
+        }
+        let bound = xavier_bound(num_embeddings, embedding_dim);
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let weight = vb.get_with_hints((num_embeddings, embedding_dim), "weight", init)?;
+        crate::marks::mark_tensor(&weight);
+        Ok(Self { weight })
     }
 
     /// The `[num_embeddings, embedding_dim]` weight.
@@ -86,7 +54,25 @@ impl Module for Embedding {
     /// Integer ids (u8, u32, i64) of any shape to `[..ids, embedding_dim]` in the weight's
     /// dtype. Errors on a float dtype, another device, or an id out of range.
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        lookup(&self.weight, ids)
+        if !matches!(ids.dtype(), DType::U8 | DType::U32 | DType::I64) {
+            bail!(
+                "embedding ids must be u8, u32 or i64, got {:?} (shape {:?})",
+                ids.dtype(),
+                ids.dims()
+            )
+        }
+        if !ids.device().same_device(self.weight.device()) {
+            bail!(
+                "embedding ids are on {:?} but the weight is on {:?}",
+                ids.device(),
+                self.weight.device()
+            )
+        }
+        let mut dims = ids.dims().to_vec();
+        dims.push(self.weight.dim(1)?);
+        self.weight
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape(dims)
     }
 }
 
@@ -100,7 +86,7 @@ impl Module for Embedding {
 /// The forward pass is built from differentiable tensor ops, so it trains.
 #[derive(Clone, Debug)]
 pub struct StableEmbedding {
-    weight: Tensor,
+    embedding: Embedding,
     norm_weight: Tensor,
     norm_bias: Tensor,
 }
@@ -114,10 +100,10 @@ impl StableEmbedding {
     /// # Errors
     /// A zero `num_embeddings` or `embedding_dim`, or stored parameters of other shapes.
     pub fn new(num_embeddings: usize, embedding_dim: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = embedding_weight(num_embeddings, embedding_dim, &vb)?;
+        let embedding = Embedding::new(num_embeddings, embedding_dim, vb.clone())?;
         let norm = vb.pp("norm");
         Ok(Self {
-            weight,
+            embedding,
             norm_weight: norm.get_with_hints(embedding_dim, "weight", Init::Const(1.0))?,
             norm_bias: norm.get_with_hints(embedding_dim, "bias", Init::Const(0.0))?,
         })
@@ -125,7 +111,7 @@ impl StableEmbedding {
 
     /// The `[num_embeddings, embedding_dim]` embedding weight.
     pub fn weight(&self) -> &Tensor {
-        &self.weight
+        self.embedding.weight()
     }
 
     /// The layer norm's `[embedding_dim]` scale and shift.
@@ -138,13 +124,13 @@ impl Module for StableEmbedding {
     /// Integer ids (u8, u32, i64) of any shape to `[..ids, embedding_dim]` in the weight's
     /// dtype. Errors on a float dtype, another device, or an id out of range.
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let x = lookup(&self.weight, ids)?.to_dtype(DType::F32)?;
+        let x = self.embedding.forward(ids)?.to_dtype(DType::F32)?;
         let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
         let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(variance + Self::EPS)?.sqrt()?)?;
         normed
             .broadcast_mul(&self.norm_weight.to_dtype(DType::F32)?)?
             .broadcast_add(&self.norm_bias.to_dtype(DType::F32)?)?
-            .to_dtype(self.weight.dtype())
+            .to_dtype(self.weight().dtype())
     }
 }

@@ -72,18 +72,23 @@ pub fn local(dir: &Path) -> Result<ModelFiles> {
     })
 }
 
-/// The hub cache folder, as Hugging Face's tools resolve it.
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("HF_HUB_CACHE") {
-        return dir.into();
-    }
+/// Hugging Face's home folder: `HF_HOME`, else `~/.cache/huggingface`.
+fn hf_home() -> PathBuf {
     if let Some(home) = std::env::var_os("HF_HOME") {
-        return PathBuf::from(home).join("hub");
+        return home.into();
     }
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_default();
-    home.join(".cache").join("huggingface").join("hub")
+    home.join(".cache").join("huggingface")
+}
+
+/// The hub cache folder, as Hugging Face's tools resolve it: `HF_HUB_CACHE`, else
+/// `hf_home()/hub`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("HF_HUB_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| hf_home().join("hub"))
 }
 
 fn offline() -> bool {
@@ -106,14 +111,15 @@ pub fn hub(id: &str, revision: &str) -> Result<ModelFiles> {
         hf_hub::RepoType::Model,
         revision.to_string(),
     );
-    let cache = hf_hub::Cache::new(cache_dir());
+    let cache_path = cache_dir();
+    let cache = hf_hub::Cache::new(cache_path.clone());
     let get: Fetch<'_> = if offline() {
         let cached = cache.repo(repo);
         Box::new(move |name: &str| {
             cached.get(name).ok_or_else(|| {
                 candle_core::Error::msg(format!(
                     "{name} of {id}@{revision} is not in the hub cache {} and HF_HUB_OFFLINE is set",
-                    cache_dir().display()
+                    cache_path.display()
                 ))
             })
         })
@@ -122,19 +128,8 @@ pub fn hub(id: &str, revision: &str) -> Result<ModelFiles> {
         let token = std::env::var("HF_TOKEN")
             .ok()
             .filter(|t| !t.is_empty())
-            .or_else(|| {
-                let home = std::env::var_os("HF_HOME")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| {
-                        let home = std::env::var_os("HOME")
-                            .map(PathBuf::from)
-                            .unwrap_or_default();
-                        home.join(".cache").join("huggingface")
-                    });
-                std::fs::read_to_string(home.join("token"))
-                    .ok()
-                    .map(|t| t.trim().to_string())
-            });
+            .or_else(|| std::fs::read_to_string(hf_home().join("token")).ok())
+            .map(|t| t.trim().to_string());
         let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache)
             .with_progress(true)
             .with_token(token);

@@ -12,7 +12,7 @@ use candle_nn::{Optimizer, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
@@ -102,14 +102,11 @@ impl TrainOptimizer for CandleAdamW {
         if self.max_grad_norm <= 0.0 {
             return self.opt.step(grads);
         }
+        // The same f64 sum of squares as our optimizers' gradient pre-pass.
         let mut sum = 0f64;
         for v in &self.vars {
             if let Some(g) = grads.get(v) {
-                sum += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
+                sum += candle_bnb::kernels::sum_squares(g)?;
             }
         }
         let scale = self.max_grad_norm / (sum.sqrt() + 1e-6);
@@ -214,12 +211,6 @@ pub fn learning_rate(step: usize, total: usize, warmup: usize, peak: f64) -> f64
     peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
 }
 
-/// Base weights: files on disk (mmapped) or the tiny default's seeded random tensors.
-enum Base {
-    Files(Vec<PathBuf>),
-    Random(HashMap<String, Tensor>),
-}
-
 /// Everything checked and loaded before training starts.
 pub struct Setup {
     pub spec: Spec,
@@ -231,7 +222,9 @@ pub struct Setup {
     pub bos: Option<u32>,
     /// Where the base model came from (for `adapter_config.json`).
     pub source: String,
-    base: Base,
+    /// The frozen base weights by Hugging Face name, read once (from the mmapped files or the
+    /// tiny default's seeded random init); every model of the run shares them.
+    base: HashMap<String, Tensor>,
     seed: u64,
 }
 
@@ -297,7 +290,17 @@ impl Setup {
                 let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| {
                     candle_core::Error::msg(format!("{}: {e}", files.tokenizer.display()))
                 })?;
-                (spec, tokenizer, Base::Files(files.weights), source)
+                // SAFETY: the files are mapped read-only while the tensors are read; changing
+                // them meanwhile is the caller's problem, as with every mmapped checkpoint.
+                let vb =
+                    unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, &device)? };
+                // Every tensor the model needs, checked by name and shape before training.
+                let base = spec
+                    .tensor_shapes()
+                    .into_iter()
+                    .map(|(name, shape)| Ok((name.clone(), vb.get(shape, &name)?)))
+                    .collect::<Result<HashMap<_, _>>>()?;
+                (spec, tokenizer, base, source)
             }
             None => {
                 let tokenizer = data::train_tokenizer(&examples, 512)?;
@@ -313,7 +316,7 @@ impl Setup {
                 (
                     spec,
                     tokenizer,
-                    Base::Random(weights.into_iter().collect()),
+                    weights.into_iter().collect(),
                     "tiny-random-llama".to_string(),
                 )
             }
@@ -326,7 +329,7 @@ impl Setup {
             eos,
             args.seq_len.min(spec.max_positions),
         )?;
-        let setup = Self {
+        Ok(Self {
             spec,
             tokenizer,
             dataset,
@@ -337,24 +340,12 @@ impl Setup {
             source,
             base,
             seed: args.seed,
-        };
-        // Load once now so a missing tensor or a wrong shape is reported before training.
-        setup.model()?;
-        Ok(setup)
+        })
     }
 
     /// A fresh model: the base weights with newly initialised LoRA pairs (same seed, same init).
     pub fn model(&self) -> Result<Llama> {
-        let vb = match &self.base {
-            // SAFETY: the files are mapped read-only for the run; changing them meanwhile is
-            // the caller's problem, as with every mmapped checkpoint.
-            Base::Files(paths) => unsafe {
-                VarBuilder::from_mmaped_safetensors(paths, self.dtype, &self.device)?
-            },
-            Base::Random(tensors) => {
-                VarBuilder::from_tensors(tensors.clone(), self.dtype, &self.device)
-            }
-        };
+        let vb = VarBuilder::from_tensors(self.base.clone(), self.dtype, &self.device);
         Llama::load(self.spec.clone(), vb, &self.lora, self.seed)
     }
 
