@@ -265,6 +265,18 @@ impl CustomOp1 for QuantizeBlockwise<'_> {
             ),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (codes, absmax) =
+            crate::cuda::quantize::quantize(storage, layout, self.map, self.block_size)?;
+        *self.absmax.borrow_mut() = Some(Storage::Cuda(absmax));
+        Ok((codes, layout.shape().clone()))
+    }
 }
 
 /// Dequantizes contiguous `codes` with contiguous `absmax`: into a fresh tensor of `dtype` as a
@@ -338,6 +350,26 @@ impl CustomOp2 for DequantizeBlockwise<'_> {
         };
         Ok((out, codes_layout.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        codes: &candle_core::CudaStorage,
+        codes_layout: &Layout,
+        absmax: &candle_core::CudaStorage,
+        absmax_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::quantize::dequantize(
+            codes,
+            codes_layout,
+            absmax,
+            absmax_layout,
+            self.map,
+            self.block_size,
+            self.dtype,
+        )?;
+        Ok((out, codes_layout.shape().clone()))
+    }
 }
 
 impl InplaceOp3 for DequantizeBlockwise<'_> {
@@ -369,5 +401,27 @@ impl InplaceOp3 for DequantizeBlockwise<'_> {
             ),
         }
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        out: &mut candle_core::CudaStorage,
+        out_layout: &Layout,
+        codes: &candle_core::CudaStorage,
+        codes_layout: &Layout,
+        absmax: &candle_core::CudaStorage,
+        absmax_layout: &Layout,
+    ) -> Result<()> {
+        crate::cuda::quantize::dequantize_into(
+            codes,
+            codes_layout,
+            absmax,
+            absmax_layout,
+            self.map,
+            self.block_size,
+            out,
+            out_layout,
+        )
     }
 }

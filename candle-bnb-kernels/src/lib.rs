@@ -23,6 +23,8 @@
 
 mod blockwise;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod fused;
 mod lookup;
 mod norms;

@@ -93,6 +93,18 @@ impl CodeLookup {
         self.region_codes[self.thresholds.partition_point(|&t| t <= y)]
     }
 
+    /// The code boundaries, ascending: `thresholds()[r]` is the first f32 of region `r + 1`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn thresholds(&self) -> &[f32] {
+        &self.thresholds
+    }
+
+    /// The code of each region between boundaries (one more than the boundaries).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn region_codes(&self) -> &[u8] {
+        &self.region_codes
+    }
+
     /// The bucket table, when the map's boundaries allow one of bounded size.
     pub(crate) fn table(&self) -> Option<&BucketTable> {
         self.table.as_ref()

@@ -4,6 +4,7 @@ use super::{bias_correction, trust_ratio, UpdateRule, MAX_STATES};
 
 /// The Adam moments and direction shared by [`AdamRule`] and [`LambRule`].
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)] // the CUDA kernels read this layout (kernels/rules/)
 struct Moments {
     beta1: f32,
     one_minus_beta1: f32,
@@ -56,6 +57,7 @@ impl Moments {
 /// `m = m*b1 + g*(1-b1)`, `v = v*b2 + g²*(1-b2)`, `p = p*(1 - lr*wd)` (decoupled), then
 /// `p - (m*c1) / (sqrt(v*c2) + eps) * lr` with `c1 = 1/(1-b1^t)` and `c2 = 1/(1-b2^t)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)] // the CUDA kernels read this layout (kernels/rules/)
 pub struct AdamRule {
     moments: Moments,
     lr: f32,
@@ -116,6 +118,7 @@ impl UpdateRule for AdamRule {
 /// update norm never exceeds `max_unorm` times the parameter norm; the paper's clipped ratio
 /// with the default 1.0), and `r = 1` when `max_unorm` is 0 or either norm is 0. States as Adam's.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)] // the CUDA kernels read this layout (kernels/rules/)
 pub struct LambRule {
     moments: Moments,
     lr: f32,

@@ -12,6 +12,7 @@ use super::{bias_correction, UpdateRule, MAX_STATES};
 /// `b3(t) = min(exp(ln(b1)*ln(b3) / ((1-t/T)*ln(b3) + (t/T)*ln(b1))), b3)`, `T = t_beta3`.
 /// States: `m1` (signed), `m2` (signed), `nu` (unsigned).
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)] // the CUDA kernels read this layout (kernels/rules/)
 pub struct AdEMAMixRule {
     lr: f32,
     beta1: f32,

@@ -6,6 +6,7 @@ use super::{sign, UpdateRule, MAX_STATES};
 /// decay as in the paper: `c = b1*m + (1-b1)*g`, `p = p*(1 - lr*wd) - lr*sign(c)` (sign(0) = 0),
 /// `m = b2*m + (1-b2)*g`. One state, the momentum `m` (signed).
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)] // the CUDA kernels read this layout (kernels/rules/)
 pub struct LionRule {
     lr: f32,
     beta1: f32,

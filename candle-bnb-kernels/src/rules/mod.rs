@@ -132,3 +132,23 @@ pub(crate) fn sign(x: f32) -> f32 {
         0.0
     }
 }
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use std::mem::size_of;
+
+    /// The CUDA kernels copy these structs as they are (kernels/rules/*.cuh static_asserts the
+    /// same sizes; `#[repr(C)]` keeps the declared field order).
+    #[test]
+    fn rule_layouts_match_the_cuda_structs() {
+        assert_eq!(size_of::<AdamRule>(), 40);
+        assert_eq!(size_of::<LambRule>(), 48);
+        assert_eq!(size_of::<LionRule>(), 24);
+        assert_eq!(size_of::<SgdRule>(), 20);
+        assert_eq!(size_of::<LarsRule>(), 28);
+        assert_eq!(size_of::<RmspropRule>(), 28);
+        assert_eq!(size_of::<AdagradRule>(), 16);
+        assert_eq!(size_of::<AdEMAMixRule>(), 48);
+    }
+}

@@ -11,6 +11,7 @@ use super::{UpdateRule, MAX_STATES};
 /// (signed) when centered. The `max(.., 0)` guards the centered variance against rounding (and
 /// 8-bit quantization) pushing it below zero, where torch would take the root of a negative.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)] // the CUDA kernels read this layout (kernels/rules/)
 pub struct RmspropRule {
     lr: f32,
     alpha: f32,
@@ -81,6 +82,7 @@ impl UpdateRule for RmspropRule {
 /// `s += g²`, `p -= clr * g / (sqrt(s) + eps)`. One state, the sum `s` (unsigned), starting at
 /// `initial_accumulator_value`.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)] // the CUDA kernels read this layout (kernels/rules/)
 pub struct AdagradRule {
     clr: f32,
     eps: f32,

@@ -7,6 +7,7 @@ use super::{trust_ratio, UpdateRule, MAX_STATES};
 /// `g = g + momentum*buf` (Nesterov) or `g = buf`; finally `p -= lr*g`. One state (the momentum
 /// buffer, signed) when `momentum != 0`, none otherwise.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)] // the CUDA kernels read this layout (kernels/rules/)
 pub struct SgdRule {
     lr: f32,
     momentum: f32,
@@ -76,6 +77,7 @@ impl UpdateRule for SgdRule {
 /// layer-wise step `p -= lr * r * d`, with the trust ratio `r = min(1, max_unorm*‖p‖/‖d‖)`
 /// (1 when `max_unorm` is 0 or either norm is 0). States as SGD's.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)] // the CUDA kernels read this layout (kernels/rules/)
 pub struct LarsRule {
     sgd: SgdRule,
     max_unorm: f32,
