@@ -23,7 +23,6 @@ log() { printf '%s\n' "$*" >&2; }
 
 if [[ ! -f "$stamp" ]]; then
   command -v python3 >/dev/null || { log "python3 with pip is needed to fetch the wheels"; exit 1; }
-  command -v unzip >/dev/null || { log "unzip is needed to unpack the wheels"; exit 1; }
   wheels=(nvidia-cuda-nvcc==13.0.* nvidia-nvvm==13.0.* nvidia-cuda-crt==13.0.*
           nvidia-cuda-runtime==13.0.* nvidia-cuda-cccl==13.0.*)
   if [[ "$link" == 1 ]]; then
@@ -35,9 +34,14 @@ if [[ ! -f "$stamp" ]]; then
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
     --python-version 3.11 "${wheels[@]}" >&2
-  for w in "$cache"/wheels/*.whl; do
-    unzip -q -o "$w" 'nvidia/*' -d "$cache"
-  done
+  # Python's zipfile rather than unzip, which not every machine has; run bits are set below.
+  python3 - "$cache" "$cache"/wheels/*.whl <<'PY'
+import sys, zipfile
+dest = sys.argv[1]
+for wheel in sys.argv[2:]:
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(dest, [n for n in z.namelist() if n.startswith("nvidia/")])
+PY
   chmod +x "$home"/bin/* "$home"/nvvm/bin/*
   if [[ "$link" == 1 ]]; then
     lib="$home/lib"
