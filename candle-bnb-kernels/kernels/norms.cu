@@ -1,130 +1,234 @@
-// The optimizers' gradient pre-pass on the GPU. Mirrors src/cpu/norms.rs (sum of squares, NaN
-// when an element is not finite) and the pre-pass of candle-bnb-optim's engine.rs (skip on a
-// non-finite gradient, global norm clipping, percentile clipping), so a whole step runs without
-// the host reading anything back: the fused kernels read `skip` and `grad_scales`.
+// The optimizers' gradient pre-pass on the GPU. Mirrors src/cpu/norms.rs `sum_squares` (the same
+// f32 lanes, the same order, so each gradient's squared norm is bit-identical to the CPU's) and
+// the pre-pass of candle-bnb-optim's engine.rs `Slots::step` (skip on a non-finite gradient,
+// global norm clipping, percentile clipping, step counters), so a whole step runs without the
+// host reading anything back: the fused kernels (fused.cu) read `skip` and `grad_scales`.
 //
-// Launch: bnb_sum_squares_*: blockDim.x = 256, any grid (grid-stride over chunks of kChunk
-// elements). bnb_prepass_finish: one block of 256 threads. No dynamic shared memory.
+// Replacement for kernels/norms.cu, whose sums are f64 from the first element on: more accurate,
+// but not the CPU's value, so every clipped gradient (and with it every parameter) drifted from
+// the CPU by an ulp or so whenever clipping was active. ABI changes: one launch covers gradients
+// of every dtype (GradSlot carries it), and prepass_finish also keeps the step counters and the
+// first offending slot for NonFinitePolicy::Error.
+//
+// A step is two launches, in this order on one stream:
+//   bnb_sum_squares(slots, n_slots, total_chunks, partials)       any grid, 256 threads
+//   bnb_prepass_finish(...)                                       1 block of 256 threads
+// No dynamic shared memory. Every buffer is allocated once by the host and reused every step.
+//
+// Compile with --fmad=false -ftz=false (build.rs does); the sums use __fadd_rn/__fmul_rn and
+// __dadd_rn/__dmul_rn anyway, which are never contracted or flushed.
 
 #include "element.cuh"
 
 namespace bnb {
 
 constexpr int kThreads = 256;
-// Elements summed per partial (the CPU's MAX_BLOCK).
+constexpr int kWarps = kThreads / 32;
+// Elements per partial sum: the CPU's chunk (cpu::MAX_BLOCK), cut from each tensor's start.
 constexpr int kChunk = 4096;
-// Squared norms kept per parameter for percentile clipping (GRAD_NORM_HISTORY).
+// Independent f32 accumulators per chunk on the CPU (norms.rs LANES): one per lane of a warp.
+constexpr int kLanes = 32;
+static_assert(kLanes == 32, "a chunk's accumulators are the 32 lanes of one warp");
+// Squared norms kept per parameter for percentile clipping (engine.rs GRAD_NORM_HISTORY).
 constexpr int kHistory = 100;
+constexpr unsigned kFullMask = 0xffffffffu;
 
-// One gradient of the pre-pass: 0 grad (const T*), 8 n, 16 first_chunk (chunks of the gradients
-// before it); 24 bytes.
+// Element types of GradSlot::dtype.
+enum GradDtype : unsigned { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// One gradient of the pre-pass, in the optimizer's slot order (only slots with a gradient this
+// step; the host writes the table). Offsets in bytes, 32 in all, 8-byte aligned:
+//    0  grad          const void*   contiguous elements of `dtype`
+//    8  n             u64           elements
+//   16  first_chunk   u64           chunks (ceil(n / 4096)) of the gradients before this one
+//   24  dtype         u32           GradDtype
+//   28  pad           u32           0
 struct GradSlot {
   const void* grad;
   unsigned long long n;
   unsigned long long first_chunk;
+  unsigned dtype;
+  unsigned pad;
 };
+static_assert(sizeof(GradSlot) == 32, "GradSlot layout is shared with the Rust host");
 
+// The last slot whose first_chunk <= chunk (as fused.cu's find_slot: empty slots are skipped).
+__device__ __forceinline__ int find_grad_slot(const GradSlot* slots, int n_slots,
+                                              unsigned long long chunk) {
+  int lo = 0;
+  for (int step = 1 << (31 - __clz(n_slots)); step > 0; step >>= 1)
+    if (lo + step < n_slots && slots[lo + step].first_chunk <= chunk) lo += step;
+  return lo;
+}
+
+// An element of a gradient, read once: __ldcs (global space, evict-first) on its bits, which
+// element.cuh then widens exactly.
+__device__ __forceinline__ float load_once(const float* p) { return __ldcs(p); }
+__device__ __forceinline__ float load_once(const __half* p) {
+  return to_f32(__ushort_as_half(__ldcs(reinterpret_cast<const unsigned short*>(p))));
+}
+__device__ __forceinline__ float load_once(const __nv_bfloat16* p) {
+  return to_f32(__ushort_as_bfloat16(__ldcs(reinterpret_cast<const unsigned short*>(p))));
+}
+
+// Σ x² over one chunk of `len` (1..4096) elements, exactly as norms.rs `sum_squares`'s chunk
+// closure, by the 32 lanes of a warp (the result is valid in lane 0):
+//  - `sum_squares_f32_body`: accumulator r (= lane r) adds x_i * x_i for i ≡ r (mod 32), in index
+//    order, in f32; then the 32 accumulators are added in order, in f32 (`acc.iter().sum()`,
+//    whose -0.0 start changes nothing: every accumulator is >= +0.0);
+//  - finite: that f32, widened;
+//  - not finite because an element is NaN or ±inf (absmax_bits >= 0x7F800000): NaN;
+//  - not finite from f32 overflow alone: redone in f64, element by element in index order.
 template <class T>
-__device__ void sum_squares(const GradSlot* __restrict__ slots, int n_slots,
-                            unsigned long long total_chunks, double* __restrict__ partials) {
-  __shared__ double scratch[kThreads / 32];
-  for (unsigned long long chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
-    int lo = 0, hi = n_slots - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (slots[mid].first_chunk <= chunk) lo = mid; else hi = mid - 1;
+__device__ double chunk_sum_squares(const T* x, int len) {
+  const int lane = threadIdx.x % 32;
+  float acc = 0.0f;
+  bool bad = false;
+#pragma unroll 8
+  for (int i = lane; i < len; i += kLanes) {
+    const float v = load_once(x + i);
+    bad |= (__float_as_uint(v) & 0x7fffffffu) >= 0x7f800000u;
+    acc = __fadd_rn(acc, __fmul_rn(v, v));
+  }
+  float total = 0.0f;
+#pragma unroll
+  for (int r = 0; r < kLanes; ++r) total = __fadd_rn(total, __shfl_sync(kFullMask, acc, r));
+  if (isfinite(total)) return (double)total;  // the same in every lane, so the branch is uniform
+  if (__any_sync(kFullMask, bad)) return __longlong_as_double(0x7ff8000000000000ll);  // NaN
+  double sum = 0.0;  // rare: finite elements whose f32 squares overflow; one lane, in order
+  if (lane == 0)
+    for (int i = 0; i < len; ++i) {
+      const double v = to_f32(x[i]);
+      sum = __dadd_rn(sum, __dmul_rn(v, v));
     }
-    const GradSlot& slot = slots[lo];
-    const T* grad = static_cast<const T*>(slot.grad);
-    const unsigned long long start = (chunk - slot.first_chunk) * kChunk;
-    // f64 squares of f32 values cannot overflow, so the sum is finite exactly when every
-    // element is (the CPU reaches the same answer through f32 partial sums and a re-check).
-    double s = 0.0;
-    for (int j = 0; j < kChunk / kThreads; ++j) {
-      const unsigned long long i = start + threadIdx.x + (unsigned long long)j * kThreads;
-      if (i < slot.n) {
-        const double x = to_f32(grad[i]);
-        s += x * x;
-      }
+  return sum;
+}
+
+}  // namespace bnb
+
+// Per chunk of kChunk elements of every gradient, its Σ x² (see chunk_sum_squares) into
+// partials[first_chunk + c], c counted from the tensor's start.
+// Launch: blockDim.x = 256 (8 warps, one chunk per warp at a time), any grid (grid-stride over
+// chunks; total_chunks / 8 blocks, capped, is plenty), no dynamic shared memory. total_chunks =
+// 0 does nothing. partials: total_chunks f64.
+extern "C" __global__ void __launch_bounds__(bnb::kThreads)
+    bnb_sum_squares(const bnb::GradSlot* __restrict__ slots, int n_slots,
+                    unsigned long long total_chunks, double* __restrict__ partials) {
+  const unsigned long long warps = (unsigned long long)gridDim.x * bnb::kWarps;
+  for (unsigned long long chunk = (unsigned long long)blockIdx.x * bnb::kWarps + threadIdx.x / 32;
+       chunk < total_chunks; chunk += warps) {
+    const bnb::GradSlot& slot = slots[bnb::find_grad_slot(slots, n_slots, chunk)];
+    const unsigned long long start = (chunk - slot.first_chunk) * bnb::kChunk;
+    const unsigned long long rest = slot.n - start;
+    const int len = rest < bnb::kChunk ? int(rest) : bnb::kChunk;
+    double sum;
+    switch (slot.dtype) {
+      case bnb::kF16:
+        sum = bnb::chunk_sum_squares(static_cast<const __half*>(slot.grad) + start, len);
+        break;
+      case bnb::kBF16:
+        sum = bnb::chunk_sum_squares(static_cast<const __nv_bfloat16*>(slot.grad) + start, len);
+        break;
+      default:
+        sum = bnb::chunk_sum_squares(static_cast<const float*>(slot.grad) + start, len);
+        break;
     }
-    for (int offset = 16; offset >= 1; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
-    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = s;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      double total = 0.0;
-      for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
-      partials[chunk] = isfinite(total) ? total : nan("");
-    }
-    __syncthreads();
+    if (threadIdx.x % 32 == 0) partials[chunk] = sum;
   }
 }
 
-// The percentile-clipping scale of one parameter (engine.rs `percentile_scale`): records `sq` in
-// its ring of the last kHistory squared norms, then clips to the `percentile`-th percentile of
-// the norms recorded so far (this one included).
+namespace bnb {
+
+// a before b in f64::total_cmp order, for the non-NaN values the history holds (-0.0 < +0.0).
+__device__ __forceinline__ bool total_less(double a, double b) {
+  return a < b || (a == b && signbit(a) && !signbit(b));
+}
+
+// engine.rs `percentile_scale`: records `sq` in the slot's history (the last kHistory squared
+// norms: a ring of kHistory values and the count ever recorded), then clips to the
+// `percentile`-th percentile of the k recorded (this one included), index floor(p * k / 100)
+// capped at k - 1. Nothing is recorded when percentile >= 100 (off), as on the CPU.
+// The CPU sorts a copy; here the value at that index of the sorted order is found by counting
+// (the value with fewer than `index + 1` values before it and more than `index` at or before
+// it), O(k²) compares, no local array.
 __device__ double percentile_scale(double* ring, unsigned long long* count, double sq,
                                    int percentile) {
   if (percentile >= 100) return 1.0;
   ring[*count % kHistory] = sq;
   *count += 1;
-  const int k = (int)min(*count, (unsigned long long)kHistory);
-  double sorted[kHistory];
-  for (int i = 0; i < k; ++i) {  // insertion sort: k <= 100, once per parameter and step
-    const double v = ring[i];
-    int j = i;
-    while (j > 0 && sorted[j - 1] > v) {
-      sorted[j] = sorted[j - 1];
-      --j;
-    }
-    sorted[j] = v;
-  }
+  const int k = *count < kHistory ? int(*count) : kHistory;
   const int index = min(percentile * k / 100, k - 1);
-  const double clip = sqrt(sorted[index]), current = sqrt(sq);
+  double at_index = ring[0];
+  for (int a = 0; a < k; ++a) {
+    int before = 0, at_or_before = 0;
+    for (int b = 0; b < k; ++b) {
+      before += total_less(ring[b], ring[a]);
+      at_or_before += !total_less(ring[a], ring[b]);
+    }
+    if (before <= index && index < at_or_before) at_index = ring[a];
+  }
+  const double clip = sqrt(at_index), current = sqrt(sq);
   return current > clip ? clip / current : 1.0;
 }
 
 }  // namespace bnb
 
-#define BNB_SUM_SQUARES(NAME, T)                                                         \
-  extern "C" __global__ void __launch_bounds__(bnb::kThreads) bnb_sum_squares_##NAME(    \
-      const bnb::GradSlot* slots, int n_slots, unsigned long long total_chunks,          \
-      double* partials) {                                                                \
-    bnb::sum_squares<T>(slots, n_slots, total_chunks, partials);                         \
-  }
-
-BNB_SUM_SQUARES(f32, float)
-BNB_SUM_SQUARES(f16, __half)
-BNB_SUM_SQUARES(bf16, __nv_bfloat16)
-
-// From the partial sums of every gradient of the step: `sq[s]` (each slot's chunks summed in
-// order), `*skip` = 1 (and `*skipped` counted) when one is not finite, else the scale each slot's
-// gradient is multiplied by: min(1, max_grad_norm / (sqrt(Σ sq) + 1e-6)) when max_grad_norm > 0,
-// times its percentile-clipping scale (`percentile[s]`, 100 = off; `history` holds kHistory
-// values per slot, `history_count` how many were ever recorded). Nothing is recorded on a skipped
-// step, as on the CPU.
-extern "C" __global__ void __launch_bounds__(bnb::kThreads) bnb_prepass_finish(
-    const bnb::GradSlot* slots, int n_slots, const double* partials, double* sq,
-    double max_grad_norm, const int* percentile, double* history,
-    unsigned long long* history_count, float* grad_scales, int* skip,
-    unsigned long long* skipped) {
-  __shared__ int bad;
+// From the chunk sums of every gradient of the step (bnb_sum_squares), as engine.rs `Slots::step`:
+//  - sq[s] = the chunk sums of slot s added in chunk order (f64, the CPU's `sums.iter().sum()`);
+//  - any sq[s] not finite: *skip = 1, *first_bad = the smallest such s, and when count_skipped
+//    (NonFinitePolicy::Skip) counters[1] += 1; nothing else changes (no history, no step), as the
+//    CPU returns before touching anything. NonFinitePolicy::Error passes count_skipped = 0 and
+//    reads *first_bad back to name the parameter (that read is the only host wait, and only
+//    that policy needs it);
+//  - else *skip = 0, *first_bad = -1, counters[0] += 1 (the optimizer's step count), and per
+//    slot: grad_scales[s] = (f32)(global * percentile_scale(...)) with global =
+//    min(max_grad_norm / (sqrt(Σ_s sq[s]) + 1e-6), 1) (the sum in slot order) when
+//    max_grad_norm > 0, else 1; steps[s] += 1 (its own step count, which the rules of the next
+//    step are built from), when `steps` is not null.
+// Arrays per slot s (slot order of `slots`): sq (f64 out), percentile (i32, 1..=100; 100 = off),
+// history (kHistory f64 each: the ring), history_count (u64), steps (u64, may be null),
+// grad_scales (f32 out). Scalars in device memory: skip (i32 out), first_bad (i32 out), counters
+// (u64[2]: steps taken, steps skipped).
+// History layout (for checkpoints): with c = history_count[s], the recorded norms oldest first
+// are ring[(c - m + j) % 100] for j in 0..m, m = min(c, 100); a checkpoint's deque of m norms
+// loads as ring[0..m] = deque, count = m.
+// Launch: exactly one block of 256 threads, no dynamic shared memory. n_slots = 0 gives
+// skip = 0 and counts a step, as the CPU does for a step without gradients.
+extern "C" __global__ void __launch_bounds__(bnb::kThreads)
+    bnb_prepass_finish(const bnb::GradSlot* __restrict__ slots, int n_slots,
+                       const double* __restrict__ partials, double* __restrict__ sq,
+                       double max_grad_norm, const int* __restrict__ percentile,
+                       double* __restrict__ history, unsigned long long* __restrict__ history_count,
+                       unsigned long long* __restrict__ steps, float* __restrict__ grad_scales,
+                       int* __restrict__ skip, int* __restrict__ first_bad,
+                       unsigned long long* __restrict__ counters, int count_skipped) {
+  __shared__ int bad_slot;
   __shared__ double global_scale;
-  if (threadIdx.x == 0) bad = 0;
+  if (threadIdx.x == 0) bad_slot = INT_MAX;
   __syncthreads();
+  // One thread per slot: the chunk sums must be added in order to match the CPU, so a slot's
+  // sum is one dependent chain (about 1 ns per 4096 elements); slots run in parallel.
   for (int s = threadIdx.x; s < n_slots; s += blockDim.x) {
     const unsigned long long chunks = (slots[s].n + bnb::kChunk - 1) / bnb::kChunk;
-    double total = 0.0;
-    for (unsigned long long c = 0; c < chunks; ++c) total += partials[slots[s].first_chunk + c];
+    const double* p = partials + slots[s].first_chunk;
+    double total = 0.0;  // Rust's f64 sum starts at -0.0: the same bits for sums of x² >= +0.0
+    for (unsigned long long c = 0; c < chunks; ++c) total = __dadd_rn(total, p[c]);
     sq[s] = total;
-    if (isnan(total)) atomicExch(&bad, 1);
+    if (!isfinite(total)) atomicMin(&bad_slot, s);
   }
   __syncthreads();
+  const bool bad = bad_slot != INT_MAX;
   if (threadIdx.x == 0) {
     *skip = bad;
-    if (bad) *skipped += 1;
-    double total = 0.0;
-    for (int s = 0; s < n_slots; ++s) total += sq[s];  // slot order, as the CPU sums
-    global_scale = max_grad_norm > 0.0 ? fmin(max_grad_norm / (sqrt(total) + 1e-6), 1.0) : 1.0;
+    *first_bad = bad ? bad_slot : -1;
+    if (bad) {
+      if (count_skipped) counters[1] += 1;
+    } else {
+      counters[0] += 1;
+      double total = 0.0;
+      for (int s = 0; s < n_slots; ++s) total = __dadd_rn(total, sq[s]);  // slot order
+      global_scale = max_grad_norm > 0.0 ? fmin(max_grad_norm / (sqrt(total) + 1e-6), 1.0) : 1.0;
+    }
   }
   __syncthreads();
   if (bad) return;
@@ -132,5 +236,6 @@ extern "C" __global__ void __launch_bounds__(bnb::kThreads) bnb_prepass_finish(
     const double p = bnb::percentile_scale(history + (unsigned long long)s * bnb::kHistory,
                                            history_count + s, sq[s], percentile[s]);
     grad_scales[s] = (float)(global_scale * p);
+    if (steps != nullptr) steps[s] += 1;
   }
 }

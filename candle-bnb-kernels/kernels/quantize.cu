@@ -8,25 +8,9 @@
 
 #include "element.cuh"
 #include "lookup.cuh"
+#include "reduce.cuh"
 
 namespace bnb {
-
-constexpr int kThreads = 256;
-
-// The largest |x| of a group of `group` threads (a power of two, 32..256, aligned within the
-// block), as bits; `scratch` holds one value per warp.
-__device__ __forceinline__ unsigned group_max(unsigned bits, int group, unsigned* scratch) {
-  for (int offset = 16; offset >= 1; offset >>= 1)
-    bits = max(bits, __shfl_xor_sync(0xffffffffu, bits, offset));
-  const int warp = threadIdx.x / 32, warps_per_group = group / 32;
-  if (threadIdx.x % 32 == 0) scratch[warp] = bits;
-  __syncthreads();
-  const int first = warp / warps_per_group * warps_per_group;
-  unsigned m = 0;
-  for (int w = first; w < first + warps_per_group; ++w) m = max(m, scratch[w]);
-  __syncthreads();  // scratch is reused by the next tile
-  return m;
-}
 
 // One tile per loop iteration: `kThreads` threads cover `kThreads / group` quantization blocks
 // (group = min(block_size, 256) threads per block, block_size / group elements per thread,

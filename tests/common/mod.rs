@@ -31,7 +31,8 @@ pub fn randn(rng: &mut TestRng, n: usize, scale: f32) -> Vec<f32> {
 /// Runs an 8-bit and a 32-bit state side by side from the same random start, as bitsandbytes
 /// measures its 8-bit optimizers: fresh N(0, grad_scale²) gradients each step, errors taken after
 /// every step, and every 10 steps the 32-bit reference re-synced to the 8-bit parameter and
-/// dequantized state. Returns the mean |param error| and mean relative error per step.
+/// dequantized state. Returns the mean |param error| and mean relative error (to |p| floored at
+/// 1e-3) per step.
 pub fn eight_bit_vs_32_bit<R: UpdateRule>(
     rng: &mut TestRng,
     make_rule: impl Fn(u64) -> R,
@@ -53,7 +54,11 @@ pub fn eight_bit_vs_32_bit<R: UpdateRule>(
         let (a, b) = (p8.to_vec1::<f32>().unwrap(), p32.to_vec1::<f32>().unwrap());
         for (x, y) in a.iter().zip(&b) {
             abs += (x - y).abs() as f64;
-            rel += ((x - y).abs() / (y.abs() + 1e-8)) as f64;
+            // Relative to |p| floored at 1e-3 (params start as N(0, 1)): with bitsandbytes' 1e-8
+            // the mean is ruled by the one or two params of a run that sit within 1e-5 of zero
+            // (each step), and a fresh seed fails some 7 % of runs for centered RMSprop; the floor
+            // touches ~0.1 % of the params and bounds each one's share.
+            rel += ((x - y).abs() / y.abs().max(1e-3)) as f64;
         }
         count += n;
         if t % 10 == 0 {

@@ -17,9 +17,14 @@ struct RmspropRule {
     const bool has_momentum = momentum != 0.0f;
     float variance = v;
     if (centered) {
-      const int k = has_momentum ? 2 : 1;
-      const float mean = alpha * state[k] + one_minus_alpha * g;
-      state[k] = mean;
+      // The mean is state 2 with momentum, else state 1 (rmsprop.rs indexes state[k]). Two
+      // selects instead of a runtime index, which would put the state array in local memory.
+      const float previous = has_momentum ? state[2] : state[1];
+      const float mean = alpha * previous + one_minus_alpha * g;
+      if (has_momentum)
+        state[2] = mean;
+      else
+        state[1] = mean;
       variance = rust_max(v - mean * mean, 0.0f);
     }
     const float step = g / (sqrtf(variance) + eps);
