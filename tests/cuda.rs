@@ -96,10 +96,10 @@ fn quantize_matches_the_cpu_kernels() {
                     total += n;
 
                     // Dequantize the CUDA codes on both devices: identical bits.
+                    let codes_cpu = got.codes.to_device(&Device::Cpu).unwrap();
+                    let absmax_cpu = got.absmax.to_device(&Device::Cpu).unwrap();
                     for out in [DType::F32, DType::F16, DType::BF16] {
                         let on_gpu = got.dequantize(out).unwrap();
-                        let codes_cpu = got.codes.to_device(&Device::Cpu).unwrap();
-                        let absmax_cpu = got.absmax.to_device(&Device::Cpu).unwrap();
                         let on_cpu =
                             dequantize_blockwise(&codes_cpu, &absmax_cpu, map, bs, out).unwrap();
                         let (a, b) = (

@@ -19,11 +19,10 @@
 // __dadd_rn/__dmul_rn anyway, which are never contracted or flushed.
 
 #include "element.cuh"
+#include "reduce.cuh"
 
 namespace bnb {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 // Elements per partial sum: the CPU's chunk (cpu::MAX_BLOCK), cut from each tensor's start.
 constexpr int kChunk = 4096;
 // Independent f32 accumulators per chunk on the CPU (norms.rs LANES): one per lane of a warp.
@@ -31,7 +30,6 @@ constexpr int kLanes = 32;
 static_assert(kLanes == 32, "a chunk's accumulators are the 32 lanes of one warp");
 // Squared norms kept per parameter for percentile clipping (engine.rs GRAD_NORM_HISTORY).
 constexpr int kHistory = 100;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 // Element types of GradSlot::dtype.
 enum GradDtype : unsigned { kF32 = 0, kF16 = 1, kBF16 = 2 };

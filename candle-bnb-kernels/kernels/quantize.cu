@@ -21,7 +21,7 @@ __device__ void quantize_blockwise(const T* __restrict__ x, unsigned long long n
                                    unsigned char* __restrict__ codes, float* __restrict__ absmax,
                                    unsigned long long* first_bad) {
   __shared__ QuantTable t;
-  __shared__ unsigned scratch[kThreads / 32];
+  __shared__ unsigned scratch[1][kWarps];
   load_table(t, table);
   __syncthreads();
   const unsigned char zero_code = code_of(t, 0.0f);
@@ -43,7 +43,9 @@ __device__ void quantize_blockwise(const T* __restrict__ x, unsigned long long n
         bits = max(bits, b);
       }
     }
-    bits = group_max(bits, group, scratch);  // every thread of the block takes part
+    unsigned group_bits[1] = {bits};
+    group_max(group_bits, group, scratch);  // every thread of the block takes part
+    bits = group_bits[0];
     if (block >= n_blocks) continue;
     const float scale = __uint_as_float(bits);
     if (lane == 0) absmax[block] = scale;

@@ -222,8 +222,14 @@ fn check_float_dtype(what: &str, dtype: DType) -> Result<()> {
 
 /// The contiguous elements a layout covers.
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    let (start, end) = contiguous_range(layout, op)?;
+    Ok(&data[start..end])
+}
+
+/// The storage range of a contiguous `layout` (CPU and CUDA storage alike).
+pub(crate) fn contiguous_range(layout: &Layout, op: &str) -> Result<(usize, usize)> {
     match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
+        Some(range) => Ok(range),
         None => bail!(
             "{op}: expected a contiguous input, got strides {:?}",
             layout.stride()

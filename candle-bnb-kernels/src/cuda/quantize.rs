@@ -12,6 +12,7 @@ use half::{bf16, f16};
 use std::sync::Arc;
 
 use super::{grid, upload_table, QUANTIZE_MODULE, QUANTIZE_PTX, THREADS};
+use crate::blockwise::contiguous_range;
 use crate::QuantMap;
 
 fn config(grid_dim: u32) -> LaunchConfig {
@@ -19,16 +20,6 @@ fn config(grid_dim: u32) -> LaunchConfig {
         grid_dim: (grid_dim, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
-    }
-}
-
-fn contiguous(layout: &Layout, what: &str) -> Result<(usize, usize)> {
-    match layout.contiguous_offsets() {
-        Some(range) => Ok(range),
-        None => bail!(
-            "{what}: expected a contiguous layout, got strides {:?}",
-            layout.stride()
-        ),
     }
 }
 
@@ -52,7 +43,7 @@ pub(crate) fn quantize(
     block_size: usize,
 ) -> Result<(CudaStorage, CudaStorage)> {
     let dev = &x.device;
-    let (start, end) = contiguous(layout, "quantize_blockwise")?;
+    let (start, end) = contiguous_range(layout, "quantize_blockwise")?;
     let n = end - start;
     let n_blocks = n.div_ceil(block_size);
     // cuMemAlloc refuses 0 bytes: empty tensors get a one-element buffer they never read.
@@ -108,9 +99,9 @@ pub(crate) fn dequantize_into(
     out: &mut CudaStorage,
     out_layout: &Layout,
 ) -> Result<()> {
-    let (cs, ce) = contiguous(codes_layout, "dequantize_blockwise: codes")?;
-    let (as_, ae) = contiguous(absmax_layout, "dequantize_blockwise: absmax")?;
-    let (os, oe) = contiguous(out_layout, "dequantize_blockwise: out")?;
+    let (cs, ce) = contiguous_range(codes_layout, "dequantize_blockwise: codes")?;
+    let (as_, ae) = contiguous_range(absmax_layout, "dequantize_blockwise: absmax")?;
+    let (os, oe) = contiguous_range(out_layout, "dequantize_blockwise: out")?;
     let n = ce - cs;
     if oe - os != n || ae - as_ != n.div_ceil(block_size) {
         bail!(
