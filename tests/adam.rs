@@ -215,7 +215,12 @@ fn non_finite_gradient_skips_the_step_bit_for_bit() {
             .iter()
             .map(|v| v.to_vec1::<f32>().unwrap())
             .collect();
-        let states: Vec<String> = opt.states().map(|(_, s)| format!("{s:?}")).collect();
+        let states: Vec<String> = opt
+            .states()
+            .unwrap()
+            .into_iter()
+            .map(|(_, s)| format!("{s:?}"))
+            .collect();
         (params, states)
     };
     let before = snapshot(&opt);

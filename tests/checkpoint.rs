@@ -136,6 +136,8 @@ macro_rules! check_resume {
         assert_eq!(values(&vm), values(&vm_b), "{}: params", stringify!($ty));
         let states = |o: &$ty| {
             o.states()
+                .unwrap()
+                .into_iter()
                 .map(|(_, s)| format!("{s:?}"))
                 .collect::<Vec<_>>()
         };
@@ -206,7 +208,11 @@ fn snapshot(opt: &AdamW8bit) -> (u64, u64, AdamW8bitConfig, Vec<String>) {
         opt.step_count(),
         opt.skipped_steps(),
         opt.config().clone(),
-        opt.states().map(|(_, s)| format!("{s:?}")).collect(),
+        opt.states()
+            .unwrap()
+            .into_iter()
+            .map(|(_, s)| format!("{s:?}"))
+            .collect(),
     )
 }
 

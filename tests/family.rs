@@ -561,8 +561,8 @@ fn every_8bit_form_defaults_to_8_bit_state_and_small_tensors_stay_32_bit() {
         ..Default::default()
     };
     let opt = Adagrad8bit::new(w(), cfg).unwrap();
-    let (_, state) = opt.states().next().unwrap();
-    let candle_bnb::kernels::ParamState::Blockwise(s) = state else {
+    let (_, state) = opt.states().unwrap().into_iter().next().unwrap();
+    let candle_bnb::kernels::ParamState::Blockwise(s) = &*state else {
         panic!("8-bit expected")
     };
     assert!(s[0].dequantize().iter().all(|&v| v == 0.25));

@@ -121,15 +121,15 @@ macro_rules! check_non_finite {
         let mut opt = $ty::new(vec![a.clone(), b.clone(), idle.clone()], $config).unwrap();
         let grads = vec![randn(rng, 5000, 1.0), randn(rng, 300, 1.0)];
         let idle_before = idle.to_vec1::<f32>().unwrap();
-        let idle_state = format!("{:?}", opt.states().nth(2).unwrap().1);
+        let idle_state = format!("{:?}", opt.states().unwrap()[2].1);
         opt.backward_step(&loss(&[&a, &b], &grads)).unwrap();
         assert_eq!(idle.to_vec1::<f32>().unwrap(), idle_before, "{}: idle param", stringify!($ty));
-        assert_eq!(format!("{:?}", opt.states().nth(2).unwrap().1), idle_state);
+        assert_eq!(format!("{:?}", opt.states().unwrap()[2].1), idle_state);
         let snapshot = |opt: &$ty| {
             (
                 a.to_vec1::<f32>().unwrap(),
                 b.to_vec1::<f32>().unwrap(),
-                opt.states().map(|(_, s)| format!("{s:?}")).collect::<Vec<_>>(),
+                opt.states().unwrap().into_iter().map(|(_, s)| format!("{s:?}")).collect::<Vec<_>>(),
             )
         };
         let before = snapshot(&opt);

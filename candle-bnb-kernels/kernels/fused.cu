@@ -57,8 +57,10 @@ constexpr int kMinBlocksPerSm = 2;
 //   64  n             u64          elements
 //   72  first_block   u64          quantization blocks of the slots before this one
 //                                  (sum of ceil(n / block_size)); slot 0 has 0
-//   80  rule          Rule         the Rust rule struct as it is (rules/*.cuh)
-// sizeof = 80 + sizeof(Rule) rounded up to 8.
+//   80  scale_index   u64          index of this parameter's gradient scale in grad_scales
+//                                  (the optimizer's parameter index: norms.cu GradSlot::index)
+//   88  rule          Rule         the Rust rule struct as it is (rules/*.cuh)
+// sizeof = 88 + sizeof(Rule) rounded up to 8.
 template <class Rule>
 struct Slot {
   void* param;
@@ -67,9 +69,10 @@ struct Slot {
   float* absmax[kMaxStates];
   unsigned long long n;
   unsigned long long first_block;
+  unsigned long long scale_index;
   Rule rule;
 };
-static_assert(sizeof(Slot<AdamRule>) == 120, "Slot layout is shared with the Rust host");
+static_assert(sizeof(Slot<AdamRule>) == 128, "Slot layout is shared with the Rust host");
 static_assert(alignof(Slot<LionRule>) == 8, "Slot layout is shared with the Rust host");
 
 __device__ __forceinline__ bool supported_block_size(int block_size) {
@@ -307,7 +310,7 @@ __device__ void fused_step(const Slot<Rule>* __restrict__ slots, int n_slots,
     const Share s = share_of(tile, block_size, total_blocks);
     const int slot_index = s.valid ? find_slot(slots, n_slots, s.block) : 0;
     const BlockView<T, Rule, NS, Q> v(slots[slot_index], s, block_size,
-                                      s.valid ? grad_scales[slot_index] : 1.0f);
+                                      s.valid ? grad_scales[slots[slot_index].scale_index] : 1.0f);
     const int live = live_count(s.valid, v.first, v.n);
 
     const bool vec = v.aligned && live == kPerThread;
@@ -391,7 +394,7 @@ __device__ void measure(const Slot<Rule>* __restrict__ slots, int n_slots,
     const Share s = share_of(tile, block_size, total_blocks);
     const int slot_index = s.valid ? find_slot(slots, n_slots, s.block) : 0;
     const BlockView<T, Rule, NS, Q> v(slots[slot_index], s, block_size,
-                                      s.valid ? grad_scales[slot_index] : 1.0f);
+                                      s.valid ? grad_scales[slots[slot_index].scale_index] : 1.0f);
     const int live = live_count(s.valid, v.first, v.n);
     float p[kPerThread], g[kPerThread], st[kS][kPerThread];
     v.load(live, table, p, g, st);

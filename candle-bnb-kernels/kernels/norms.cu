@@ -40,13 +40,16 @@ enum GradDtype : unsigned { kF32 = 0, kF16 = 1, kBF16 = 2 };
 //    8  n             u64           elements
 //   16  first_chunk   u64           chunks (ceil(n / 4096)) of the gradients before this one
 //   24  dtype         u32           GradDtype
-//   28  pad           u32           0
+//   28  index         u32           the optimizer's index of this parameter: it indexes the
+//                                   per-parameter arrays of bnb_prepass_finish (percentile,
+//                                   history, history_count, steps, grad_scales), which cover
+//                                   every parameter, also those without a gradient this step
 struct GradSlot {
   const void* grad;
   unsigned long long n;
   unsigned long long first_chunk;
   unsigned dtype;
-  unsigned pad;
+  unsigned index;
 };
 static_assert(sizeof(GradSlot) == 32, "GradSlot layout is shared with the Rust host");
 
@@ -183,9 +186,10 @@ __device__ double percentile_scale(double* ring, unsigned long long* count, doub
 //    min(max_grad_norm / (sqrt(Σ_s sq[s]) + 1e-6), 1) (the sum in slot order) when
 //    max_grad_norm > 0, else 1; steps[s] += 1 (its own step count, which the rules of the next
 //    step are built from), when `steps` is not null.
-// Arrays per slot s (slot order of `slots`): sq (f64 out), percentile (i32, 1..=100; 100 = off),
-// history (kHistory f64 each: the ring), history_count (u64), steps (u64, may be null),
-// grad_scales (f32 out). Scalars in device memory: skip (i32 out), first_bad (i32 out), counters
+// sq (f64 out) has one entry per slot s of `slots`. Arrays per parameter i = slots[s].index (every
+// parameter of the optimizer, so a parameter without a gradient this step keeps its entries):
+// percentile (i32, 1..=100; 100 = off), history (kHistory f64 each: the ring), history_count
+// (u64), steps (u64, may be null), grad_scales (f32 out). Scalars in device memory: skip (i32 out), first_bad (i32 out), counters
 // (u64[2]: steps taken, steps skipped).
 // History layout (for checkpoints): with c = history_count[s], the recorded norms oldest first
 // are ring[(c - m + j) % 100] for j in 0..m, m = min(c, 100); a checkpoint's deque of m norms
@@ -231,9 +235,10 @@ extern "C" __global__ void __launch_bounds__(bnb::kThreads)
   __syncthreads();
   if (bad) return;
   for (int s = threadIdx.x; s < n_slots; s += blockDim.x) {
-    const double p = bnb::percentile_scale(history + (unsigned long long)s * bnb::kHistory,
-                                           history_count + s, sq[s], percentile[s]);
-    grad_scales[s] = (float)(global_scale * p);
-    if (steps != nullptr) steps[s] += 1;
+    const unsigned i = slots[s].index;
+    const double p = bnb::percentile_scale(history + (unsigned long long)i * bnb::kHistory,
+                                           history_count + i, sq[s], percentile[i]);
+    grad_scales[i] = (float)(global_scale * p);
+    if (steps != nullptr) steps[i] += 1;
   }
 }

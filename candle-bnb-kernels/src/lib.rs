@@ -36,10 +36,12 @@ pub use blockwise::{
     SUPPORTED_BLOCK_SIZES,
 };
 pub use cpu::{Isa, CPU_ISA_ENV};
+#[cfg(feature = "cuda")]
+pub use cuda::step::{CudaOptimizerState, CudaParam, CudaStepOutcome, CUDA_GRAD_NORM_HISTORY};
 pub use fused::{check_fused_update, fused_update, BlockwiseState, ParamState};
 pub use norms::sum_squares;
 pub use qmap::{QuantMap, QUANT_MAP_LEN};
 pub use rules::{
-    AdEMAMixRule, AdagradRule, AdamRule, LambRule, LarsRule, LionRule, RmspropRule, ScaledGrad,
-    SgdRule, UpdateRule, MAX_STATES,
+    AdEMAMixRule, AdagradRule, AdamRule, CudaRule, LambRule, LarsRule, LionRule, RmspropRule,
+    ScaledGrad, SgdRule, UpdateRule, MAX_STATES,
 };

@@ -109,13 +109,14 @@ pub(crate) fn save(
     extra: &[(String, String)],
     slots: &Slots,
 ) -> Result<()> {
+    let synced = slots.synced()?;
     let mut meta: HashMap<String, String> = HashMap::new();
     meta.insert("format".into(), FORMAT.into());
     meta.insert("version".into(), VERSION.to_string());
     meta.insert("kind".into(), kind.into());
-    meta.insert("steps".into(), slots.steps.to_string());
-    meta.insert("skipped".into(), slots.skipped.to_string());
-    meta.insert("params".into(), slots.slots.len().to_string());
+    meta.insert("steps".into(), slots.step_count().to_string());
+    meta.insert("skipped".into(), slots.skipped_count().to_string());
+    meta.insert("params".into(), synced.len().to_string());
     for (field, value) in config {
         meta.insert(format!("config.{field}"), value.clone());
     }
@@ -123,7 +124,7 @@ pub(crate) fn save(
         meta.insert(format!("optimizer.{key}"), value.clone());
     }
     let mut tensors: Vec<(String, Entry<'_>)> = Vec::new();
-    for (i, slot) in slots.slots.iter().enumerate() {
+    for (i, slot) in synced.iter().enumerate() {
         let name = &slot.name;
         meta.insert(format!("param.{i}"), name.clone());
         meta.insert(format!("{name}.shape"), shape_text(slot.var.dims()));

@@ -134,7 +134,7 @@ macro_rules! define_optimizer {
                 }
             }
 
-            fn rule(&self, step: u64) -> impl candle_bnb_kernels::UpdateRule {
+            fn rule(&self, step: u64) -> impl candle_bnb_kernels::CudaRule {
                 let ($rc, $t) = (self, step);
                 $rule
             }
@@ -242,7 +242,9 @@ macro_rules! define_optimizer {
                 let names = vars.iter().map(|(name, _)| name.as_str());
                 let params = Self::derive(&config, config.lr, &settings, names)?;
                 let slots =
-                    $crate::engine::Slots::new(vars, |i| (params[i].layout(), params[i].rule(1)))?;
+                    $crate::engine::Slots::new(vars, |i| {
+                        (params[i].layout(), params[i].rule(1), params[i].percentile_clipping)
+                    })?;
                 Ok(Self {
                     slots,
                     initial_lr: config.lr,
@@ -319,12 +321,12 @@ macro_rules! define_optimizer {
 
             /// Steps taken (skipped steps not included).
             pub fn step_count(&self) -> u64 {
-                self.slots.steps
+                self.slots.step_count()
             }
 
             /// Steps skipped because a gradient was not finite ([`NonFinitePolicy::Skip`](crate::NonFinitePolicy::Skip)).
             pub fn skipped_steps(&self) -> u64 {
-                self.slots.skipped
+                self.slots.skipped_count()
             }
 
             /// Bytes held by the optimizer state (codes, scales and f32 state).
@@ -337,8 +339,17 @@ macro_rules! define_optimizer {
                 self.slots.names().collect()
             }
 
-            /// Each parameter with its state, in the order of the rule's states.
-            pub fn states(&self) -> impl Iterator<Item = (&candle_core::Var, &candle_bnb_kernels::ParamState)> {
+            /// Each parameter with its state (states in the order of the rule's), in the order of
+            /// [`Self::param_names`]. Borrowed on the CPU; on CUDA a copy downloaded from the
+            /// device (this waits for the device).
+            ///
+            /// # Errors
+            /// CUDA errors while copying.
+            pub fn states(
+                &self,
+            ) -> candle_core::Result<
+                Vec<(&candle_core::Var, std::borrow::Cow<'_, candle_bnb_kernels::ParamState>)>,
+            > {
                 self.slots.states()
             }
 
@@ -394,10 +405,10 @@ macro_rules! define_optimizer {
                 };
                 let params = Self::derive(&config, initial_lr, &self.settings, self.slots.names())
                     .map_err(|e| e.context(format!("checkpoint {}", path.display())))?;
+                self.slots.restore(loaded)?;
                 self.config = config;
                 self.initial_lr = initial_lr;
                 self.params = params;
-                self.slots.restore(loaded);
                 Ok(())
             }
         }

@@ -1,10 +1,11 @@
 //! What every optimizer of the family shares: per-parameter state slots, the step counter, the
 //! gradient pre-pass (norms, clipping, non-finite policy).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
 use candle_bnb_kernels::{
-    check_fused_update, fused_update, sum_squares, ParamState, ScaledGrad, UpdateRule,
+    check_fused_update, fused_update, sum_squares, CudaRule, ParamState, ScaledGrad, UpdateRule,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Var};
@@ -73,6 +74,7 @@ impl GradHandling {
 }
 
 /// One parameter with its name, state and gradient-norm history.
+#[derive(Clone)]
 pub(crate) struct Slot {
     pub(crate) name: String,
     pub(crate) var: Var,
@@ -85,24 +87,52 @@ pub(crate) struct Slot {
 }
 
 /// The parameters of one optimizer with their state.
+///
+/// When every parameter is on one CUDA device (the `cuda` feature), the state lives there
+/// (`device`), each `Slot::state` is a placeholder of length 0 that only records the state's
+/// kind (precision, count, block size), and `Slot::grad_norms` is kept on the device too;
+/// [`Slots::synced`] gives a host copy. The device reports a step's outcome (taken, or skipped
+/// for a non-finite gradient) asynchronously: `steps`, `skipped` and each `Slot::steps` count the
+/// steps whose outcome is known, the pending one is added by the accessors.
 pub(crate) struct Slots {
     pub(crate) slots: Vec<Slot>,
     pub(crate) steps: u64,
     pub(crate) skipped: u64,
+    #[cfg(feature = "cuda")]
+    device: Option<candle_bnb_kernels::CudaOptimizerState>,
 }
 
 impl Slots {
     /// Initial state for each var: `setup(i)` gives the i-th var's state layout (from a
-    /// validated config) and step-1 rule. `vars` come from [`float_vars`].
+    /// validated config), step-1 rule and percentile-clipping setting. `vars` come from
+    /// [`float_vars`].
+    ///
+    /// # Errors
+    /// Parameters on more than one device, or on a device without optimizer kernels.
     pub(crate) fn new<R: UpdateRule>(
         vars: Vec<(String, Var)>,
-        setup: impl Fn(usize) -> (StateLayout, R),
+        setup: impl Fn(usize) -> (StateLayout, R, u32),
     ) -> Result<Self> {
+        if let Some((first, other)) = vars.first().and_then(|(first, v)| {
+            vars.iter()
+                .find(|(_, w)| !w.device().same_device(v.device()))
+                .map(|(other, _)| (first, other))
+        }) {
+            let location = |name: &String| {
+                let v = &vars.iter().find(|(n, _)| n == name).expect("listed").1;
+                v.device().location()
+            };
+            bail!(
+                "the parameters of one optimizer must be on one device: {first:?} is on {:?}, {other:?} on {:?}",
+                location(first),
+                location(other)
+            )
+        }
         let slots = vars
             .into_iter()
             .enumerate()
             .map(|(i, (name, var))| {
-                let (layout, rule) = setup(i);
+                let (layout, rule, _) = setup(i);
                 let state = initial_state(&var, layout, &rule)?;
                 Ok(Slot {
                     name,
@@ -113,16 +143,77 @@ impl Slots {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
+        #[allow(unused_mut)]
+        let mut this = Self {
             slots,
             steps: 0,
             skipped: 0,
-        })
+            #[cfg(feature = "cuda")]
+            device: None,
+        };
+        match this.slots.first().map(|s| s.var.device().clone()) {
+            None | Some(candle_core::Device::Cpu) => {}
+            #[cfg(feature = "cuda")]
+            Some(candle_core::Device::Cuda(dev)) => {
+                let percentile: Vec<u32> = (0..this.slots.len()).map(|i| setup(i).2).collect();
+                this.move_to_device(&dev, &percentile)?;
+            }
+            Some(other) => bail!(
+                "candle-bnb optimizers step parameters on the CPU{}; these are on {:?}",
+                if cfg!(feature = "cuda") {
+                    " or on CUDA"
+                } else {
+                    " (CUDA needs the `cuda` feature)"
+                },
+                other.location()
+            ),
+        }
+        Ok(this)
+    }
+
+    /// Moves the state to `dev`, leaving placeholders on the host.
+    #[cfg(feature = "cuda")]
+    fn move_to_device(&mut self, dev: &candle_core::CudaDevice, percentile: &[u32]) -> Result<()> {
+        let params: Vec<candle_bnb_kernels::CudaParam<'_>> = self
+            .slots
+            .iter()
+            .zip(percentile)
+            .map(|(s, &p)| candle_bnb_kernels::CudaParam {
+                param: s.var.as_tensor(),
+                state: &s.state,
+                percentile_clipping: p,
+                grad_norms: &s.grad_norms,
+            })
+            .collect();
+        let device = candle_bnb_kernels::CudaOptimizerState::new(dev, &params)?;
+        for slot in &mut self.slots {
+            slot.state = placeholder(&slot.state)?;
+            slot.grad_norms.clear();
+        }
+        self.device = Some(device);
+        Ok(())
     }
 
     /// Replaces every state, history and counter by a checkpoint's (already checked against
     /// these slots).
-    pub(crate) fn restore(&mut self, loaded: crate::checkpoint::Loaded) {
+    ///
+    /// # Errors
+    /// CUDA errors while uploading (the host side is then left unchanged).
+    pub(crate) fn restore(&mut self, loaded: crate::checkpoint::Loaded) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(device) = self.device.as_mut() {
+            // The pending step is superseded by the checkpoint.
+            device.take_outcome()?;
+            let states: Vec<&ParamState> = loaded.states.iter().collect();
+            let norms: Vec<&VecDeque<f64>> = loaded.grad_norms.iter().collect();
+            device.upload(&states, &norms)?;
+            for (slot, steps) in self.slots.iter_mut().zip(loaded.param_steps) {
+                slot.steps = steps;
+            }
+            self.steps = loaded.steps;
+            self.skipped = loaded.skipped;
+            return Ok(());
+        }
         for (slot, (state, (steps, norms))) in self.slots.iter_mut().zip(
             loaded
                 .states
@@ -135,6 +226,68 @@ impl Slots {
         }
         self.steps = loaded.steps;
         self.skipped = loaded.skipped;
+        Ok(())
+    }
+
+    /// Steps taken so far (on CUDA, including the last one once the device decided it).
+    pub(crate) fn step_count(&self) -> u64 {
+        match self.pending_outcome() {
+            Some(true) => self.steps + 1,
+            _ => self.steps,
+        }
+    }
+
+    /// Steps skipped so far for a non-finite gradient.
+    pub(crate) fn skipped_count(&self) -> u64 {
+        match self.pending_outcome() {
+            Some(false) => self.skipped + 1,
+            _ => self.skipped,
+        }
+    }
+
+    /// Whether the step still pending on the device was taken (`None`: no pending step, or on
+    /// the CPU). A CUDA error here reads as "no pending step"; the next step reports it.
+    fn pending_outcome(&self) -> Option<bool> {
+        #[cfg(feature = "cuda")]
+        if let Some(device) = &self.device {
+            return match device.peek_outcome() {
+                Ok(Some(candle_bnb_kernels::CudaStepOutcome::Taken)) => Some(true),
+                Ok(Some(candle_bnb_kernels::CudaStepOutcome::Skipped { .. })) => Some(false),
+                _ => None,
+            };
+        }
+        None
+    }
+
+    /// These slots with every state on the host: themselves on the CPU, a copy downloaded from
+    /// the device (pending step included) on CUDA.
+    ///
+    /// # Errors
+    /// CUDA errors.
+    pub(crate) fn synced(&self) -> Result<Cow<'_, [Slot]>> {
+        #[cfg(feature = "cuda")]
+        if let Some(device) = &self.device {
+            let pending = match device.peek_outcome()? {
+                Some(candle_bnb_kernels::CudaStepOutcome::Taken) => device.pending_params(),
+                _ => &[],
+            };
+            let host = device.download()?;
+            return Ok(Cow::Owned(
+                self.slots
+                    .iter()
+                    .zip(host)
+                    .enumerate()
+                    .map(|(i, (slot, (state, grad_norms)))| Slot {
+                        name: slot.name.clone(),
+                        var: slot.var.clone(),
+                        state,
+                        steps: slot.steps + pending.contains(&i) as u64,
+                        grad_norms,
+                    })
+                    .collect(),
+            ));
+        }
+        Ok(Cow::Borrowed(&self.slots))
     }
 
     /// One step. First the pre-pass: every gradient is checked (shape, dtype, device) and its
@@ -142,13 +295,17 @@ impl Slots {
     /// each parameter `i` with a gradient is updated by `make_rule(i, step)` on its clipped
     /// gradient, `step` being that parameter's own 1-based step count; `percentile(i)` is its
     /// percentile-clipping setting.
-    pub(crate) fn step<R: UpdateRule>(
+    pub(crate) fn step<R: CudaRule>(
         &mut self,
         grads: &GradStore,
         handling: GradHandling,
         percentile: impl Fn(usize) -> u32,
         make_rule: impl Fn(usize, u64) -> R,
     ) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_some() {
+            return self.step_cuda(grads, handling, make_rule);
+        }
         let mut norms: Vec<Option<f64>> = Vec::with_capacity(self.slots.len());
         for (i, slot) in self.slots.iter().enumerate() {
             let Some(grad) = grads.get(&slot.var) else {
@@ -203,17 +360,111 @@ impl Slots {
         Ok(())
     }
 
+    /// The CUDA step: the pre-pass, clipping and every update run on the device (see
+    /// `candle_bnb_kernels::CudaOptimizerState`). The last step's outcome is read first, so the
+    /// rules are built from exact step counts; that read finds the device long done in a
+    /// training loop. `NonFinitePolicy::Error` waits for this step's pre-pass to report.
+    #[cfg(feature = "cuda")]
+    fn step_cuda<R: CudaRule>(
+        &mut self,
+        grads: &GradStore,
+        handling: GradHandling,
+        make_rule: impl Fn(usize, u64) -> R,
+    ) -> Result<()> {
+        use candle_bnb_kernels::CudaStepOutcome;
+        let device = self.device.as_mut().expect("checked by the caller");
+        if let Some((outcome, with_grad)) = device.take_outcome()? {
+            match outcome {
+                CudaStepOutcome::Taken => {
+                    self.steps += 1;
+                    for i in with_grad {
+                        self.slots[i].steps += 1;
+                    }
+                }
+                CudaStepOutcome::Skipped { .. } => self.skipped += 1,
+            }
+        }
+        let inputs: Vec<Option<(&candle_core::Tensor, R)>> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                grads
+                    .get(&slot.var)
+                    .map(|g| (g, make_rule(i, slot.steps + 1)))
+            })
+            .collect();
+        let wait = handling.non_finite == NonFinitePolicy::Error;
+        let outcome = device
+            .step(&inputs, handling.max_grad_norm, wait)
+            .map_err(|e| e.context("CUDA optimizer step"))?;
+        match outcome {
+            None => {}
+            Some(CudaStepOutcome::Taken) => {
+                self.steps += 1;
+                for (slot, input) in self.slots.iter_mut().zip(&inputs) {
+                    slot.steps += input.is_some() as u64;
+                }
+            }
+            Some(CudaStepOutcome::Skipped { first_bad }) => {
+                let slot = &self.slots[first_bad];
+                bail!(
+                    "the gradient of parameter {first_bad} {:?} (shape {:?}) is not finite",
+                    slot.name,
+                    slot.var.dims()
+                )
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
         self.slots.iter().map(|s| s.name.as_str())
     }
 
     pub(crate) fn state_bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(device) = &self.device {
+            return device.state_bytes();
+        }
         self.slots.iter().map(|s| s.state.bytes()).sum()
     }
 
-    pub(crate) fn states(&self) -> impl Iterator<Item = (&Var, &ParamState)> {
-        self.slots.iter().map(|s| (&s.var, &s.state))
+    /// Each parameter with its state (downloaded from the device on CUDA).
+    ///
+    /// # Errors
+    /// CUDA errors.
+    pub(crate) fn states(&self) -> Result<Vec<(&Var, Cow<'_, ParamState>)>> {
+        let synced = self.synced()?;
+        Ok(match synced {
+            Cow::Borrowed(slots) => slots
+                .iter()
+                .map(|s| (&s.var, Cow::Borrowed(&s.state)))
+                .collect(),
+            Cow::Owned(slots) => self
+                .slots
+                .iter()
+                .zip(slots)
+                .map(|(s, copy)| (&s.var, Cow::Owned(copy.state)))
+                .collect(),
+        })
     }
+}
+
+/// A state of the same kind as `state` (precision, count, maps, block size) with no elements:
+/// what the host keeps of a state that lives on a device.
+#[cfg(feature = "cuda")]
+fn placeholder(state: &ParamState) -> Result<ParamState> {
+    Ok(match state {
+        ParamState::F32(s) => ParamState::F32(vec![Vec::new(); s.len()]),
+        ParamState::Blockwise(s) => ParamState::Blockwise(
+            s.iter()
+                .map(|s| {
+                    candle_bnb_kernels::BlockwiseState::zeros(0, s.map().clone(), s.block_size())
+                })
+                .collect::<Result<_>>()?,
+        ),
+    })
 }
 
 /// The state a fresh optimizer gives `var`.

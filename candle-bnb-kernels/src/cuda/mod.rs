@@ -3,6 +3,7 @@
 //! a CPU module (see `kernels/README.md`); this module holds the host side of the launches.
 
 pub(crate) mod quantize;
+pub(crate) mod step;
 
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{CudaDevice, Result};

@@ -104,6 +104,58 @@ impl<R: UpdateRule> UpdateRule for ScaledGrad<R> {
     }
 }
 
+/// An update rule the CUDA kernels implement (`kernels/rules/*.cuh`): the multi-tensor step copies
+/// the rule value into the device's slot table as it is.
+///
+/// # Safety
+/// The type is `#[repr(C)]`, has no padding bytes (every byte is an initialised field, so it can
+/// be read as bytes), no pointers, and the same layout as the struct of the same name in
+/// `kernels/rules/`; `KERNEL_NAME` names its kernels in `kernels/fused.cu`.
+pub unsafe trait CudaRule: UpdateRule + Copy + Send + 'static {
+    /// The `<rule>` of the kernels `bnb_fused_<rule>_<dtype>_<q8|f32>_s<states>`.
+    const KERNEL_NAME: &'static str;
+
+    /// The rule's bytes, as the kernels read them.
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: the trait's contract: #[repr(C)], no padding, so all size_of bytes are
+        // initialised and any alignment of u8 is satisfied.
+        unsafe {
+            std::slice::from_raw_parts(
+                (self as *const Self).cast::<u8>(),
+                std::mem::size_of::<Self>(),
+            )
+        }
+    }
+}
+
+// SAFETY (all): #[repr(C)] structs of f32 fields (and bools with explicit padding bytes), laid
+// out as their kernels/rules/*.cuh twins; `layout_tests` checks the sizes, which equal the sum of
+// the fields' sizes.
+unsafe impl CudaRule for AdamRule {
+    const KERNEL_NAME: &'static str = "adam";
+}
+unsafe impl CudaRule for LambRule {
+    const KERNEL_NAME: &'static str = "lamb";
+}
+unsafe impl CudaRule for LionRule {
+    const KERNEL_NAME: &'static str = "lion";
+}
+unsafe impl CudaRule for SgdRule {
+    const KERNEL_NAME: &'static str = "sgd";
+}
+unsafe impl CudaRule for LarsRule {
+    const KERNEL_NAME: &'static str = "lars";
+}
+unsafe impl CudaRule for RmspropRule {
+    const KERNEL_NAME: &'static str = "rmsprop";
+}
+unsafe impl CudaRule for AdagradRule {
+    const KERNEL_NAME: &'static str = "adagrad";
+}
+unsafe impl CudaRule for AdEMAMixRule {
+    const KERNEL_NAME: &'static str = "ademamix";
+}
+
 /// `1 / (1 - beta^step)`, in f64 then rounded once, as candle-nn does.
 pub(crate) fn bias_correction(beta: f64, step: u64) -> f32 {
     let t = step.clamp(1, i32::MAX as u64) as i32;
@@ -150,5 +202,16 @@ mod layout_tests {
         assert_eq!(size_of::<RmspropRule>(), 28);
         assert_eq!(size_of::<AdagradRule>(), 16);
         assert_eq!(size_of::<AdEMAMixRule>(), 48);
+    }
+
+    /// No padding: a rule's bytes are its fields' bytes (what `CudaRule::as_bytes` relies on).
+    #[test]
+    fn rules_have_no_padding() {
+        let sgd = SgdRule::new(1, 0.1, 0.9, 0.0, 0.0, true);
+        assert_eq!(sgd.as_bytes().len(), 4 * 4 + 2 + 2);
+        assert_eq!(&sgd.as_bytes()[16..], &[1, 1, 0, 0]);
+        let rms = RmspropRule::new(0.1, 0.99, 1e-8, 0.0, 0.0, true);
+        assert_eq!(&rms.as_bytes()[24..], &[1, 0, 0, 0]);
+        assert_eq!(&rms.as_bytes()[..4], &0.1f32.to_le_bytes());
     }
 }

@@ -20,6 +20,9 @@ pub struct RmspropRule {
     weight_decay: f32,
     momentum: f32,
     centered: bool,
+    /// Explicit padding, so that every byte of the struct is initialised (the CUDA host copies
+    /// rules as bytes).
+    pad: [u8; 3],
 }
 
 impl RmspropRule {
@@ -40,6 +43,7 @@ impl RmspropRule {
             weight_decay: weight_decay as f32,
             momentum: momentum as f32,
             centered,
+            pad: [0; 3],
         }
     }
 }

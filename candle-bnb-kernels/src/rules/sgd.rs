@@ -15,6 +15,9 @@ pub struct SgdRule {
     weight_decay: f32,
     nesterov: bool,
     first_step: bool,
+    /// Explicit padding, so that every byte of the struct is initialised (the CUDA host copies
+    /// rules as bytes).
+    pad: [u8; 2],
 }
 
 impl SgdRule {
@@ -34,6 +37,7 @@ impl SgdRule {
             weight_decay: weight_decay as f32,
             nesterov,
             first_step: step <= 1,
+            pad: [0; 2],
         }
     }
 }

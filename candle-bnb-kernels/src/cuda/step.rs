@@ -1,0 +1,1023 @@
+//! Host side of `kernels/fused.cu` and `kernels/norms.cu`: an optimizer's state on one CUDA
+//! device, and a whole step (gradient pre-pass, layer-wise norms, fused updates of every
+//! parameter) as a handful of launches.
+//!
+//! A step is, on the device's stream, in this order: one copy of the slot tables from pinned
+//! host memory, `bnb_sum_squares`, `bnb_prepass_finish`, a 8-byte copy of the skip flag into
+//! pinned host memory, and per group of parameters (same dtype, state precision, state count,
+//! block size and maps) the layer-wise passes when the rule has them and one fused launch. The
+//! host never waits for the device inside a step: the pre-pass's outcome (taken or skipped) is
+//! read at the start of the next step, when it is long known (see
+//! [`CudaOptimizerState::take_outcome`]). Every buffer is allocated by
+//! [`CudaOptimizerState::new`] or on the first step; later steps allocate nothing.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{bail, CudaDevice, DType, Device, Result, Storage, Tensor};
+
+use super::{grid, quant_table_bytes, MAX_GRID, THREADS};
+use crate::blockwise::contiguous_range;
+use crate::fused::{BlockwiseState, ParamState};
+use crate::rules::CudaRule;
+use crate::QuantMap;
+
+/// The PTX of `kernels/fused.cu`.
+const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+const FUSED_MODULE: &str = "candle_bnb_fused";
+/// The PTX of `kernels/norms.cu`.
+const NORMS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norms.ptx"));
+const NORMS_MODULE: &str = "candle_bnb_norms";
+
+/// Bytes of `norms.cu`'s `GradSlot`.
+const GRAD_SLOT_BYTES: usize = 32;
+/// Bytes of `fused.cu`'s `Slot<Rule>` before the rule.
+const SLOT_HEADER_BYTES: usize = 88;
+/// Elements per partial sum of the pre-pass (`norms.cu` kChunk, the CPU's `MAX_BLOCK`).
+const NORM_CHUNK: usize = 4096;
+/// Squared norms kept per parameter (`norms.cu` kHistory; the optimizers' history length).
+pub const CUDA_GRAD_NORM_HISTORY: usize = 100;
+/// Tiling of 32-bit state: `fused.cu` needs a block size even where nothing is quantized; 256
+/// gives 16 quantization blocks per CUDA block.
+const F32_TILE_BLOCK: usize = 256;
+/// Bytes of one `QuantTable`.
+const QUANT_TABLE_BYTES: usize = 2304;
+
+/// One parameter of a [`CudaOptimizerState`]: the parameter tensor (contiguous, `F32`, `F16` or
+/// `BF16`, on the state's CUDA device), its initial state, its percentile-clipping setting
+/// (1..=100, 100 = off) and the squared gradient norms recorded so far (at most
+/// [`CUDA_GRAD_NORM_HISTORY`], oldest first).
+pub struct CudaParam<'a> {
+    /// The parameter, updated in place by every step.
+    pub param: &'a Tensor,
+    /// Its optimizer state (host copy, uploaded).
+    pub state: &'a ParamState,
+    /// Percentile clipping, 1..=100 (100: off).
+    pub percentile_clipping: u32,
+    /// The squared gradient norms recorded so far, oldest first.
+    pub grad_norms: &'a VecDeque<f64>,
+}
+
+/// What the device decided about a step once the host reads it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudaStepOutcome {
+    /// Every gradient was finite: the parameters with a gradient were updated.
+    Taken,
+    /// The gradient of the parameter with this index (the first one) was not finite: nothing
+    /// changed on the device.
+    Skipped {
+        /// Index of the first parameter whose gradient holds NaN or ±inf.
+        first_bad: usize,
+    },
+}
+
+/// A parameter's state buffers on the device.
+enum DeviceState {
+    F32(Vec<CudaSlice<f32>>),
+    Blockwise {
+        codes: Vec<CudaSlice<u8>>,
+        absmax: Vec<CudaSlice<f32>>,
+        maps: Vec<QuantMap>,
+        block_size: usize,
+    },
+}
+
+/// Parameters stepped by one launch: same dtype, state precision, state count, block size and
+/// maps.
+struct Group {
+    dtype: DType,
+    quantized: bool,
+    n_states: usize,
+    block_size: usize,
+    members: Vec<usize>,
+    /// The `QuantTable` of each state, in state order (8-bit groups only).
+    tables: Option<CudaSlice<u8>>,
+    /// `2 * blocks` f64 for the layer-wise first pass, allocated on the first layer-wise step.
+    partials: Option<CudaSlice<f64>>,
+    total_blocks: usize,
+}
+
+/// The pinned host memory a step's tables are written into; two of them alternate, so writing
+/// step `t`'s tables waits at most for the copy of step `t - 2`'s.
+struct Staging {
+    buffers: [PinnedHostSlice<u8>; 2],
+    device: CudaSlice<u8>,
+    next: usize,
+    bytes: usize,
+}
+
+/// The state of an optimizer whose parameters are on one CUDA device, with what a step launches.
+///
+/// Built from the host state ([`CudaOptimizerState::new`]), stepped with
+/// [`CudaOptimizerState::step`], copied back with [`CudaOptimizerState::download`] (checkpoints,
+/// inspection) and replaced with [`CudaOptimizerState::upload`] (loading a checkpoint, wherever
+/// it was saved). The math is the CPU's, rule for rule (`kernels/README.md` lists where the bits
+/// may differ).
+pub struct CudaOptimizerState {
+    dev: CudaDevice,
+    stream: Arc<CudaStream>,
+    params: Vec<Tensor>,
+    states: Vec<DeviceState>,
+    /// Per parameter: the addresses of its state buffers and scales (fixed for its lifetime).
+    state_ptrs: Vec<([u64; 3], [u64; 3])>,
+    groups: Vec<Group>,
+    // The pre-pass buffers (norms.cu).
+    partials: CudaSlice<f64>,
+    sq: CudaSlice<f64>,
+    percentile: CudaSlice<i32>,
+    history: CudaSlice<f64>,
+    history_count: CudaSlice<u64>,
+    grad_scales: CudaSlice<f32>,
+    /// `[skip, first_bad]`.
+    flags: CudaSlice<i32>,
+    counters: CudaSlice<u64>,
+    /// The flags of the last step, copied back without waiting.
+    outcome: PinnedHostSlice<i32>,
+    outcome_ready: CudaEvent,
+    /// The parameter indices that had a gradient in the step whose outcome is pending, in
+    /// pre-pass order (`first_bad` indexes this list).
+    pending: Option<Vec<usize>>,
+    staging: Option<Staging>,
+    /// Times reading a step's outcome had to wait for the device.
+    blocking_waits: u64,
+}
+
+/// The raw device address of a slice (as the slot tables store it).
+fn address<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (ptr, _sync) = slice.device_ptr(stream);
+    ptr
+}
+
+/// The device address of a contiguous float tensor's first element, checking its device.
+fn tensor_address(t: &Tensor, dev: &CudaDevice, what: &str) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else {
+        bail!(
+            "{what}: expected a tensor on CUDA, got one on {:?}",
+            t.device().location()
+        )
+    };
+    if s.device.id() != dev.id() {
+        bail!(
+            "{what}: tensor on {:?}, the optimizer state is on {:?}",
+            t.device().location(),
+            Device::Cuda(dev.clone()).location()
+        )
+    }
+    let (start, _) = contiguous_range(layout, what)?;
+    let stream = dev.cuda_stream();
+    let (base, size) = match &s.slice {
+        CudaStorageSlice::F32(x) => (address(x, &stream), 4),
+        CudaStorageSlice::F16(x) => (address(x, &stream), 2),
+        CudaStorageSlice::BF16(x) => (address(x, &stream), 2),
+        _ => bail!(
+            "{what}: dtype must be F32, F16 or BF16, got {:?}",
+            t.dtype()
+        ),
+    };
+    Ok(base + (start * size) as u64)
+}
+
+fn dtype_code(dtype: DType) -> Result<u32> {
+    Ok(match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        other => bail!("CUDA optimizer steps take F32, F16 or BF16 parameters, got {other:?}"),
+    })
+}
+
+fn dtype_suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+fn config(grid_dim: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid_dim, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Bytes of one `Slot<R>`: the header and the rule, rounded up to 8.
+fn slot_bytes<R: CudaRule>() -> usize {
+    (SLOT_HEADER_BYTES + std::mem::size_of::<R>()).div_ceil(8) * 8
+}
+
+/// Pinned host memory without write-combining (the host reads the outcome back).
+fn pinned<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    stream: &CudaStream,
+    len: usize,
+) -> Result<PinnedHostSlice<T>> {
+    // SAFETY: the memory is written (tables) or filled by a device copy (outcome) before it
+    // is read.
+    unsafe { stream.context().alloc_pinned_with_flags::<T>(len.max(1), 0) }.w()
+}
+
+impl CudaOptimizerState {
+    /// Uploads the state of `params` to `dev` and allocates every buffer a step needs.
+    ///
+    /// # Errors
+    /// A parameter not on `dev`, not contiguous, or not `F32`/`F16`/`BF16`; a state whose length
+    /// differs from its parameter's; a percentile outside 1..=100; more than
+    /// [`CUDA_GRAD_NORM_HISTORY`] recorded norms; more than `u32::MAX` parameters; CUDA errors.
+    pub fn new(dev: &CudaDevice, params: &[CudaParam<'_>]) -> Result<Self> {
+        let stream = dev.cuda_stream();
+        if params.len() > u32::MAX as usize {
+            bail!(
+                "{} parameters; CUDA steps take at most {}",
+                params.len(),
+                u32::MAX
+            )
+        }
+        let mut states = Vec::with_capacity(params.len());
+        let mut percentile = Vec::with_capacity(params.len());
+        let mut chunks = 0usize;
+        for (i, p) in params.iter().enumerate() {
+            let what = format!("CUDA optimizer state: parameter {i}");
+            tensor_address(p.param, dev, &what)?;
+            dtype_code(p.param.dtype())?;
+            if !(1..=100).contains(&p.percentile_clipping) {
+                bail!(
+                    "{what}: percentile_clipping must be in 1..=100, got {}",
+                    p.percentile_clipping
+                )
+            }
+            percentile.push(p.percentile_clipping as i32);
+            chunks += p.param.elem_count().div_ceil(NORM_CHUNK);
+            states.push(upload_state(dev, p.param.elem_count(), p.state, &what)?);
+        }
+        let groups = group_params(dev, params, &states)?;
+        let state_ptrs = states.iter().map(|s| state_addresses(s, &stream)).collect();
+        let n = params.len().max(1);
+        let mut this = Self {
+            dev: dev.clone(),
+            stream: stream.clone(),
+            params: params.iter().map(|p| p.param.clone()).collect(),
+            states,
+            state_ptrs,
+            groups,
+            partials: dev.alloc_zeros::<f64>(chunks.max(1))?,
+            sq: dev.alloc_zeros::<f64>(n)?,
+            percentile: dev.clone_htod(&percentile)?,
+            history: dev.alloc_zeros::<f64>(n * CUDA_GRAD_NORM_HISTORY)?,
+            history_count: dev.alloc_zeros::<u64>(n)?,
+            grad_scales: dev.alloc_zeros::<f32>(n)?,
+            flags: dev.alloc_zeros::<i32>(2)?,
+            counters: dev.alloc_zeros::<u64>(2)?,
+            outcome: pinned::<i32>(&stream, 2)?,
+            outcome_ready: stream.context().new_event(None).w()?,
+            pending: None,
+            staging: None,
+            blocking_waits: 0,
+        };
+        let norms: Vec<&VecDeque<f64>> = params.iter().map(|p| p.grad_norms).collect();
+        this.upload_histories(&norms)?;
+        Ok(this)
+    }
+
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    /// Whether there are no parameters.
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    /// The device the state is on.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    /// How many times reading a step's outcome found the device not yet done and waited (a
+    /// figure for benchmarks: in a training loop the previous step's pre-pass is long finished
+    /// when the next step starts).
+    pub fn blocking_waits(&self) -> u64 {
+        self.blocking_waits
+    }
+
+    fn upload_histories(&mut self, norms: &[&VecDeque<f64>]) -> Result<()> {
+        let mut ring = vec![0f64; self.params.len().max(1) * CUDA_GRAD_NORM_HISTORY];
+        let mut count = vec![0u64; self.params.len().max(1)];
+        for (i, h) in norms.iter().enumerate() {
+            if h.len() > CUDA_GRAD_NORM_HISTORY {
+                bail!(
+                    "parameter {i}: {} recorded gradient norms, at most {CUDA_GRAD_NORM_HISTORY} are kept",
+                    h.len()
+                )
+            }
+            // A deque of m norms loads as ring[0..m] with count m (norms.cu).
+            for (j, v) in h.iter().enumerate() {
+                ring[i * CUDA_GRAD_NORM_HISTORY + j] = *v;
+            }
+            count[i] = h.len() as u64;
+        }
+        self.dev.memcpy_htod(&ring, &mut self.history)?;
+        self.dev.memcpy_htod(&count, &mut self.history_count)
+    }
+
+    /// Replaces every parameter's state and norm history (a checkpoint being loaded). Everything
+    /// is checked before anything is copied.
+    ///
+    /// # Errors
+    /// A count, length, precision, state count or block size that differs from the state this
+    /// was built with (naming the parameter); CUDA errors.
+    pub fn upload(&mut self, states: &[&ParamState], grad_norms: &[&VecDeque<f64>]) -> Result<()> {
+        if states.len() != self.params.len() || grad_norms.len() != self.params.len() {
+            bail!(
+                "CUDA optimizer state holds {} parameters, got {} states and {} histories",
+                self.params.len(),
+                states.len(),
+                grad_norms.len()
+            )
+        }
+        for (i, (new, old)) in states.iter().zip(&self.states).enumerate() {
+            let same = match (new, old) {
+                (ParamState::F32(s), DeviceState::F32(d)) => {
+                    s.len() == d.len() && s.iter().all(|v| v.len() == self.params[i].elem_count())
+                }
+                (
+                    ParamState::Blockwise(s),
+                    DeviceState::Blockwise {
+                        codes,
+                        maps,
+                        block_size,
+                        ..
+                    },
+                ) => {
+                    s.len() == codes.len()
+                        && s.iter().zip(maps).all(|(s, m)| {
+                            s.len() == self.params[i].elem_count()
+                                && s.block_size() == *block_size
+                                && s.map().values() == m.values()
+                        })
+                }
+                _ => false,
+            };
+            if !same {
+                bail!("parameter {i}: the new state's layout differs from the CUDA state's")
+            }
+        }
+        if let Some((i, h)) = grad_norms
+            .iter()
+            .enumerate()
+            .find(|(_, h)| h.len() > CUDA_GRAD_NORM_HISTORY)
+        {
+            bail!(
+                "parameter {i}: {} recorded gradient norms, at most {CUDA_GRAD_NORM_HISTORY} are kept",
+                h.len()
+            )
+        }
+        for (new, old) in states.iter().zip(self.states.iter_mut()) {
+            match (new, old) {
+                (ParamState::F32(s), DeviceState::F32(d)) => {
+                    for (s, d) in s.iter().zip(d.iter_mut()) {
+                        if !s.is_empty() {
+                            self.dev.memcpy_htod(s.as_slice(), d)?;
+                        }
+                    }
+                }
+                (ParamState::Blockwise(s), DeviceState::Blockwise { codes, absmax, .. }) => {
+                    for ((s, c), a) in s.iter().zip(codes.iter_mut()).zip(absmax.iter_mut()) {
+                        if !s.is_empty() {
+                            self.dev.memcpy_htod(s.codes(), c)?;
+                            self.dev.memcpy_htod(s.absmax(), a)?;
+                        }
+                    }
+                }
+                _ => unreachable!("layouts checked above"),
+            }
+        }
+        self.upload_histories(grad_norms)
+    }
+
+    /// Copies every parameter's state and norm history back to the host (waits for the device).
+    ///
+    /// # Errors
+    /// CUDA errors.
+    pub fn download(&self) -> Result<Vec<(ParamState, VecDeque<f64>)>> {
+        let ring = self.dev.clone_dtoh(&self.history)?;
+        let count = self.dev.clone_dtoh(&self.history_count)?;
+        let mut out = Vec::with_capacity(self.params.len());
+        for (i, (state, param)) in self.states.iter().zip(&self.params).enumerate() {
+            let n = param.elem_count();
+            let host = match state {
+                DeviceState::F32(d) => ParamState::F32(
+                    d.iter()
+                        .map(|d| {
+                            if n == 0 {
+                                Ok(Vec::new())
+                            } else {
+                                Ok(self.dev.clone_dtoh(d)?[..n].to_vec())
+                            }
+                        })
+                        .collect::<Result<_>>()?,
+                ),
+                DeviceState::Blockwise {
+                    codes,
+                    absmax,
+                    maps,
+                    block_size,
+                } => ParamState::Blockwise(
+                    codes
+                        .iter()
+                        .zip(absmax)
+                        .zip(maps)
+                        .map(|((c, a), m)| {
+                            let blocks = n.div_ceil(*block_size);
+                            let (c, a) = if n == 0 {
+                                (Vec::new(), Vec::new())
+                            } else {
+                                (
+                                    self.dev.clone_dtoh(c)?[..n].to_vec(),
+                                    self.dev.clone_dtoh(a)?[..blocks].to_vec(),
+                                )
+                            };
+                            BlockwiseState::from_parts(c, a, m.clone(), *block_size)
+                        })
+                        .collect::<Result<_>>()?,
+                ),
+            };
+            let c = count[i] as usize;
+            let m = c.min(CUDA_GRAD_NORM_HISTORY);
+            let ring = &ring[i * CUDA_GRAD_NORM_HISTORY..(i + 1) * CUDA_GRAD_NORM_HISTORY];
+            let norms = (0..m)
+                .map(|j| ring[(c - m + j) % CUDA_GRAD_NORM_HISTORY])
+                .collect();
+            out.push((host, norms));
+        }
+        Ok(out)
+    }
+
+    /// The outcome of the last step, once (the next call gives `None` until another step):
+    /// waits for the device only if its pre-pass has not finished yet. Call it before building
+    /// the next step's rules, so that a skipped step does not advance the step counts they are
+    /// built from.
+    ///
+    /// Returns the outcome and the indices of the parameters that had a gradient in that step.
+    ///
+    /// # Errors
+    /// CUDA errors.
+    pub fn take_outcome(&mut self) -> Result<Option<(CudaStepOutcome, Vec<usize>)>> {
+        let Some(with_grad) = self.pending.take() else {
+            return Ok(None);
+        };
+        let outcome = self.read_outcome(&with_grad)?;
+        Ok(Some((outcome, with_grad)))
+    }
+
+    /// The parameters that had a gradient in the pending step (empty when none is pending).
+    pub fn pending_params(&self) -> &[usize] {
+        self.pending.as_deref().unwrap_or(&[])
+    }
+
+    /// The outcome of the last step without consuming it (`None`: no step is pending).
+    ///
+    /// # Errors
+    /// CUDA errors.
+    pub fn peek_outcome(&self) -> Result<Option<CudaStepOutcome>> {
+        match &self.pending {
+            None => Ok(None),
+            Some(with_grad) => {
+                self.outcome_ready.synchronize().w()?;
+                Ok(Some(Self::decode(self.outcome.as_slice().w()?, with_grad)))
+            }
+        }
+    }
+
+    fn read_outcome(&mut self, with_grad: &[usize]) -> Result<CudaStepOutcome> {
+        if !self.outcome_ready.try_is_complete().w()? {
+            self.blocking_waits += 1;
+            self.outcome_ready.synchronize().w()?;
+        }
+        Ok(Self::decode(self.outcome.as_slice().w()?, with_grad))
+    }
+
+    fn decode(flags: &[i32], with_grad: &[usize]) -> CudaStepOutcome {
+        if flags[0] == 0 {
+            CudaStepOutcome::Taken
+        } else {
+            let s = usize::try_from(flags[1]).unwrap_or(0);
+            CudaStepOutcome::Skipped {
+                first_bad: with_grad.get(s).copied().unwrap_or(0),
+            }
+        }
+    }
+
+    /// Launches one optimizer step: `grads[i]` is parameter `i`'s gradient and rule (`None`:
+    /// no gradient, the parameter and its state are left alone). The pre-pass on the device
+    /// checks every gradient for NaN/±inf (then the whole step changes nothing), clips
+    /// (`max_grad_norm`, each parameter's percentile clipping) and the updates follow, without
+    /// the host waiting. `wait` reads the outcome back before returning (what
+    /// `NonFinitePolicy::Error` needs); otherwise [`Self::take_outcome`] gives it later.
+    ///
+    /// A previous step's outcome that was not taken is dropped: take it first.
+    ///
+    /// # Errors
+    /// `grads` not holding one entry per parameter; a gradient whose shape, dtype or device
+    /// differs from its parameter's (naming the parameter; nothing is launched); CUDA errors.
+    pub fn step<R: CudaRule>(
+        &mut self,
+        grads: &[Option<(&Tensor, R)>],
+        max_grad_norm: Option<f64>,
+        wait: bool,
+    ) -> Result<Option<CudaStepOutcome>> {
+        if grads.len() != self.params.len() {
+            bail!(
+                "CUDA step: {} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            )
+        }
+        // Checks and addresses first: nothing is launched unless every gradient is usable.
+        let mut grad_slots: Vec<(usize, u64)> = Vec::with_capacity(self.params.len());
+        let mut contiguous: Vec<Tensor> = Vec::new();
+        for (i, entry) in grads.iter().enumerate() {
+            let Some((grad, rule)) = entry else { continue };
+            let param = &self.params[i];
+            let what = format!("CUDA step: gradient of parameter {i}");
+            if grad.dims() != param.dims() || grad.dtype() != param.dtype() {
+                bail!(
+                    "{what}: shape {:?} / dtype {:?}, the parameter has {:?} / {:?}",
+                    grad.dims(),
+                    grad.dtype(),
+                    param.dims(),
+                    param.dtype()
+                )
+            }
+            let n_states = self.n_states(i);
+            if rule.signed_states().len() != n_states {
+                bail!(
+                    "{what}: the rule keeps {} states per element, the state has {n_states}",
+                    rule.signed_states().len()
+                )
+            }
+            let address = if grad.is_contiguous() {
+                tensor_address(grad, &self.dev, &what)?
+            } else {
+                let g = grad.contiguous()?;
+                let a = tensor_address(&g, &self.dev, &what)?;
+                contiguous.push(g);
+                a
+            };
+            grad_slots.push((i, address));
+        }
+        let with_grad: Vec<usize> = grad_slots.iter().map(|(i, _)| *i).collect();
+        let mut grad_address = vec![0u64; self.params.len()];
+        for &(i, a) in &grad_slots {
+            grad_address[i] = a;
+        }
+        self.write_and_copy_tables(grads, &grad_slots, &grad_address)?;
+        self.launch_prepass(&grad_slots, max_grad_norm, !wait)?;
+        for g in 0..self.groups.len() {
+            self.launch_group::<R>(g, grads)?;
+        }
+        // The gradients copied to be contiguous are freed in stream order, after the kernels.
+        drop(contiguous);
+        if wait {
+            let outcome = self.read_outcome(&with_grad)?;
+            Ok(Some(outcome))
+        } else {
+            self.pending = Some(with_grad);
+            Ok(None)
+        }
+    }
+
+    fn n_states(&self, i: usize) -> usize {
+        match &self.states[i] {
+            DeviceState::F32(s) => s.len(),
+            DeviceState::Blockwise { codes, .. } => codes.len(),
+        }
+    }
+
+    /// Writes the grad-slot table and every group's slot table into the next pinned staging
+    /// buffer and copies it to the device (stream-ordered, no wait).
+    fn write_and_copy_tables<R: CudaRule>(
+        &mut self,
+        grads: &[Option<(&Tensor, R)>],
+        grad_slots: &[(usize, u64)],
+        grad_address: &[u64],
+    ) -> Result<()> {
+        let bytes = GRAD_SLOT_BYTES * self.params.len() + slot_bytes::<R>() * self.params.len();
+        if self.staging.as_ref().is_none_or(|s| s.bytes < bytes) {
+            // First step (or a rule with a larger struct): allocated once.
+            self.staging = Some(Staging {
+                buffers: [
+                    pinned::<u8>(&self.stream, bytes)?,
+                    pinned::<u8>(&self.stream, bytes)?,
+                ],
+                device: self.dev.alloc_zeros::<u8>(bytes.max(1))?,
+                next: 0,
+                bytes: bytes.max(1),
+            });
+        }
+        let stream = self.stream.clone();
+        let staging = self.staging.as_mut().expect("allocated above");
+        let host = staging.buffers[staging.next].as_mut_slice().w()?;
+        let mut w = TableWriter { buf: host, at: 0 };
+        let mut first_chunk = 0u64;
+        for &(i, address) in grad_slots {
+            let param = &self.params[i];
+            let n = param.elem_count() as u64;
+            w.u64(address);
+            w.u64(n);
+            w.u64(first_chunk);
+            w.u32(dtype_code(param.dtype())?);
+            w.u32(i as u32);
+            first_chunk += n.div_ceil(NORM_CHUNK as u64);
+        }
+        w.at = GRAD_SLOT_BYTES * self.params.len();
+        for group in &self.groups {
+            let mut first_block = 0u64;
+            for &i in &group.members {
+                let Some((_, rule)) = &grads[i] else { continue };
+                let n = self.params[i].elem_count() as u64;
+                let start = w.at;
+                w.u64(tensor_address(
+                    &self.params[i],
+                    &self.dev,
+                    "CUDA step: parameter",
+                )?);
+                w.u64(grad_address[i]);
+                let (states, absmax) = self.state_ptrs[i];
+                for a in states {
+                    w.u64(a);
+                }
+                for a in absmax {
+                    w.u64(a);
+                }
+                w.u64(n);
+                w.u64(first_block);
+                w.u64(i as u64);
+                w.bytes(rule.as_bytes());
+                w.at = start + slot_bytes::<R>();
+                first_block += n.div_ceil(group.block_size as u64);
+            }
+        }
+        let staging = self.staging.as_mut().expect("allocated above");
+        let (buffers, device) = (&staging.buffers, &mut staging.device);
+        stream.memcpy_htod(&buffers[staging.next], device).w()?;
+        staging.next = 1 - staging.next;
+        Ok(())
+    }
+
+    fn table_address(&self, offset: usize) -> u64 {
+        let staging = self
+            .staging
+            .as_ref()
+            .expect("tables written before launches");
+        address(&staging.device, &self.stream) + offset as u64
+    }
+
+    fn launch_prepass(
+        &mut self,
+        grad_slots: &[(usize, u64)],
+        max_grad_norm: Option<f64>,
+        count_skipped: bool,
+    ) -> Result<()> {
+        let stream = self.stream.clone();
+        let slots = self.table_address(0);
+        let n_slots = grad_slots.len() as i32;
+        let total_chunks: u64 = grad_slots
+            .iter()
+            .map(|(i, _)| self.params[*i].elem_count().div_ceil(NORM_CHUNK) as u64)
+            .sum();
+        let sum = self
+            .dev
+            .get_or_load_custom_func("bnb_sum_squares", NORMS_MODULE, NORMS_PTX)?
+            .into_cuda_function();
+        {
+            let mut b = stream.launch_builder(&sum);
+            b.arg(&slots)
+                .arg(&n_slots)
+                .arg(&total_chunks)
+                .arg(&mut self.partials);
+            // SAFETY: bnb_sum_squares(const GradSlot*, int, u64, double*): the table holds
+            // n_slots GradSlots, partials has room for every chunk of every parameter.
+            unsafe { b.launch(config(grid(total_chunks, 8))) }.w()?;
+        }
+        let finish = self
+            .dev
+            .get_or_load_custom_func("bnb_prepass_finish", NORMS_MODULE, NORMS_PTX)?
+            .into_cuda_function();
+        let max = max_grad_norm.unwrap_or(0.0);
+        let steps = 0u64; // null: the host keeps the step counts
+        let flags = address(&self.flags, &stream);
+        let (skip, first_bad) = (flags, flags + 4);
+        let count_skipped = count_skipped as i32;
+        {
+            let mut b = stream.launch_builder(&finish);
+            b.arg(&slots)
+                .arg(&n_slots)
+                .arg(&self.partials)
+                .arg(&mut self.sq)
+                .arg(&max)
+                .arg(&self.percentile)
+                .arg(&mut self.history)
+                .arg(&mut self.history_count)
+                .arg(&steps)
+                .arg(&mut self.grad_scales)
+                .arg(&skip)
+                .arg(&first_bad)
+                .arg(&mut self.counters)
+                .arg(&count_skipped);
+            // SAFETY: the arguments of bnb_prepass_finish in kernels/norms.cu, in order; the
+            // per-parameter arrays cover every parameter index the grad slots name.
+            unsafe { b.launch(config(1)) }.w()?;
+        }
+        stream.memcpy_dtoh(&self.flags, &mut self.outcome).w()?;
+        self.outcome_ready.record(&stream).w()?;
+        Ok(())
+    }
+
+    fn launch_group<R: CudaRule>(
+        &mut self,
+        g: usize,
+        grads: &[Option<(&Tensor, R)>],
+    ) -> Result<()> {
+        let stream = self.stream.clone();
+        let mut offset = GRAD_SLOT_BYTES * self.params.len();
+        for earlier in &self.groups[..g] {
+            offset += earlier
+                .members
+                .iter()
+                .filter(|i| grads[**i].is_some())
+                .count()
+                * slot_bytes::<R>();
+        }
+        let group = &self.groups[g];
+        let present: Vec<usize> = group
+            .members
+            .iter()
+            .copied()
+            .filter(|i| grads[*i].is_some())
+            .collect();
+        if present.is_empty() {
+            return Ok(());
+        }
+        let total_blocks: u64 = present
+            .iter()
+            .map(|i| self.params[*i].elem_count().div_ceil(group.block_size) as u64)
+            .sum();
+        if total_blocks == 0 {
+            return Ok(());
+        }
+        let slots = self.table_address(offset);
+        let n_slots = present.len() as i32;
+        let block_size = group.block_size as i32;
+        let tables = group.tables.as_ref().map_or(0, |t| address(t, &stream));
+        let scales = address(&self.grad_scales, &stream);
+        let skip = address(&self.flags, &stream);
+        let precision = if group.quantized { "q8" } else { "f32" };
+        let suffix = format!(
+            "{}_{}_{precision}_s{}",
+            R::KERNEL_NAME,
+            dtype_suffix(group.dtype),
+            group.n_states
+        );
+        let per_tile = (THREADS as usize / (group.block_size / 16)) as u64;
+        let cfg = config(grid(total_blocks, per_tile));
+        if R::LAYERWISE {
+            if self.groups[g].partials.is_none() {
+                let partials = self.dev.alloc_zeros::<f64>(2 * group.total_blocks.max(1))?;
+                self.groups[g].partials = Some(partials);
+            }
+            let group = &self.groups[g];
+            let partials = address(group.partials.as_ref().expect("allocated"), &stream);
+            let measure = self
+                .dev
+                .get_or_load_custom_func(&format!("bnb_measure_{suffix}"), FUSED_MODULE, FUSED_PTX)?
+                .into_cuda_function();
+            let mut b = stream.launch_builder(&measure);
+            b.arg(&slots)
+                .arg(&n_slots)
+                .arg(&total_blocks)
+                .arg(&block_size)
+                .arg(&tables)
+                .arg(&scales)
+                .arg(&skip)
+                .arg(&partials);
+            // SAFETY: bnb_measure_* (BNB_STEP_ARGS, double* partials): the slot table holds
+            // n_slots slots of this group with their pointers; partials has 2 * total_blocks.
+            unsafe { b.launch(cfg) }.w()?;
+            let trust = self
+                .dev
+                .get_or_load_custom_func(
+                    &format!("bnb_set_trust_{}", R::KERNEL_NAME),
+                    FUSED_MODULE,
+                    FUSED_PTX,
+                )?
+                .into_cuda_function();
+            let mut b = stream.launch_builder(&trust);
+            b.arg(&slots)
+                .arg(&n_slots)
+                .arg(&block_size)
+                .arg(&partials)
+                .arg(&skip);
+            // SAFETY: bnb_set_trust_*(Slot*, int, int, const double*, const int*).
+            unsafe { b.launch(config((n_slots as u32).min(MAX_GRID as u32))) }.w()?;
+        }
+        let step = self
+            .dev
+            .get_or_load_custom_func(&format!("bnb_fused_{suffix}"), FUSED_MODULE, FUSED_PTX)?
+            .into_cuda_function();
+        let mut b = stream.launch_builder(&step);
+        b.arg(&slots)
+            .arg(&n_slots)
+            .arg(&total_blocks)
+            .arg(&block_size)
+            .arg(&tables)
+            .arg(&scales)
+            .arg(&skip);
+        // SAFETY: bnb_fused_* (BNB_STEP_ARGS): the slot table holds n_slots slots whose
+        // pointers cover n elements (states, codes) and ceil(n / block_size) scales each.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    /// Bytes the device state buffers hold (codes, scales and f32 values), as
+    /// [`ParamState::bytes`] counts them on the host.
+    pub fn state_bytes(&self) -> usize {
+        self.states
+            .iter()
+            .zip(&self.params)
+            .map(|(s, p)| {
+                let n = p.elem_count();
+                match s {
+                    DeviceState::F32(d) => d.len() * n * 4,
+                    DeviceState::Blockwise {
+                        codes, block_size, ..
+                    } => codes.len() * (n + n.div_ceil(*block_size) * 4),
+                }
+            })
+            .sum()
+    }
+}
+
+/// The state pointers of a slot: 3 state buffers and 3 absmax arrays, unused ones 0.
+fn state_addresses(state: &DeviceState, stream: &CudaStream) -> ([u64; 3], [u64; 3]) {
+    let (mut s, mut a) = ([0u64; 3], [0u64; 3]);
+    match state {
+        DeviceState::F32(d) => {
+            for (k, d) in d.iter().enumerate() {
+                s[k] = address(d, stream);
+            }
+        }
+        DeviceState::Blockwise { codes, absmax, .. } => {
+            for (k, (c, m)) in codes.iter().zip(absmax).enumerate() {
+                s[k] = address(c, stream);
+                a[k] = address(m, stream);
+            }
+        }
+    }
+    (s, a)
+}
+
+fn upload_state(dev: &CudaDevice, n: usize, state: &ParamState, what: &str) -> Result<DeviceState> {
+    // cuMemAlloc refuses 0 bytes: empty parameters get one-element buffers they never touch.
+    Ok(match state {
+        ParamState::F32(s) => {
+            if let Some(k) = s.iter().position(|s| s.len() != n) {
+                bail!(
+                    "{what}: state {k} has {} elements, the parameter {n}",
+                    s[k].len()
+                )
+            }
+            DeviceState::F32(
+                s.iter()
+                    .map(|s| {
+                        if n == 0 {
+                            dev.alloc_zeros::<f32>(1)
+                        } else {
+                            dev.clone_htod(s.as_slice())
+                        }
+                    })
+                    .collect::<Result<_>>()?,
+            )
+        }
+        ParamState::Blockwise(s) => {
+            if let Some(k) = s.iter().position(|s| s.len() != n) {
+                bail!(
+                    "{what}: state {k} has {} elements, the parameter {n}",
+                    s[k].len()
+                )
+            }
+            let block_size = s.first().map_or(256, BlockwiseState::block_size);
+            if let Some(k) = s.iter().position(|s| s.block_size() != block_size) {
+                bail!(
+                    "{what}: state {k} has block size {}, state 0 {block_size}",
+                    s[k].block_size()
+                )
+            }
+            let mut codes = Vec::with_capacity(s.len());
+            let mut absmax = Vec::with_capacity(s.len());
+            for s in s {
+                if n == 0 {
+                    codes.push(dev.alloc_zeros::<u8>(1)?);
+                    absmax.push(dev.alloc_zeros::<f32>(1)?);
+                } else {
+                    codes.push(dev.clone_htod(s.codes())?);
+                    absmax.push(dev.clone_htod(s.absmax())?);
+                }
+            }
+            DeviceState::Blockwise {
+                codes,
+                absmax,
+                maps: s.iter().map(|s| s.map().clone()).collect(),
+                block_size,
+            }
+        }
+    })
+}
+
+/// Parameters in groups of one launch each, in parameter order within a group.
+fn group_params(
+    dev: &CudaDevice,
+    params: &[CudaParam<'_>],
+    states: &[DeviceState],
+) -> Result<Vec<Group>> {
+    let mut groups: Vec<Group> = Vec::new();
+    for (i, (p, state)) in params.iter().zip(states).enumerate() {
+        let (quantized, n_states, block_size, maps) = match state {
+            DeviceState::F32(d) => (false, d.len(), F32_TILE_BLOCK, &[][..]),
+            DeviceState::Blockwise {
+                codes,
+                maps,
+                block_size,
+                ..
+            } => (true, codes.len(), *block_size, &maps[..]),
+        };
+        let dtype = p.param.dtype();
+        let found = groups.iter().position(|g| {
+            g.dtype == dtype
+                && g.quantized == quantized
+                && g.n_states == n_states
+                && g.block_size == block_size
+                && match (&states[g.members[0]], state) {
+                    (
+                        DeviceState::Blockwise { maps: a, .. },
+                        DeviceState::Blockwise { maps: b, .. },
+                    ) => a.iter().zip(b).all(|(a, b)| a.values() == b.values()),
+                    _ => true,
+                }
+        });
+        let blocks = p.param.elem_count().div_ceil(block_size);
+        let g = match found {
+            Some(g) => g,
+            None => {
+                let tables = if quantized && n_states > 0 {
+                    let mut bytes = Vec::with_capacity(n_states * QUANT_TABLE_BYTES);
+                    for m in maps {
+                        bytes.extend(quant_table_bytes(m));
+                    }
+                    Some(dev.clone_htod(&bytes)?)
+                } else {
+                    None
+                };
+                groups.push(Group {
+                    dtype,
+                    quantized,
+                    n_states,
+                    block_size,
+                    members: Vec::new(),
+                    tables,
+                    partials: None,
+                    total_blocks: 0,
+                });
+                groups.len() - 1
+            }
+        };
+        groups[g].members.push(i);
+        groups[g].total_blocks += blocks;
+    }
+    Ok(groups)
+}
+
+/// Little-endian fields into a table.
+struct TableWriter<'a> {
+    buf: &'a mut [u8],
+    at: usize,
+}
+
+impl TableWriter<'_> {
+    fn bytes(&mut self, b: &[u8]) {
+        self.buf[self.at..self.at + b.len()].copy_from_slice(b);
+        self.at += b.len();
+    }
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.bytes(&v.to_le_bytes());
+    }
+}
