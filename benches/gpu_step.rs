@@ -8,11 +8,13 @@
 //!
 //! Shapes: per layer q/k/v/o 4096×4096, gate/up 11008×4096, down 4096×11008 and two 4096 norms;
 //! the embeddings and the head 32000×4096 and the final norm (6.74 B parameters at 32 layers).
-//! Reported per dtype: ms per step (CUDA events around `steps` steps after 3 warm-up steps), the
-//! host time per `step` call (a call that waited for the device would take as long as a step),
-//! achieved GB/s counting the minimum bytes an 8-bit Adam step moves (read param, grad and two
-//! 1-byte states; write param and both states; the absmax scales), the same bytes moved by one
-//! device-to-device copy (read half, write half) and the ratio of the two, and the same step with
+//! Reported per dtype: ms per step (CUDA events around `steps` back-to-back steps after 3 warm-up
+//! steps), the host time of one `step` call made while the device is idle (the enqueue cost: a
+//! call that waited for its kernels would take as long as the step), achieved GB/s counting the
+//! minimum bytes an 8-bit Adam step moves (read param, grad and two 1-byte states; write param and
+//! both states; the absmax scales; our step also reads every gradient in its pre-pass, which this
+//! count leaves out), the same bytes moved by one device-to-device copy (read half, write half,
+//! timed first, alone in memory) and the ratio of the two, and the same step with
 //! `candle_nn::AdamW` on the first `candle-layers` layers (its f32 state does not fit next to the
 //! whole model), scaled per parameter. The bitsandbytes figure comes from
 //! `benches/bnb_adamw8bit.py` on the same GPU (`scripts/gpu-bench.sh` runs both).
@@ -143,7 +145,11 @@ mod cuda_bench {
             .w()
     }
 
-    /// Device ms per call of `f` over `steps` calls after 3 warm-up calls, and host ms per call.
+    /// Device ms per call of `f` over `steps` back-to-back calls after 3 warm-up calls (CUDA
+    /// events), and the host ms of one call made while the device is idle (the median of
+    /// `steps`): the enqueue cost alone. A call that waited for its own kernels would take as
+    /// long as the device time; back-to-back host time would not tell, since each optimizer step
+    /// reads the previous step's outcome first.
     fn time(
         dev: &candle_core::CudaDevice,
         steps: usize,
@@ -157,15 +163,22 @@ mod cuda_bench {
         let (start, end) = (timing_event(dev)?, timing_event(dev)?);
         stream.synchronize().w()?;
         start.record(&stream).w()?;
-        let host = Instant::now();
         for _ in 0..steps {
             f()?;
         }
-        let host_ms = host.elapsed().as_secs_f64() * 1e3 / steps as f64;
         end.record(&stream).w()?;
         end.synchronize().w()?;
         let ms = start.elapsed_ms(&end).w()? as f64 / steps as f64;
-        Ok((ms, host_ms))
+        let mut host = Vec::with_capacity(steps);
+        for _ in 0..steps {
+            stream.synchronize().w()?;
+            let t = Instant::now();
+            f()?;
+            host.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        stream.synchronize().w()?;
+        host.sort_by(f64::total_cmp);
+        Ok((ms, host[host.len() / 2]))
     }
 
     struct Row {
@@ -178,6 +191,110 @@ mod cuda_bench {
         note: String,
     }
 
+    fn print_row(r: &Row, out: &mut String) {
+        let line = format!(
+            "| {} | {:.1} M | {:.2} | {:.3} | {:.0} | {:.2} | {} |\n",
+            r.what,
+            r.params as f64 / 1e6,
+            r.ms,
+            r.host_ms,
+            r.gbps,
+            r.vs_copy,
+            r.note
+        );
+        print!("{line}");
+        let _ = std::io::stdout().flush();
+        out.push_str(&line);
+    }
+
+    /// The rows of one dtype, printed as they are measured.
+    fn bench_dtype(device: &Device, args: &Args, dtype: DType, table: &mut String) -> Result<()> {
+        let Device::Cuda(dev) = device else {
+            unreachable!("a CUDA device")
+        };
+        let size = dtype.size_in_bytes();
+        let shapes = shapes(args.layers, true);
+        let params: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+        let cfg = AdamW8bitConfig::default();
+        let blocks: usize = shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>().div_ceil(cfg.block_size))
+            .sum();
+        // The minimum bytes of a fused 8-bit Adam step: read p, g, m, v; write p, m, v; each
+        // state's absmax read and written. (Our step reads each gradient twice: once in the
+        // pre-pass, once in the update.)
+        let bytes = params * (3 * size + 4) + blocks * 2 * 2 * 4;
+        // The anchor first, alone in memory: one device-to-device copy moving the same bytes
+        // (read half, write half).
+        let half = bytes / 2;
+        let copy_ms = {
+            let src = dev.alloc_zeros::<u8>(half)?;
+            let mut dst = dev.alloc_zeros::<u8>(half)?;
+            time(dev, args.steps, || dev.memcpy_dtod(&src, &mut dst))?.0
+        };
+        let copy_gbps = bytes as f64 / (copy_ms * 1e6);
+        print_row(
+            &Row {
+                what: format!("device copy of the same bytes ({dtype:?})"),
+                params,
+                ms: copy_ms,
+                host_ms: f64::NAN,
+                gbps: copy_gbps,
+                vs_copy: 1.0,
+                note: format!("{:.2} GB moved", bytes as f64 / 1e9),
+            },
+            table,
+        );
+        let ms = {
+            let (vars, grads) = setup(device, &shapes, dtype)?;
+            let mut opt = AdamW8bit::new(vars.clone(), cfg)?;
+            let (ms, host_ms) = time(dev, args.steps, || opt.step(&grads))?;
+            let gbps = bytes as f64 / (ms * 1e6);
+            print_row(
+                &Row {
+                    what: format!("candle-bnb AdamW8bit ({dtype:?})"),
+                    params,
+                    ms,
+                    host_ms,
+                    gbps,
+                    vs_copy: gbps / copy_gbps,
+                    note: format!(
+                        "{} tensors; state {:.2} GB",
+                        vars.len(),
+                        opt.state_bytes() as f64 / 1e9
+                    ),
+                },
+                table,
+            );
+            ms
+        };
+        if args.candle_layers > 0 {
+            let shapes = self::shapes(args.candle_layers, false);
+            let (vars, grads) = setup(device, &shapes, dtype)?;
+            let sub: usize = vars.iter().map(|v| v.elem_count()).sum();
+            let mut opt = candle_nn::AdamW::new(vars, candle_nn::ParamsAdamW::default())?;
+            let (cms, chost) = time(dev, args.steps.min(5), || opt.step(&grads))?;
+            let scaled = cms * params as f64 / sub as f64;
+            print_row(
+                &Row {
+                    what: format!("candle_nn::AdamW ({dtype:?}), scaled to all params"),
+                    params: sub,
+                    ms: scaled,
+                    host_ms: chost * params as f64 / sub as f64,
+                    gbps: bytes as f64 / (scaled * 1e6),
+                    vs_copy: copy_ms / scaled,
+                    note: format!(
+                        "{cms:.2} ms on {:.0} M params; candle-bnb is {:.1}x faster",
+                        sub as f64 / 1e6,
+                        scaled / ms
+                    ),
+                },
+                table,
+            );
+        }
+        Ok(())
+    }
+
     pub fn run() -> Result<()> {
         let args = args()?;
         let device = match Device::new_cuda(0) {
@@ -187,75 +304,6 @@ mod cuda_bench {
                 return Ok(());
             }
         };
-        let Device::Cuda(dev) = &device else {
-            unreachable!()
-        };
-        let mut rows = Vec::new();
-        for &dtype in &args.dtypes {
-            let size = dtype.size_in_bytes();
-            let shapes = shapes(args.layers, true);
-            let (vars, grads) = setup(&device, &shapes, dtype)?;
-            let params: usize = vars.iter().map(|v| v.elem_count()).sum();
-            let cfg = AdamW8bitConfig::default();
-            let blocks: usize = vars
-                .iter()
-                .map(|v| v.elem_count().div_ceil(cfg.block_size))
-                .sum();
-            // The minimum bytes: read p, g, m, v; write p, m, v; absmax read and written per
-            // state and block.
-            let bytes = params * (3 * size + 4) + blocks * 2 * 2 * 4;
-            let mut opt = AdamW8bit::new(vars.clone(), cfg)?;
-            let (ms, host_ms) = time(dev, args.steps, || opt.step(&grads))?;
-            drop(opt);
-            // The anchor: one device-to-device copy moving the same bytes (read n/2, write n/2).
-            let half = bytes / 2;
-            let src = unsafe { dev.alloc::<u8>(half)? };
-            let mut dst = unsafe { dev.alloc::<u8>(half)? };
-            let (copy_ms, _) = time(dev, args.steps, || dev.memcpy_dtod(&src, &mut dst))?;
-            drop((src, dst));
-            let gbps = bytes as f64 / (ms * 1e6);
-            let copy_gbps = bytes as f64 / (copy_ms * 1e6);
-            rows.push(Row {
-                what: format!("copy of the same bytes ({dtype:?})"),
-                params,
-                ms: copy_ms,
-                host_ms: f64::NAN,
-                gbps: copy_gbps,
-                vs_copy: 1.0,
-                note: format!("{:.2} GB moved", bytes as f64 / 1e9),
-            });
-            rows.push(Row {
-                what: format!("candle-bnb AdamW8bit ({dtype:?})"),
-                params,
-                ms,
-                host_ms,
-                gbps,
-                vs_copy: gbps / copy_gbps,
-                note: format!("{} tensors, one launch per group", vars.len()),
-            });
-            drop((vars, grads));
-            if args.candle_layers > 0 {
-                let shapes = self::shapes(args.candle_layers, false);
-                let (vars, grads) = setup(&device, &shapes, dtype)?;
-                let sub: usize = vars.iter().map(|v| v.elem_count()).sum();
-                let mut opt = candle_nn::AdamW::new(vars, candle_nn::ParamsAdamW::default())?;
-                let (cms, chost) = time(dev, args.steps.min(5), || opt.step(&grads))?;
-                let scaled = cms * params as f64 / sub as f64;
-                rows.push(Row {
-                    what: format!("candle_nn::AdamW ({dtype:?}), scaled"),
-                    params: sub,
-                    ms: scaled,
-                    host_ms: chost * params as f64 / sub as f64,
-                    gbps: bytes as f64 / (scaled * 1e6),
-                    vs_copy: copy_ms / scaled,
-                    note: format!(
-                        "{cms:.2} ms on {:.0} M params; ours is {:.1}x faster",
-                        sub as f64 / 1e6,
-                        scaled / ms
-                    ),
-                });
-            }
-        }
         let gpu = std::process::Command::new("nvidia-smi")
             .args(["--query-gpu=name", "--format=csv,noheader"])
             .output()
@@ -263,28 +311,28 @@ mod cuda_bench {
             .and_then(|o| String::from_utf8(o.stdout).ok())
             .unwrap_or_else(|| "unknown GPU".into());
         let mut table = format!(
-            "gpu_step: {} layers, {} timed steps, GPU {}\n| what | params | ms/step | host ms/call | GB/s (min bytes) | vs copy | note |\n|---|---|---|---|---|---|---|\n",
+            "gpu_step: {} layers, {} timed steps, GPU {}\n| what | params | ms/step | host ms/call (device idle) | GB/s (min bytes) | vs copy | note |\n|---|---|---|---|---|---|---|\n",
             args.layers,
             args.steps,
             gpu.trim()
         );
-        for r in &rows {
-            table += &format!(
-                "| {} | {:.1} M | {:.2} | {:.3} | {:.0} | {:.2} | {} |\n",
-                r.what,
-                r.params as f64 / 1e6,
-                r.ms,
-                r.host_ms,
-                r.gbps,
-                r.vs_copy,
-                r.note
-            );
+        print!("{table}");
+        let mut failed = None;
+        for &dtype in &args.dtypes {
+            // One dtype failing (out of memory, say) keeps the rows measured so far.
+            if let Err(e) = bench_dtype(&device, &args, dtype, &mut table) {
+                eprintln!("gpu_step: {dtype:?}: {e}");
+                table += &format!("| {dtype:?} failed: {e} | | | | | | |\n");
+                failed = Some(e);
+            }
         }
         if let Some(dir) = &args.out {
             std::fs::create_dir_all(dir)?;
             std::fs::File::create(dir.join("gpu_step.md"))?.write_all(table.as_bytes())?;
         }
-        print!("{table}");
-        Ok(())
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }

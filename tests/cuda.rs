@@ -102,8 +102,12 @@ fn quantize_matches_the_cpu_kernels() {
                         let on_gpu = got.dequantize(out).unwrap();
                         let on_cpu =
                             dequantize_blockwise(&codes_cpu, &absmax_cpu, map, bs, out).unwrap();
+                        // Cast on the host: Candle's CUDA cast launches an empty grid for 0
+                        // elements, which the driver refuses.
                         let (a, b) = (
                             on_gpu
+                                .to_device(&Device::Cpu)
+                                .unwrap()
                                 .to_dtype(DType::F32)
                                 .unwrap()
                                 .to_vec1::<f32>()
@@ -244,13 +248,14 @@ fn grads_for(vars: &[Var], g: &[Tensor], skip: Option<usize>) -> candle_core::ba
         .unwrap()
 }
 
+/// Every var's values as f32, cast on the host (Candle's CUDA cast fails on 0 elements).
 fn values_f32(vars: &[Var]) -> Vec<Vec<f32>> {
     vars.iter()
         .map(|v| {
             v.as_tensor()
-                .to_dtype(DType::F32)
-                .unwrap()
                 .to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap()
@@ -505,9 +510,11 @@ fn checkpoints_move_between_cuda_and_the_cpu() {
     let fresh: Vec<Var> = start
         .iter()
         .map(|s| {
-            let t = Tensor::from_vec(s.clone(), s.len(), &dev)
+            let t = Tensor::from_vec(s.clone(), s.len(), &Device::Cpu)
                 .unwrap()
                 .to_dtype(DType::BF16)
+                .unwrap()
+                .to_device(&dev)
                 .unwrap();
             Var::from_tensor(&t).unwrap()
         })

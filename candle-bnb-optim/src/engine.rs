@@ -201,11 +201,15 @@ impl Slots {
     /// CUDA errors while uploading (the host side is then left unchanged).
     pub(crate) fn restore(&mut self, loaded: crate::checkpoint::Loaded) -> Result<()> {
         #[cfg(feature = "cuda")]
-        if let Some(device) = self.device.as_mut() {
-            // The pending step is superseded by the checkpoint.
-            device.take_outcome()?;
+        if self.device.is_some() {
             let states: Vec<&ParamState> = loaded.states.iter().collect();
             let norms: Vec<&VecDeque<f64>> = loaded.grad_norms.iter().collect();
+            let device = self.device.as_ref().expect("checked");
+            device.check_upload(&states, &norms)?;
+            // The pending step is superseded by the checkpoint, but is counted first so that a
+            // CUDA error while uploading leaves consistent counters.
+            self.settle_cuda_outcome()?;
+            let device = self.device.as_mut().expect("checked");
             device.upload(&states, &norms)?;
             for (slot, steps) in self.slots.iter_mut().zip(loaded.param_steps) {
                 slot.steps = steps;
@@ -304,7 +308,7 @@ impl Slots {
     ) -> Result<()> {
         #[cfg(feature = "cuda")]
         if self.device.is_some() {
-            return self.step_cuda(grads, handling, make_rule);
+            return self.step_cuda(grads, handling, percentile, make_rule);
         }
         let mut norms: Vec<Option<f64>> = Vec::with_capacity(self.slots.len());
         for (i, slot) in self.slots.iter().enumerate() {
@@ -369,21 +373,14 @@ impl Slots {
         &mut self,
         grads: &GradStore,
         handling: GradHandling,
+        percentile: impl Fn(usize) -> u32,
         make_rule: impl Fn(usize, u64) -> R,
     ) -> Result<()> {
         use candle_bnb_kernels::CudaStepOutcome;
+        self.settle_cuda_outcome()?;
+        let percentiles: Vec<u32> = (0..self.slots.len()).map(&percentile).collect();
         let device = self.device.as_mut().expect("checked by the caller");
-        if let Some((outcome, with_grad)) = device.take_outcome()? {
-            match outcome {
-                CudaStepOutcome::Taken => {
-                    self.steps += 1;
-                    for i in with_grad {
-                        self.slots[i].steps += 1;
-                    }
-                }
-                CudaStepOutcome::Skipped { .. } => self.skipped += 1,
-            }
-        }
+        device.set_percentiles(&percentiles)?;
         let inputs: Vec<Option<(&candle_core::Tensor, R)>> = self
             .slots
             .iter()
@@ -413,6 +410,28 @@ impl Slots {
                     slot.name,
                     slot.var.dims()
                 )
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts the outcome of the step still pending on the device, if any (waiting for it only
+    /// if the device has not finished that step's pre-pass).
+    #[cfg(feature = "cuda")]
+    fn settle_cuda_outcome(&mut self) -> Result<()> {
+        use candle_bnb_kernels::CudaStepOutcome;
+        let Some(device) = self.device.as_mut() else {
+            return Ok(());
+        };
+        if let Some((outcome, with_grad)) = device.take_outcome()? {
+            match outcome {
+                CudaStepOutcome::Taken => {
+                    self.steps += 1;
+                    for i in with_grad {
+                        self.slots[i].steps += 1;
+                    }
+                }
+                CudaStepOutcome::Skipped { .. } => self.skipped += 1,
             }
         }
         Ok(())

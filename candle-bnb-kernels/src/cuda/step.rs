@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
@@ -103,8 +104,12 @@ struct Group {
 
 /// The pinned host memory a step's tables are written into; two of them alternate, so writing
 /// step `t`'s tables waits at most for the copy of step `t - 2`'s.
+///
+/// cudarc records the pinned buffers' own events only when the context has several streams,
+/// and Candle's device uses one, so each buffer has an event of ours, recorded after its copy.
 struct Staging {
     buffers: [PinnedHostSlice<u8>; 2],
+    copied: [CudaEvent; 2],
     device: CudaSlice<u8>,
     next: usize,
     bytes: usize,
@@ -115,7 +120,12 @@ struct Staging {
 /// Built from the host state ([`CudaOptimizerState::new`]), stepped with
 /// [`CudaOptimizerState::step`], copied back with [`CudaOptimizerState::download`] (checkpoints,
 /// inspection) and replaced with [`CudaOptimizerState::upload`] (loading a checkpoint, wherever
-/// it was saved). The math is the CPU's, rule for rule (`kernels/README.md` lists where the bits
+/// it was saved).
+///
+/// Everything runs on the device's stream (Candle's per-thread stream) and the tables hold raw
+/// device addresses, which cudarc's cross-stream event tracking does not see: use the state from
+/// the thread that runs the model, or synchronize other streams yourself. A gradient that is not
+/// contiguous is copied to a contiguous one first (an allocation in that step). The math is the CPU's, rule for rule (`kernels/README.md` lists where the bits
 /// may differ).
 pub struct CudaOptimizerState {
     dev: CudaDevice,
@@ -129,6 +139,8 @@ pub struct CudaOptimizerState {
     partials: CudaSlice<f64>,
     sq: CudaSlice<f64>,
     percentile: CudaSlice<i32>,
+    /// What `percentile` holds, to upload only changes.
+    percentile_host: Vec<i32>,
     history: CudaSlice<f64>,
     history_count: CudaSlice<u64>,
     grad_scales: CudaSlice<f32>,
@@ -212,6 +224,15 @@ fn slot_bytes<R: CudaRule>() -> usize {
     (SLOT_HEADER_BYTES + std::mem::size_of::<R>()).div_ceil(8) * 8
 }
 
+/// An event the host can wait on without spinning a core (blocking sync; cudarc's flag type is
+/// an enum, so timing stays enabled rather than combining it with DISABLE_TIMING).
+fn waitable_event(stream: &CudaStream) -> Result<CudaEvent> {
+    stream
+        .context()
+        .new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+        .w()
+}
+
 /// Pinned host memory without write-combining (the host reads the outcome back).
 fn pinned<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     stream: &CudaStream,
@@ -268,13 +289,14 @@ impl CudaOptimizerState {
             partials: dev.alloc_zeros::<f64>(chunks.max(1))?,
             sq: dev.alloc_zeros::<f64>(n)?,
             percentile: dev.clone_htod(&percentile)?,
+            percentile_host: percentile.clone(),
             history: dev.alloc_zeros::<f64>(n * CUDA_GRAD_NORM_HISTORY)?,
             history_count: dev.alloc_zeros::<u64>(n)?,
             grad_scales: dev.alloc_zeros::<f32>(n)?,
             flags: dev.alloc_zeros::<i32>(2)?,
             counters: dev.alloc_zeros::<u64>(2)?,
             outcome: pinned::<i32>(&stream, 2)?,
-            outcome_ready: stream.context().new_event(None).w()?,
+            outcome_ready: waitable_event(&stream)?,
             pending: None,
             staging: None,
             blocking_waits: 0,
@@ -326,13 +348,74 @@ impl CudaOptimizerState {
         self.dev.memcpy_htod(&count, &mut self.history_count)
     }
 
-    /// Replaces every parameter's state and norm history (a checkpoint being loaded). Everything
-    /// is checked before anything is copied.
+    /// Sets each parameter's percentile-clipping setting (1..=100, 100 = off), copying only when
+    /// one changed (a loaded checkpoint can change them).
     ///
     /// # Errors
-    /// A count, length, precision, state count or block size that differs from the state this
-    /// was built with (naming the parameter); CUDA errors.
+    /// Not one value per parameter, a value outside 1..=100, CUDA errors.
+    pub fn set_percentiles(&mut self, percentiles: &[u32]) -> Result<()> {
+        if percentiles.len() != self.params.len() {
+            bail!(
+                "{} percentile settings for {} parameters",
+                percentiles.len(),
+                self.params.len()
+            )
+        }
+        if let Some((i, p)) = percentiles
+            .iter()
+            .enumerate()
+            .find(|(_, p)| !(1..=100).contains(*p))
+        {
+            bail!("parameter {i}: percentile_clipping must be in 1..=100, got {p}")
+        }
+        let new: Vec<i32> = percentiles.iter().map(|&p| p as i32).collect();
+        if !new.is_empty() && new != self.percentile_host {
+            self.dev.memcpy_htod(&new, &mut self.percentile)?;
+            self.percentile_host = new;
+        }
+        Ok(())
+    }
+
+    /// Replaces every parameter's state and norm history (a checkpoint being loaded). Everything
+    /// is checked ([`Self::check_upload`]) before anything is copied.
+    ///
+    /// # Errors
+    /// Those of [`Self::check_upload`]; CUDA errors.
     pub fn upload(&mut self, states: &[&ParamState], grad_norms: &[&VecDeque<f64>]) -> Result<()> {
+        self.check_upload(states, grad_norms)?;
+        for (new, old) in states.iter().zip(self.states.iter_mut()) {
+            match (new, old) {
+                (ParamState::F32(s), DeviceState::F32(d)) => {
+                    for (s, d) in s.iter().zip(d.iter_mut()) {
+                        if !s.is_empty() {
+                            self.dev.memcpy_htod(s.as_slice(), d)?;
+                        }
+                    }
+                }
+                (ParamState::Blockwise(s), DeviceState::Blockwise { codes, absmax, .. }) => {
+                    for ((s, c), a) in s.iter().zip(codes.iter_mut()).zip(absmax.iter_mut()) {
+                        if !s.is_empty() {
+                            self.dev.memcpy_htod(s.codes(), c)?;
+                            self.dev.memcpy_htod(s.absmax(), a)?;
+                        }
+                    }
+                }
+                _ => unreachable!("layouts checked above"),
+            }
+        }
+        self.upload_histories(grad_norms)
+    }
+
+    /// Checks that [`Self::upload`] would accept `states` and `grad_norms`, changing nothing.
+    ///
+    /// # Errors
+    /// A count, length, precision, state count, block size or map that differs from the state
+    /// this was built with (naming the parameter), or more than [`CUDA_GRAD_NORM_HISTORY`] norms.
+    pub fn check_upload(
+        &self,
+        states: &[&ParamState],
+        grad_norms: &[&VecDeque<f64>],
+    ) -> Result<()> {
         if states.len() != self.params.len() || grad_norms.len() != self.params.len() {
             bail!(
                 "CUDA optimizer state holds {} parameters, got {} states and {} histories",
@@ -378,27 +461,7 @@ impl CudaOptimizerState {
                 h.len()
             )
         }
-        for (new, old) in states.iter().zip(self.states.iter_mut()) {
-            match (new, old) {
-                (ParamState::F32(s), DeviceState::F32(d)) => {
-                    for (s, d) in s.iter().zip(d.iter_mut()) {
-                        if !s.is_empty() {
-                            self.dev.memcpy_htod(s.as_slice(), d)?;
-                        }
-                    }
-                }
-                (ParamState::Blockwise(s), DeviceState::Blockwise { codes, absmax, .. }) => {
-                    for ((s, c), a) in s.iter().zip(codes.iter_mut()).zip(absmax.iter_mut()) {
-                        if !s.is_empty() {
-                            self.dev.memcpy_htod(s.codes(), c)?;
-                            self.dev.memcpy_htod(s.absmax(), a)?;
-                        }
-                    }
-                }
-                _ => unreachable!("layouts checked above"),
-            }
-        }
-        self.upload_histories(grad_norms)
+        Ok(())
     }
 
     /// Copies every parameter's state and norm history back to the host (waits for the device).
@@ -579,16 +642,17 @@ impl CudaOptimizerState {
         }
         self.write_and_copy_tables(grads, &grad_slots, &grad_address)?;
         self.launch_prepass(&grad_slots, max_grad_norm, !wait)?;
+        // From here the pre-pass has run (history, clipping scales): the outcome is pending even
+        // if a later launch fails.
+        self.pending = Some(with_grad);
         for g in 0..self.groups.len() {
             self.launch_group::<R>(g, grads)?;
         }
         // The gradients copied to be contiguous are freed in stream order, after the kernels.
         drop(contiguous);
         if wait {
-            let outcome = self.read_outcome(&with_grad)?;
-            Ok(Some(outcome))
+            Ok(self.take_outcome()?.map(|(outcome, _)| outcome))
         } else {
-            self.pending = Some(with_grad);
             Ok(None)
         }
     }
@@ -611,11 +675,18 @@ impl CudaOptimizerState {
         let bytes = GRAD_SLOT_BYTES * self.params.len() + slot_bytes::<R>() * self.params.len();
         if self.staging.as_ref().is_none_or(|s| s.bytes < bytes) {
             // First step (or a rule with a larger struct): allocated once.
+            if let Some(old) = &self.staging {
+                // Copies from the old buffers must be done before they are freed.
+                for e in &old.copied {
+                    e.synchronize().w()?;
+                }
+            }
             self.staging = Some(Staging {
                 buffers: [
                     pinned::<u8>(&self.stream, bytes)?,
                     pinned::<u8>(&self.stream, bytes)?,
                 ],
+                copied: [waitable_event(&self.stream)?, waitable_event(&self.stream)?],
                 device: self.dev.alloc_zeros::<u8>(bytes.max(1))?,
                 next: 0,
                 bytes: bytes.max(1),
@@ -623,6 +694,9 @@ impl CudaOptimizerState {
         }
         let stream = self.stream.clone();
         let staging = self.staging.as_mut().expect("allocated above");
+        // The copy of step t - 2 from this buffer (done long ago: step t - 1's outcome has been
+        // read by the optimizers before this call).
+        staging.copied[staging.next].synchronize().w()?;
         let host = staging.buffers[staging.next].as_mut_slice().w()?;
         let mut w = TableWriter { buf: host, at: 0 };
         let mut first_chunk = 0u64;
@@ -667,6 +741,7 @@ impl CudaOptimizerState {
         let staging = self.staging.as_mut().expect("allocated above");
         let (buffers, device) = (&staging.buffers, &mut staging.device);
         stream.memcpy_htod(&buffers[staging.next], device).w()?;
+        staging.copied[staging.next].record(&stream).w()?;
         staging.next = 1 - staging.next;
         Ok(())
     }
