@@ -30,6 +30,7 @@ mod lookup;
 mod norms;
 mod qmap;
 mod rules;
+mod slot_table;
 
 pub use blockwise::{
     dequantize_blockwise, dequantize_blockwise_into, quantize_blockwise, Quantized,

@@ -25,6 +25,7 @@ use super::{grid, quant_table_bytes, MAX_GRID, THREADS};
 use crate::blockwise::contiguous_range;
 use crate::fused::{BlockwiseState, ParamState};
 use crate::rules::CudaRule;
+use crate::slot_table::{slot_bytes, GradSlot, Slot, TableWriter, GRAD_SLOT_BYTES};
 use crate::QuantMap;
 
 /// The PTX of `kernels/fused.cu`.
@@ -34,10 +35,6 @@ const FUSED_MODULE: &str = "candle_bnb_fused";
 const NORMS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norms.ptx"));
 const NORMS_MODULE: &str = "candle_bnb_norms";
 
-/// Bytes of `norms.cu`'s `GradSlot`.
-const GRAD_SLOT_BYTES: usize = 32;
-/// Bytes of `fused.cu`'s `Slot<Rule>` before the rule.
-const SLOT_HEADER_BYTES: usize = 88;
 /// Elements per partial sum of the pre-pass (`norms.cu` kChunk, the CPU's `MAX_BLOCK`).
 const NORM_CHUNK: usize = 4096;
 /// Squared norms kept per parameter (`norms.cu` kHistory; the optimizers' history length).
@@ -217,11 +214,6 @@ fn config(grid_dim: u32) -> LaunchConfig {
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-/// Bytes of one `Slot<R>`: the header and the rule, rounded up to 8.
-fn slot_bytes<R: CudaRule>() -> usize {
-    (SLOT_HEADER_BYTES + std::mem::size_of::<R>()).div_ceil(8) * 8
 }
 
 /// An event the host can wait on without spinning a core (blocking sync; cudarc's flag type is
@@ -698,43 +690,37 @@ impl CudaOptimizerState {
         // read by the optimizers before this call).
         staging.copied[staging.next].synchronize().w()?;
         let host = staging.buffers[staging.next].as_mut_slice().w()?;
-        let mut w = TableWriter { buf: host, at: 0 };
+        let mut w = TableWriter::new(host);
         let mut first_chunk = 0u64;
         for &(i, address) in grad_slots {
             let param = &self.params[i];
             let n = param.elem_count() as u64;
-            w.u64(address);
-            w.u64(n);
-            w.u64(first_chunk);
-            w.u32(dtype_code(param.dtype())?);
-            w.u32(i as u32);
+            w.grad_slot(&GradSlot {
+                grad: address,
+                n,
+                first_chunk,
+                dtype: dtype_code(param.dtype())?,
+                index: i as u32,
+            });
             first_chunk += n.div_ceil(NORM_CHUNK as u64);
         }
-        w.at = GRAD_SLOT_BYTES * self.params.len();
+        w.seek(GRAD_SLOT_BYTES * self.params.len());
         for group in &self.groups {
             let mut first_block = 0u64;
             for &i in &group.members {
                 let Some((_, rule)) = &grads[i] else { continue };
                 let n = self.params[i].elem_count() as u64;
-                let start = w.at;
-                w.u64(tensor_address(
-                    &self.params[i],
-                    &self.dev,
-                    "CUDA step: parameter",
-                )?);
-                w.u64(grad_address[i]);
-                let (states, absmax) = self.state_ptrs[i];
-                for a in states {
-                    w.u64(a);
-                }
-                for a in absmax {
-                    w.u64(a);
-                }
-                w.u64(n);
-                w.u64(first_block);
-                w.u64(i as u64);
-                w.bytes(rule.as_bytes());
-                w.at = start + slot_bytes::<R>();
+                let (state, absmax) = self.state_ptrs[i];
+                w.slot(&Slot {
+                    param: tensor_address(&self.params[i], &self.dev, "CUDA step: parameter")?,
+                    grad: grad_address[i],
+                    state,
+                    absmax,
+                    n,
+                    first_block,
+                    scale_index: i as u64,
+                    rule,
+                });
                 first_block += n.div_ceil(group.block_size as u64);
             }
         }
@@ -1076,23 +1062,4 @@ fn group_params(
         groups[g].total_blocks += blocks;
     }
     Ok(groups)
-}
-
-/// Little-endian fields into a table.
-struct TableWriter<'a> {
-    buf: &'a mut [u8],
-    at: usize,
-}
-
-impl TableWriter<'_> {
-    fn bytes(&mut self, b: &[u8]) {
-        self.buf[self.at..self.at + b.len()].copy_from_slice(b);
-        self.at += b.len();
-    }
-    fn u64(&mut self, v: u64) {
-        self.bytes(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.bytes(&v.to_le_bytes());
-    }
 }
