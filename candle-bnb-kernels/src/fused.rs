@@ -248,8 +248,9 @@ impl ParamState {
 ///
 /// # Errors
 /// A dtype, shape or device mismatch, a non-contiguous `param`, a state with another element
-/// count or number of buffers than the rule keeps, or a device without these kernels yet (only the
-/// CPU has them for now). Nothing is changed on error.
+/// count or number of buffers than the rule keeps, or a tensor not on the CPU (this host-state
+/// form is CPU-only; CUDA parameters are stepped with their state on the device by
+/// `CudaOptimizerState`, which the optimizers use). Nothing is changed on error.
 pub fn fused_update<R: UpdateRule>(
     rule: &R,
     param: &Tensor,
@@ -306,7 +307,7 @@ pub fn check_fused_update<R: UpdateRule>(
     }
     if !param.device().is_cpu() || !grad.device().is_cpu() {
         bail!(
-            "fused_update: only the CPU has fused optimizer kernels so far (parameter on {:?}, gradient on {:?})",
+            "fused_update: takes CPU tensors (parameter on {:?}, gradient on {:?}); CUDA parameters step through CudaOptimizerState (the optimizers do this)",
             param.device().location(),
             grad.device().location()
         )
