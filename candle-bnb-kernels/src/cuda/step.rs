@@ -925,6 +925,14 @@ impl CudaOptimizerState {
     }
 }
 
+impl Drop for CudaOptimizerState {
+    /// Waits for the device before the pinned buffers are freed: their last copies may still be
+    /// in flight, and cudarc tracks no events for them on a single stream.
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
+}
+
 /// The state pointers of a slot: 3 state buffers and 3 absmax arrays, unused ones 0.
 fn state_addresses(state: &DeviceState, stream: &CudaStream) -> ([u64; 3], [u64; 3]) {
     let (mut s, mut a) = ([0u64; 3], [0u64; 3]);
