@@ -50,8 +50,7 @@ impl<'a> TableWriter<'a> {
     }
 
     /// Where the next entry goes.
-    #[cfg(test)]
-    fn position(&self) -> usize {
+    pub(crate) fn position(&self) -> usize {
         self.at
     }
 

@@ -113,20 +113,17 @@ impl Slots {
         vars: Vec<(String, Var)>,
         setup: impl Fn(usize) -> (StateLayout, R, u32),
     ) -> Result<Self> {
-        if let Some((first, other)) = vars.first().and_then(|(first, v)| {
-            vars.iter()
+        if let Some((first, v)) = vars.first() {
+            if let Some((other, w)) = vars
+                .iter()
                 .find(|(_, w)| !w.device().same_device(v.device()))
-                .map(|(other, _)| (first, other))
-        }) {
-            let location = |name: &String| {
-                let v = &vars.iter().find(|(n, _)| n == name).expect("listed").1;
-                v.device().location()
-            };
-            bail!(
-                "the parameters of one optimizer must be on one device: {first:?} is on {:?}, {other:?} on {:?}",
-                location(first),
-                location(other)
-            )
+            {
+                bail!(
+                    "the parameters of one optimizer must be on one device: {first:?} is on {:?}, {other:?} on {:?}",
+                    v.device().location(),
+                    w.device().location()
+                )
+            }
         }
         let slots = vars
             .into_iter()
@@ -208,7 +205,7 @@ impl Slots {
             device.check_upload(&states, &norms)?;
             // The pending step is superseded by the checkpoint, but is counted first so that a
             // CUDA error while uploading leaves consistent counters.
-            self.settle_cuda_outcome()?;
+            self.settle_cuda_outcome(true)?;
             let device = self.device.as_mut().expect("checked");
             device.upload(&states, &norms)?;
             for (slot, steps) in self.slots.iter_mut().zip(loaded.param_steps) {
@@ -377,7 +374,7 @@ impl Slots {
         make_rule: impl Fn(usize, u64) -> R,
     ) -> Result<()> {
         use candle_bnb_kernels::CudaStepOutcome;
-        self.settle_cuda_outcome()?;
+        self.settle_cuda_outcome(true)?;
         let percentiles: Vec<u32> = (0..self.slots.len()).map(&percentile).collect();
         let device = self.device.as_mut().expect("checked by the caller");
         device.set_percentiles(&percentiles)?;
@@ -391,19 +388,14 @@ impl Slots {
                     .map(|g| (g, make_rule(i, slot.steps + 1)))
             })
             .collect();
-        let wait = handling.non_finite == NonFinitePolicy::Error;
-        let outcome = device
-            .step(&inputs, handling.max_grad_norm, wait)
+        let skip = handling.non_finite == NonFinitePolicy::Skip;
+        device
+            .step(&inputs, handling.max_grad_norm, skip)
             .map_err(|e| e.context("CUDA optimizer step"))?;
-        match outcome {
-            None => {}
-            Some(CudaStepOutcome::Taken) => {
-                self.steps += 1;
-                for (slot, input) in self.slots.iter_mut().zip(&inputs) {
-                    slot.steps += input.is_some() as u64;
-                }
-            }
-            Some(CudaStepOutcome::Skipped { first_bad }) => {
+        if !skip {
+            // NonFinitePolicy::Error: this step's outcome decides what `step` returns. A refused
+            // step is not a skipped one.
+            if let Some(CudaStepOutcome::Skipped { first_bad }) = self.settle_cuda_outcome(false)? {
                 let slot = &self.slots[first_bad];
                 bail!(
                     "the gradient of parameter {first_bad} {:?} (shape {:?}) is not finite",
@@ -416,25 +408,30 @@ impl Slots {
     }
 
     /// Counts the outcome of the step still pending on the device, if any (waiting for it only
-    /// if the device has not finished that step's pre-pass).
+    /// if the device has not finished that step's pre-pass), and returns it. A skipped step is
+    /// counted in `skipped` when `count_skipped` (NonFinitePolicy::Skip).
     #[cfg(feature = "cuda")]
-    fn settle_cuda_outcome(&mut self) -> Result<()> {
+    fn settle_cuda_outcome(
+        &mut self,
+        count_skipped: bool,
+    ) -> Result<Option<candle_bnb_kernels::CudaStepOutcome>> {
         use candle_bnb_kernels::CudaStepOutcome;
         let Some(device) = self.device.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
-        if let Some((outcome, with_grad)) = device.take_outcome()? {
-            match outcome {
-                CudaStepOutcome::Taken => {
-                    self.steps += 1;
-                    for i in with_grad {
-                        self.slots[i].steps += 1;
-                    }
+        let Some((outcome, with_grad)) = device.take_outcome()? else {
+            return Ok(None);
+        };
+        match outcome {
+            CudaStepOutcome::Taken => {
+                self.steps += 1;
+                for i in with_grad {
+                    self.slots[i].steps += 1;
                 }
-                CudaStepOutcome::Skipped { .. } => self.skipped += 1,
             }
+            CudaStepOutcome::Skipped { .. } => self.skipped += count_skipped as u64,
         }
-        Ok(())
+        Ok(Some(outcome))
     }
 
     pub(crate) fn names(&self) -> impl Iterator<Item = &str> {

@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchArgs, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{bail, CudaDevice, DType, Device, Result, Storage, Tensor};
@@ -97,6 +98,45 @@ struct Group {
     /// `2 * blocks` f64 for the layer-wise first pass, allocated on the first layer-wise step.
     partials: Option<CudaSlice<f64>>,
     total_blocks: usize,
+}
+
+/// Where one group's slot table is in a step's tables, and what it covers this step (only
+/// parameters with a gradient are in it).
+struct GroupTable {
+    offset: usize,
+    n_slots: usize,
+    total_blocks: u64,
+}
+
+/// The layout of one step's tables.
+struct Tables {
+    /// Pre-pass chunks over every gradient of the step.
+    total_chunks: u64,
+    /// One entry per group, in group order.
+    groups: Vec<GroupTable>,
+}
+
+/// The arguments every fused-step kernel starts with (`BNB_STEP_ARGS` in fused.cu).
+struct StepArgs {
+    slots: u64,
+    n_slots: i32,
+    total_blocks: u64,
+    block_size: i32,
+    tables: u64,
+    grad_scales: u64,
+    skip: u64,
+}
+
+impl StepArgs {
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        b.arg(&self.slots)
+            .arg(&self.n_slots)
+            .arg(&self.total_blocks)
+            .arg(&self.block_size)
+            .arg(&self.tables)
+            .arg(&self.grad_scales)
+            .arg(&self.skip);
+    }
 }
 
 /// The pinned host memory a step's tables are written into; two of them alternate, so writing
@@ -573,8 +613,9 @@ impl CudaOptimizerState {
     /// no gradient, the parameter and its state are left alone). The pre-pass on the device
     /// checks every gradient for NaN/±inf (then the whole step changes nothing), clips
     /// (`max_grad_norm`, each parameter's percentile clipping) and the updates follow, without
-    /// the host waiting. `wait` reads the outcome back before returning (what
-    /// `NonFinitePolicy::Error` needs); otherwise [`Self::take_outcome`] gives it later.
+    /// the host waiting. [`Self::take_outcome`] gives the outcome later (or at once, waiting,
+    /// which is what `NonFinitePolicy::Error` needs). `count_skipped` tells the device's own
+    /// counters whether a skip counts as a skipped step.
     ///
     /// A previous step's outcome that was not taken is dropped: take it first.
     ///
@@ -585,8 +626,8 @@ impl CudaOptimizerState {
         &mut self,
         grads: &[Option<(&Tensor, R)>],
         max_grad_norm: Option<f64>,
-        wait: bool,
-    ) -> Result<Option<CudaStepOutcome>> {
+        count_skipped: bool,
+    ) -> Result<()> {
         if grads.len() != self.params.len() {
             bail!(
                 "CUDA step: {} gradients for {} parameters",
@@ -595,7 +636,8 @@ impl CudaOptimizerState {
             )
         }
         // Checks and addresses first: nothing is launched unless every gradient is usable.
-        let mut grad_slots: Vec<(usize, u64)> = Vec::with_capacity(self.params.len());
+        let mut with_grad: Vec<usize> = Vec::with_capacity(self.params.len());
+        let mut grad_address = vec![0u64; self.params.len()];
         let mut contiguous: Vec<Tensor> = Vec::new();
         for (i, entry) in grads.iter().enumerate() {
             let Some((grad, rule)) = entry else { continue };
@@ -617,7 +659,7 @@ impl CudaOptimizerState {
                     rule.signed_states().len()
                 )
             }
-            let address = if grad.is_contiguous() {
+            grad_address[i] = if grad.is_contiguous() {
                 tensor_address(grad, &self.dev, &what)?
             } else {
                 let g = grad.contiguous()?;
@@ -625,28 +667,24 @@ impl CudaOptimizerState {
                 contiguous.push(g);
                 a
             };
-            grad_slots.push((i, address));
+            with_grad.push(i);
         }
-        let with_grad: Vec<usize> = grad_slots.iter().map(|(i, _)| *i).collect();
-        let mut grad_address = vec![0u64; self.params.len()];
-        for &(i, a) in &grad_slots {
-            grad_address[i] = a;
-        }
-        self.write_and_copy_tables(grads, &grad_slots, &grad_address)?;
-        self.launch_prepass(&grad_slots, max_grad_norm, !wait)?;
+        let tables = self.write_and_copy_tables(grads, &with_grad, &grad_address)?;
+        self.launch_prepass(
+            with_grad.len(),
+            tables.total_chunks,
+            max_grad_norm,
+            count_skipped,
+        )?;
         // From here the pre-pass has run (history, clipping scales): the outcome is pending even
         // if a later launch fails.
         self.pending = Some(with_grad);
-        for g in 0..self.groups.len() {
-            self.launch_group::<R>(g, grads)?;
+        for (g, table) in tables.groups.iter().enumerate() {
+            self.launch_group::<R>(g, table)?;
         }
         // The gradients copied to be contiguous are freed in stream order, after the kernels.
         drop(contiguous);
-        if wait {
-            Ok(self.take_outcome()?.map(|(outcome, _)| outcome))
-        } else {
-            Ok(None)
-        }
+        Ok(())
     }
 
     fn n_states(&self, i: usize) -> usize {
@@ -657,13 +695,14 @@ impl CudaOptimizerState {
     }
 
     /// Writes the grad-slot table and every group's slot table into the next pinned staging
-    /// buffer and copies it to the device (stream-ordered, no wait).
+    /// buffer and copies it to the device (stream-ordered, no wait). Returns where each group's
+    /// table is and what it covers, for the launches.
     fn write_and_copy_tables<R: CudaRule>(
         &mut self,
         grads: &[Option<(&Tensor, R)>],
-        grad_slots: &[(usize, u64)],
+        with_grad: &[usize],
         grad_address: &[u64],
-    ) -> Result<()> {
+    ) -> Result<Tables> {
         let bytes = GRAD_SLOT_BYTES * self.params.len() + slot_bytes::<R>() * self.params.len();
         if self.staging.as_ref().is_none_or(|s| s.bytes < bytes) {
             // First step (or a rule with a larger struct): allocated once.
@@ -692,11 +731,11 @@ impl CudaOptimizerState {
         let host = staging.buffers[staging.next].as_mut_slice().w()?;
         let mut w = TableWriter::new(host);
         let mut first_chunk = 0u64;
-        for &(i, address) in grad_slots {
+        for &i in with_grad {
             let param = &self.params[i];
             let n = param.elem_count() as u64;
             w.grad_slot(&GradSlot {
-                grad: address,
+                grad: grad_address[i],
                 n,
                 first_chunk,
                 dtype: dtype_code(param.dtype())?,
@@ -705,7 +744,10 @@ impl CudaOptimizerState {
             first_chunk += n.div_ceil(NORM_CHUNK as u64);
         }
         w.seek(GRAD_SLOT_BYTES * self.params.len());
+        let mut groups = Vec::with_capacity(self.groups.len());
         for group in &self.groups {
+            let offset = w.position();
+            let mut n_slots = 0;
             let mut first_block = 0u64;
             for &i in &group.members {
                 let Some((_, rule)) = &grads[i] else { continue };
@@ -721,15 +763,24 @@ impl CudaOptimizerState {
                     scale_index: i as u64,
                     rule,
                 });
+                n_slots += 1;
                 first_block += n.div_ceil(group.block_size as u64);
             }
+            groups.push(GroupTable {
+                offset,
+                n_slots,
+                total_blocks: first_block,
+            });
         }
         let staging = self.staging.as_mut().expect("allocated above");
         let (buffers, device) = (&staging.buffers, &mut staging.device);
         stream.memcpy_htod(&buffers[staging.next], device).w()?;
         staging.copied[staging.next].record(&stream).w()?;
         staging.next = 1 - staging.next;
-        Ok(())
+        Ok(Tables {
+            total_chunks: first_chunk,
+            groups,
+        })
     }
 
     fn table_address(&self, offset: usize) -> u64 {
@@ -742,17 +793,14 @@ impl CudaOptimizerState {
 
     fn launch_prepass(
         &mut self,
-        grad_slots: &[(usize, u64)],
+        n_slots: usize,
+        total_chunks: u64,
         max_grad_norm: Option<f64>,
         count_skipped: bool,
     ) -> Result<()> {
         let stream = self.stream.clone();
         let slots = self.table_address(0);
-        let n_slots = grad_slots.len() as i32;
-        let total_chunks: u64 = grad_slots
-            .iter()
-            .map(|(i, _)| self.params[*i].elem_count().div_ceil(NORM_CHUNK) as u64)
-            .sum();
+        let n_slots = n_slots as i32;
         let sum = self
             .dev
             .get_or_load_custom_func("bnb_sum_squares", NORMS_MODULE, NORMS_PTX)?
@@ -801,44 +849,21 @@ impl CudaOptimizerState {
         Ok(())
     }
 
-    fn launch_group<R: CudaRule>(
-        &mut self,
-        g: usize,
-        grads: &[Option<(&Tensor, R)>],
-    ) -> Result<()> {
+    fn launch_group<R: CudaRule>(&mut self, g: usize, table: &GroupTable) -> Result<()> {
+        if table.n_slots == 0 || table.total_blocks == 0 {
+            return Ok(());
+        }
         let stream = self.stream.clone();
-        let mut offset = GRAD_SLOT_BYTES * self.params.len();
-        for earlier in &self.groups[..g] {
-            offset += earlier
-                .members
-                .iter()
-                .filter(|i| grads[**i].is_some())
-                .count()
-                * slot_bytes::<R>();
-        }
         let group = &self.groups[g];
-        let present: Vec<usize> = group
-            .members
-            .iter()
-            .copied()
-            .filter(|i| grads[*i].is_some())
-            .collect();
-        if present.is_empty() {
-            return Ok(());
-        }
-        let total_blocks: u64 = present
-            .iter()
-            .map(|i| self.params[*i].elem_count().div_ceil(group.block_size) as u64)
-            .sum();
-        if total_blocks == 0 {
-            return Ok(());
-        }
-        let slots = self.table_address(offset);
-        let n_slots = present.len() as i32;
-        let block_size = group.block_size as i32;
-        let tables = group.tables.as_ref().map_or(0, |t| address(t, &stream));
-        let scales = address(&self.grad_scales, &stream);
-        let skip = address(&self.flags, &stream);
+        let args = StepArgs {
+            slots: self.table_address(table.offset),
+            n_slots: table.n_slots as i32,
+            total_blocks: table.total_blocks,
+            block_size: group.block_size as i32,
+            tables: group.tables.as_ref().map_or(0, |t| address(t, &stream)),
+            grad_scales: address(&self.grad_scales, &stream),
+            skip: address(&self.flags, &stream),
+        };
         let precision = if group.quantized { "q8" } else { "f32" };
         let suffix = format!(
             "{}_{}_{precision}_s{}",
@@ -847,63 +872,47 @@ impl CudaOptimizerState {
             group.n_states
         );
         let per_tile = (THREADS as usize / (group.block_size / 16)) as u64;
-        let cfg = config(grid(total_blocks, per_tile));
+        let cfg = config(grid(table.total_blocks, per_tile));
         if R::LAYERWISE {
             if self.groups[g].partials.is_none() {
-                let partials = self.dev.alloc_zeros::<f64>(2 * group.total_blocks.max(1))?;
-                self.groups[g].partials = Some(partials);
+                let blocks = self.groups[g].total_blocks;
+                self.groups[g].partials = Some(self.dev.alloc_zeros::<f64>(2 * blocks.max(1))?);
             }
-            let group = &self.groups[g];
-            let partials = address(group.partials.as_ref().expect("allocated"), &stream);
-            let measure = self
-                .dev
-                .get_or_load_custom_func(&format!("bnb_measure_{suffix}"), FUSED_MODULE, FUSED_PTX)?
-                .into_cuda_function();
+            let partials = address(
+                self.groups[g].partials.as_ref().expect("allocated"),
+                &stream,
+            );
+            let measure = self.fused_function(&format!("bnb_measure_{suffix}"))?;
             let mut b = stream.launch_builder(&measure);
-            b.arg(&slots)
-                .arg(&n_slots)
-                .arg(&total_blocks)
-                .arg(&block_size)
-                .arg(&tables)
-                .arg(&scales)
-                .arg(&skip)
-                .arg(&partials);
+            args.push(&mut b);
+            b.arg(&partials);
             // SAFETY: bnb_measure_* (BNB_STEP_ARGS, double* partials): the slot table holds
             // n_slots slots of this group with their pointers; partials has 2 * total_blocks.
             unsafe { b.launch(cfg) }.w()?;
-            let trust = self
-                .dev
-                .get_or_load_custom_func(
-                    &format!("bnb_set_trust_{}", R::KERNEL_NAME),
-                    FUSED_MODULE,
-                    FUSED_PTX,
-                )?
-                .into_cuda_function();
+            let trust = self.fused_function(&format!("bnb_set_trust_{}", R::KERNEL_NAME))?;
             let mut b = stream.launch_builder(&trust);
-            b.arg(&slots)
-                .arg(&n_slots)
-                .arg(&block_size)
+            b.arg(&args.slots)
+                .arg(&args.n_slots)
+                .arg(&args.block_size)
                 .arg(&partials)
-                .arg(&skip);
+                .arg(&args.skip);
             // SAFETY: bnb_set_trust_*(Slot*, int, int, const double*, const int*).
-            unsafe { b.launch(config((n_slots as u32).min(MAX_GRID as u32))) }.w()?;
+            unsafe { b.launch(config((table.n_slots as u32).min(MAX_GRID as u32))) }.w()?;
         }
-        let step = self
-            .dev
-            .get_or_load_custom_func(&format!("bnb_fused_{suffix}"), FUSED_MODULE, FUSED_PTX)?
-            .into_cuda_function();
+        let step = self.fused_function(&format!("bnb_fused_{suffix}"))?;
         let mut b = stream.launch_builder(&step);
-        b.arg(&slots)
-            .arg(&n_slots)
-            .arg(&total_blocks)
-            .arg(&block_size)
-            .arg(&tables)
-            .arg(&scales)
-            .arg(&skip);
+        args.push(&mut b);
         // SAFETY: bnb_fused_* (BNB_STEP_ARGS): the slot table holds n_slots slots whose
         // pointers cover n elements (states, codes) and ceil(n / block_size) scales each.
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
+    }
+
+    fn fused_function(&self, name: &str) -> Result<CudaFunction> {
+        Ok(self
+            .dev
+            .get_or_load_custom_func(name, FUSED_MODULE, FUSED_PTX)?
+            .into_cuda_function())
     }
 
     /// Bytes the device state buffers hold (codes, scales and f32 values), as

@@ -128,32 +128,27 @@ pub unsafe trait CudaRule: UpdateRule + Copy + Send + 'static {
     }
 }
 
-// SAFETY (all): #[repr(C)] structs of f32 fields (and bools with explicit padding bytes), laid
-// out as their kernels/rules/*.cuh twins; `layout_tests` checks the sizes, which equal the sum of
-// the fields' sizes.
-unsafe impl CudaRule for AdamRule {
-    const KERNEL_NAME: &'static str = "adam";
+/// `CudaRule` for each rule with its kernels' name.
+macro_rules! cuda_rules {
+    ($($rule:ty => $name:literal),* $(,)?) => {$(
+        // SAFETY: a #[repr(C)] struct of f32 fields (and bools with explicit padding bytes),
+        // laid out as its kernels/rules/*.cuh twin; `layout_tests` checks the sizes, which
+        // equal the sum of the fields' sizes.
+        unsafe impl CudaRule for $rule {
+            const KERNEL_NAME: &'static str = $name;
+        }
+    )*};
 }
-unsafe impl CudaRule for LambRule {
-    const KERNEL_NAME: &'static str = "lamb";
-}
-unsafe impl CudaRule for LionRule {
-    const KERNEL_NAME: &'static str = "lion";
-}
-unsafe impl CudaRule for SgdRule {
-    const KERNEL_NAME: &'static str = "sgd";
-}
-unsafe impl CudaRule for LarsRule {
-    const KERNEL_NAME: &'static str = "lars";
-}
-unsafe impl CudaRule for RmspropRule {
-    const KERNEL_NAME: &'static str = "rmsprop";
-}
-unsafe impl CudaRule for AdagradRule {
-    const KERNEL_NAME: &'static str = "adagrad";
-}
-unsafe impl CudaRule for AdEMAMixRule {
-    const KERNEL_NAME: &'static str = "ademamix";
+
+cuda_rules! {
+    AdamRule => "adam",
+    LambRule => "lamb",
+    LionRule => "lion",
+    SgdRule => "sgd",
+    LarsRule => "lars",
+    RmspropRule => "rmsprop",
+    AdagradRule => "adagrad",
+    AdEMAMixRule => "ademamix",
 }
 
 /// `1 / (1 - beta^step)`, in f64 then rounded once, as candle-nn does.
