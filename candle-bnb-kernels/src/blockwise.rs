@@ -158,6 +158,10 @@ pub fn dequantize_blockwise_into(
         )
     }
     check_same_device("dequantize_blockwise_into", "out", out, "codes", codes)?;
+    if out.elem_count() == 0 {
+        // Candle refuses in-place writes to shapes such as `[5, 0]` (repeated zero strides).
+        return Ok(());
+    }
     let absmax = absmax.flatten_all()?.contiguous()?;
     out.inplace_op3(
         &codes.contiguous()?,

@@ -243,7 +243,8 @@ impl ParamState {
 /// updated in f32 and re-quantized block by block with fresh absmax scales).
 ///
 /// `param` must be a contiguous `F32`, `F16` or `BF16` tensor (a `Var`'s tensor is); `grad` has
-/// its shape and dtype, any layout. Math is f32 whatever the dtype; `F16`/`BF16` parameters are
+/// its shape and dtype, any layout, and may share the parameter's storage (it is then copied
+/// first). A parameter with no elements (any shape with a zero dimension) is left as it is. Math is f32 whatever the dtype; `F16`/`BF16` parameters are
 /// rounded to nearest-even once per step.
 ///
 /// # Errors
@@ -258,7 +259,18 @@ pub fn fused_update<R: UpdateRule>(
     state: &mut ParamState,
 ) -> Result<()> {
     check_fused_update(rule, param, grad, state)?;
-    let grad = grad.contiguous()?;
+    if param.elem_count() == 0 {
+        // Nothing to update; Candle refuses in-place writes to shapes such as `[3, 0]`, whose
+        // zero-sized dimension gives the others repeated (zero) strides.
+        return Ok(());
+    }
+    // A gradient sharing the parameter's storage would be read while it is written: step from a
+    // copy instead.
+    let grad = if shares_storage(param, grad) {
+        grad.copy()?
+    } else {
+        grad.contiguous()?
+    };
     param.inplace_op2(
         &grad,
         &FusedUpdate {
@@ -330,6 +342,13 @@ pub fn check_fused_update<R: UpdateRule>(
         }
     }
     Ok(())
+}
+
+/// Whether two tensors are views of one storage (the same allocation, whatever their layouts).
+pub(crate) fn shares_storage(a: &Tensor, b: &Tensor) -> bool {
+    let a_storage: *const _ = &*a.storage_and_layout().0;
+    let b_storage: *const _ = &*b.storage_and_layout().0;
+    std::ptr::eq(a_storage, b_storage)
 }
 
 /// [`measure`] over a parameter's state, whatever its storage.

@@ -16,7 +16,7 @@ States: first moment (signed), second moment (unsigned).",
         beta1: f64 = 0.9,
         /// Decay rate of the second-moment average, in `[0, 1)`.
         beta2: f64 = 0.999,
-        /// Added to the root of the second moment for numerical stability.
+        /// Added to the root of the second moment for numerical stability; must be > 0.
         eps: f64 = 1e-8,
         /// L2 weight decay, added to the gradient as `weight_decay * param`.
         weight_decay: f64 = 0.0,
@@ -25,7 +25,7 @@ States: first moment (signed), second moment (unsigned).",
         check::non_negative("lr", c.lr)?;
         check::unit_interval("beta1", c.beta1)?;
         check::unit_interval("beta2", c.beta2)?;
-        check::non_negative("eps", c.eps)?;
+        check::positive_eps(c.eps)?;
         check::non_negative("weight_decay", c.weight_decay)?;
     },
     rule: |c, t| AdamRule::new(t, c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, false),
@@ -45,7 +45,7 @@ about 2 bytes per parameter instead of 8.",
         beta1: f64 = 0.9,
         /// Decay rate of the second-moment average, in `[0, 1)`.
         beta2: f64 = 0.999,
-        /// Added to the root of the second moment for numerical stability.
+        /// Added to the root of the second moment for numerical stability; must be > 0.
         eps: f64 = 1e-8,
         /// Decoupled weight decay: parameters are scaled by `1 - lr * weight_decay` each step.
         weight_decay: f64 = 1e-2,
@@ -54,7 +54,7 @@ about 2 bytes per parameter instead of 8.",
         check::non_negative("lr", c.lr)?;
         check::unit_interval("beta1", c.beta1)?;
         check::unit_interval("beta2", c.beta2)?;
-        check::non_negative("eps", c.eps)?;
+        check::positive_eps(c.eps)?;
         check::non_negative("weight_decay", c.weight_decay)?;
     },
     rule: |c, t| AdamRule::new(t, c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, true),

@@ -26,7 +26,7 @@ accepts and ignores them). States: fast momentum (signed), slow momentum (signed
         t_alpha: Option<u64> = None,
         /// Steps over which `beta3` warms up from `beta1` (`None`: no warm-up).
         t_beta3: Option<u64> = None,
-        /// Added to the root of the second moment for numerical stability.
+        /// Added to the root of the second moment for numerical stability; must be > 0.
         eps: f64 = 1e-8,
         /// Decoupled weight decay: `p -= lr * weight_decay * p`.
         weight_decay: f64 = 1e-2,
@@ -37,7 +37,7 @@ accepts and ignores them). States: fast momentum (signed), slow momentum (signed
         check::unit_interval("beta2", c.beta2)?;
         check::unit_interval("beta3", c.beta3)?;
         check::non_negative("alpha", c.alpha)?;
-        check::non_negative("eps", c.eps)?;
+        check::positive_eps(c.eps)?;
         check::non_negative("weight_decay", c.weight_decay)?;
     },
     rule: |c, t| AdEMAMixRule::new(

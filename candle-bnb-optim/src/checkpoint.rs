@@ -1,28 +1,37 @@
 //! Optimizer checkpoints: the whole state of an optimizer in one safetensors file.
 //!
 //! Written by `save` on every optimizer (e.g. [`AdamW8bit::save`](crate::AdamW8bit::save)) and
-//! read back by `load`. The file holds, for a parameter named `NAME` (its `VarMap` name, the
-//! name given to `new_named`, or its position `"0"`, `"1"`, ... for `Optimizer::new`):
+//! read back by `load`. Parameters are keyed by their position `i`, never by their name, so no
+//! name can collide with another entry. For parameter `i` the file holds the tensors
 //!
-//! - `NAME.state{k}`: f32 state `k`, one value per element (32-bit state), or
-//!   `NAME.state{k}.codes` (U8, one per element), `NAME.state{k}.absmax` (F32, one per block) and
-//!   `NAME.state{k}.map` (F32, the 256 map values) for 8-bit state;
-//! - `NAME.grad_norms` (F64): the percentile-clipping history, oldest first;
+//! - `param.{i}.state{k}`: f32 state `k`, one value per element (32-bit state), or
+//!   `param.{i}.state{k}.codes` (U8, one per element), `param.{i}.state{k}.absmax` (F32, one per
+//!   block) and `param.{i}.state{k}.map` (F32, the 256 map values) for 8-bit state;
+//! - `param.{i}.grad_norms` (F64): the percentile-clipping history, oldest first;
 //!
 //! and as safetensors metadata: `format` ([`FORMAT`]), `version` ([`VERSION`]), `kind` (the
 //! optimizer family, e.g. `AdamW` for `AdamW` and `AdamW8bit`), `steps`, `skipped`, `params`
-//! (the count), `param.{i}` (the i-th name), `NAME.shape`, `NAME.dtype`, `NAME.steps` (the steps
-//! this parameter took), `NAME.states`
-//! (`f32:K` or `8bit:K`), `NAME.block_size`, `NAME.overrides` (the [`crate::Overrides`]
-//! settings that apply to it, `field=value;...`: loading with other overrides is an error naming
-//! the parameter), `config.FIELD` for every field of the base config and `optimizer.initial_lr`.
+//! (the count), `param.{i}.name` (its `VarMap` name, the name given to `new_named`, or `"i"`
+//! for `Optimizer::new`), `param.{i}.shape`, `param.{i}.dtype`, `param.{i}.steps` (the steps
+//! this parameter took), `param.{i}.states` (`f32:K` or `8bit:K`), `param.{i}.block_size`,
+//! `param.{i}.overrides` (the [`crate::Overrides`] settings that apply to it,
+//! `field=value;...`: loading with other overrides is an error naming the parameter),
+//! `config.FIELD` for every field of the base config, `optimizer.initial_lr`, and checksums:
+//! `checksum.TENSOR` (XXH3-64 of each tensor's bytes, 16 hex digits) and `checksum.metadata`
+//! (XXH3-64 of every other metadata entry and of the tensor table: names, dtypes, shapes).
 //!
 //! Saving is atomic: the file is written under a temporary name in the same folder, flushed to
 //! disk (fsync), then renamed over `path`, so a crash leaves either the old file or the new one.
-//! Loading reads and checks everything before it changes anything.
+//!
+//! Loading reads and checks everything before it changes anything, and either restores exactly
+//! what was saved or refuses with an error naming the file and what is wrong: any corrupted
+//! byte of metadata or tensor data fails its checksum; a tensor that is missing, unexpected, or
+//! of another dtype or size, a state value that is not finite (or negative where the state
+//! cannot be, such as a second moment), a quantization map that is not the one the state uses,
+//! a config field that is missing, and step counts beyond 2^53 ([`MAX_STEPS`]) are refused.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +45,11 @@ use crate::engine::{Slots, GRAD_NORM_HISTORY};
 /// The `format` metadata value of every checkpoint.
 pub const FORMAT: &str = "candle-bnb-optimizer";
 /// The checkpoint format version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The largest step (or skipped-step) count a checkpoint may hold: 2^53, beyond which counts
+/// are no longer exact as f64 and which a step of one microsecond would take 285 years to
+/// reach. Larger counts can only come from a damaged file, and would overflow.
+pub const MAX_STEPS: u64 = 1 << 53;
 
 /// A checkpoint read and checked against an optimizer's parameters.
 pub(crate) struct Loaded {
@@ -57,6 +70,57 @@ fn settings_text(settings: &[(String, String)]) -> String {
         .map(|(f, v)| format!("{f}={v}"))
         .collect::<Vec<_>>()
         .join(";")
+}
+
+/// The metadata key of parameter `i`'s `field`, and the prefix of its tensors.
+fn param_key(i: usize, field: &str) -> String {
+    format!("param.{i}.{field}")
+}
+
+/// The metadata key holding the checksum of tensor `key`.
+fn checksum_key(key: &str) -> String {
+    format!("checksum.{key}")
+}
+
+/// The metadata key holding the checksum of the rest of the metadata and the tensor table.
+const METADATA_CHECKSUM: &str = "checksum.metadata";
+
+fn checksum_text(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
+/// The checksum of every metadata entry except [`METADATA_CHECKSUM`], and of each tensor's
+/// name, dtype and shape: entries sorted by key, each field followed by a 0 byte (no key or
+/// value holds one: safetensors' header is JSON text, where it would be escaped).
+fn metadata_checksum<'a>(
+    meta: &HashMap<String, String>,
+    tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize])>,
+) -> String {
+    let mut entries: Vec<(&str, &str)> = meta
+        .iter()
+        .filter(|(k, _)| k.as_str() != METADATA_CHECKSUM)
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    entries.sort_unstable();
+    let mut tensors: Vec<(&str, String)> = tensors
+        .map(|(k, dtype, shape)| (k, format!("{dtype:?}{shape:?}")))
+        .collect();
+    tensors.sort_unstable();
+    let mut text = Vec::new();
+    for (k, v) in entries {
+        text.extend_from_slice(k.as_bytes());
+        text.push(0);
+        text.extend_from_slice(v.as_bytes());
+        text.push(0);
+    }
+    text.push(0);
+    for (k, v) in &tensors {
+        text.extend_from_slice(k.as_bytes());
+        text.push(0);
+        text.extend_from_slice(v.as_bytes());
+        text.push(0);
+    }
+    checksum_text(&text)
 }
 
 /// One tensor to write.
@@ -125,40 +189,41 @@ pub(crate) fn save(
     }
     let mut tensors: Vec<(String, Entry<'_>)> = Vec::new();
     for (i, slot) in synced.iter().enumerate() {
-        let name = &slot.name;
-        meta.insert(format!("param.{i}"), name.clone());
-        meta.insert(format!("{name}.shape"), shape_text(slot.var.dims()));
-        meta.insert(format!("{name}.dtype"), dtype_name(slot.var.dtype()).into());
-        meta.insert(format!("{name}.steps"), slot.steps.to_string());
-        meta.insert(format!("{name}.overrides"), settings_text(&settings[i]));
+        let key = |field: &str| param_key(i, field);
+        meta.insert(key("name"), slot.name.clone());
+        meta.insert(key("shape"), shape_text(slot.var.dims()));
+        meta.insert(key("dtype"), dtype_name(slot.var.dtype()).into());
+        meta.insert(key("steps"), slot.steps.to_string());
+        meta.insert(key("overrides"), settings_text(&settings[i]));
         match &slot.state {
             ParamState::F32(states) => {
-                meta.insert(format!("{name}.states"), format!("f32:{}", states.len()));
+                meta.insert(key("states"), format!("f32:{}", states.len()));
                 for (k, s) in states.iter().enumerate() {
-                    tensors.push((format!("{name}.state{k}"), f32_entry(s)));
+                    tensors.push((key(&format!("state{k}")), f32_entry(s)));
                 }
             }
             ParamState::Blockwise(states) => {
-                meta.insert(format!("{name}.states"), format!("8bit:{}", states.len()));
+                meta.insert(key("states"), format!("8bit:{}", states.len()));
                 if let Some(first) = states.first() {
-                    meta.insert(format!("{name}.block_size"), first.block_size().to_string());
+                    meta.insert(key("block_size"), first.block_size().to_string());
                 }
                 for (k, s) in states.iter().enumerate() {
+                    let state = key(&format!("state{k}"));
                     tensors.push((
-                        format!("{name}.state{k}.codes"),
+                        format!("{state}.codes"),
                         Entry {
                             dtype: Dtype::U8,
                             shape: vec![s.len()],
                             data: Cow::Borrowed(s.codes()),
                         },
                     ));
-                    tensors.push((format!("{name}.state{k}.absmax"), f32_entry(s.absmax())));
-                    tensors.push((format!("{name}.state{k}.map"), f32_entry(s.map().values())));
+                    tensors.push((format!("{state}.absmax"), f32_entry(s.absmax())));
+                    tensors.push((format!("{state}.map"), f32_entry(s.map().values())));
                 }
             }
         }
         tensors.push((
-            format!("{name}.grad_norms"),
+            key("grad_norms"),
             Entry {
                 dtype: Dtype::F64,
                 shape: vec![slot.grad_norms.len()],
@@ -171,6 +236,16 @@ pub(crate) fn save(
             },
         ));
     }
+    for (name, entry) in &tensors {
+        meta.insert(checksum_key(name), checksum_text(&entry.data));
+    }
+    let table = metadata_checksum(
+        &meta,
+        tensors
+            .iter()
+            .map(|(name, e)| (name.as_str(), e.dtype, e.shape.as_slice())),
+    );
+    meta.insert(METADATA_CHECKSUM.into(), table);
     write_atomically(path, |tmp| {
         safetensors::serialize_to_file(tensors, Some(meta), tmp)
             .map_err(|e| Error::Msg(format!("serializing checkpoint: {e}")))
@@ -228,6 +303,8 @@ struct Reader<'a> {
     path: &'a Path,
     file: SafeTensors<'a>,
     meta: &'a HashMap<String, String>,
+    /// The tensors read so far: any other tensor in the file is refused.
+    read: std::cell::RefCell<HashSet<String>>,
 }
 
 impl<'a> Reader<'a> {
@@ -250,6 +327,19 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A step count: at most [`MAX_STEPS`].
+    fn meta_steps(&self, key: &str) -> Result<u64> {
+        let v: u64 = self.meta_num(key)?;
+        if v > MAX_STEPS {
+            return self.fail(format!(
+                "metadata {key:?} = {v} is beyond any plausible step count ({MAX_STEPS})"
+            ));
+        }
+        Ok(v)
+    }
+
+    /// The tensor `key`, 1-dimensional, of `dtype` and (when given) `len` elements, whose bytes
+    /// match their checksum.
     fn tensor(&self, key: &str, dtype: Dtype, len: Option<usize>) -> Result<TensorView<'a>> {
         let t = match self.file.tensor(key) {
             Ok(t) => t,
@@ -263,11 +353,26 @@ impl<'a> Reader<'a> {
                 len.map_or("_".to_string(), |n| n.to_string())
             ));
         }
+        let stored = self.meta(&checksum_key(key))?;
+        let actual = checksum_text(t.data());
+        if stored != actual {
+            return self.fail(format!(
+                "tensor {key:?} is corrupted: its checksum is {actual}, the file says {stored}"
+            ));
+        }
+        self.read.borrow_mut().insert(key.to_string());
         Ok(t)
     }
 
-    /// The 8-bit state stored under `key` (`.codes`, `.absmax`, `.map`), validated.
-    fn blockwise(&self, key: &str, len: usize, block_size: usize) -> Result<BlockwiseState> {
+    /// The 8-bit state stored under `key` (`.codes`, `.absmax`, `.map`), validated: its map must
+    /// be `map`, the one this optimizer uses for that state.
+    fn blockwise(
+        &self,
+        key: &str,
+        len: usize,
+        block_size: usize,
+        map: &QuantMap,
+    ) -> Result<BlockwiseState> {
         let codes = self
             .tensor(&format!("{key}.codes"), Dtype::U8, Some(len))?
             .data()
@@ -278,8 +383,13 @@ impl<'a> Reader<'a> {
             .try_into()
             .expect("checked length");
         let context = |e: Error| e.context(format!("checkpoint {}: {key}", self.path.display()));
-        let map = QuantMap::from_values(&values).map_err(context)?;
-        BlockwiseState::from_parts(codes, absmax, map, block_size).map_err(context)
+        let stored = QuantMap::from_values(&values).map_err(context)?;
+        if &stored != map {
+            return self.fail(format!(
+                "{key}.map is {stored:?}, but this state is quantized with {map:?}"
+            ));
+        }
+        BlockwiseState::from_parts(codes, absmax, stored, block_size).map_err(context)
     }
 
     fn f32s(&self, key: &str, len: usize) -> Result<Vec<f32>> {
@@ -289,14 +399,37 @@ impl<'a> Reader<'a> {
             .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
             .collect())
     }
+
+    /// The f32 state `key` of `len` values, each finite and, unless `signed`, >= 0.
+    fn f32_state(&self, key: &str, len: usize, signed: bool) -> Result<Vec<f32>> {
+        let values = self.f32s(key, len)?;
+        if let Some((j, v)) = values
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(v.is_finite() && (signed || **v >= 0.0)))
+        {
+            return self.fail(format!(
+                "{key}[{j}] is {v}; this state holds {} values",
+                if signed {
+                    "finite"
+                } else {
+                    "finite non-negative"
+                }
+            ));
+        }
+        Ok(values)
+    }
 }
 
 /// Reads the checkpoint at `path` and checks it against `slots` without changing them.
+/// `signed[i]` tells, per state of parameter `i`, whether it may hold negative values
+/// ([`candle_bnb_kernels::UpdateRule::signed_states`]).
 pub(crate) fn load(
     path: &Path,
     kind: &str,
     slots: &Slots,
     settings: &[Vec<(String, String)>],
+    signed: &[&[bool]],
 ) -> Result<Loaded> {
     let bytes = std::fs::read(path)
         .map_err(|e| Error::Msg(format!("checkpoint {}: reading: {e}", path.display())))?;
@@ -310,7 +443,12 @@ pub(crate) fn load(
         .map_err(|e| Error::Msg(format!("checkpoint {}: {e}", path.display())))?;
     let empty = HashMap::new();
     let meta = header.metadata().as_ref().unwrap_or(&empty);
-    let r = Reader { path, file, meta };
+    let r = Reader {
+        path,
+        file,
+        meta,
+        read: Default::default(),
+    };
 
     let format = r.meta("format")?;
     if format != FORMAT {
@@ -320,6 +458,24 @@ pub(crate) fn load(
     if version != VERSION {
         return r.fail(format!(
             "format version {version}; this build reads version {VERSION}"
+        ));
+    }
+    let stored = r.meta(METADATA_CHECKSUM)?;
+    let names = r.file.names();
+    let mut table = Vec::with_capacity(names.len());
+    for &name in &names {
+        let t = r.file.tensor(name).map_err(|e| {
+            Error::Msg(format!(
+                "checkpoint {}: tensor {name:?}: {e}",
+                path.display()
+            ))
+        })?;
+        table.push((name, t.dtype(), t.shape().to_vec()));
+    }
+    let actual = metadata_checksum(meta, table.iter().map(|(k, d, s)| (*k, *d, s.as_slice())));
+    if stored != actual {
+        return r.fail(format!(
+            "the metadata is corrupted: its checksum is {actual}, the file says {stored}"
         ));
     }
     let file_kind = r.meta("kind")?;
@@ -333,33 +489,42 @@ pub(crate) fn load(
             slots.slots.len()
         ));
     }
+    let steps = r.meta_steps("steps")?;
+    let skipped = r.meta_steps("skipped")?;
     let mut states = Vec::with_capacity(count);
     let mut grad_norms = Vec::with_capacity(count);
     let mut param_steps = Vec::with_capacity(count);
     for (i, slot) in slots.slots.iter().enumerate() {
-        let name = r.meta(&format!("param.{i}"))?;
+        let key = |field: &str| param_key(i, field);
+        let name = r.meta(&key("name"))?;
         if name != slot.name {
             return r.fail(format!(
                 "parameter {i} is {name:?}, this optimizer's is {:?}",
                 slot.name
             ));
         }
-        let shape = r.meta(&format!("{name}.shape"))?;
+        let shape = r.meta(&key("shape"))?;
         if shape != shape_text(slot.var.dims()) {
             return r.fail(format!(
                 "parameter {name:?} has shape [{shape}], this optimizer's has {:?}",
                 slot.var.dims()
             ));
         }
-        let dtype = r.meta(&format!("{name}.dtype"))?;
+        let dtype = r.meta(&key("dtype"))?;
         if dtype != dtype_name(slot.var.dtype()) {
             return r.fail(format!(
                 "parameter {name:?} has dtype {dtype}, this optimizer's has {}",
                 dtype_name(slot.var.dtype())
             ));
         }
-        param_steps.push(r.meta_num::<u64>(&format!("{name}.steps"))?);
-        let stored = r.meta(&format!("{name}.overrides"))?;
+        let own_steps = r.meta_steps(&key("steps"))?;
+        if own_steps > steps {
+            return r.fail(format!(
+                "parameter {name:?} took {own_steps} steps, more than the optimizer's {steps}"
+            ));
+        }
+        param_steps.push(own_steps);
+        let stored = r.meta(&key("overrides"))?;
         let ours = settings_text(&settings[i]);
         if stored != ours {
             return r.fail(format!(
@@ -367,7 +532,7 @@ pub(crate) fn load(
             ));
         }
         let n = slot.var.elem_count();
-        let stored = r.meta(&format!("{name}.states"))?;
+        let stored = r.meta(&key("states"))?;
         let expected = match &slot.state {
             ParamState::F32(s) => format!("f32:{}", s.len()),
             ParamState::Blockwise(s) => format!("8bit:{}", s.len()),
@@ -380,27 +545,31 @@ pub(crate) fn load(
         let state = match &slot.state {
             ParamState::F32(s) => ParamState::F32(
                 (0..s.len())
-                    .map(|k| r.f32s(&format!("{name}.state{k}"), n))
+                    .map(|k| {
+                        let is_signed = signed[i].get(k).copied().unwrap_or(true);
+                        r.f32_state(&key(&format!("state{k}")), n, is_signed)
+                    })
                     .collect::<Result<_>>()?,
             ),
             ParamState::Blockwise(s) => ParamState::Blockwise(match s.first() {
                 None => Vec::new(),
                 Some(first) => {
-                    let bs: usize = r.meta_num(&format!("{name}.block_size"))?;
+                    let bs: usize = r.meta_num(&key("block_size"))?;
                     if bs != first.block_size() {
                         return r.fail(format!(
                             "parameter {name:?} has block size {bs}, this optimizer uses {}",
                             first.block_size()
                         ));
                     }
-                    (0..s.len())
-                        .map(|k| r.blockwise(&format!("{name}.state{k}"), n, bs))
+                    s.iter()
+                        .enumerate()
+                        .map(|(k, ours)| r.blockwise(&key(&format!("state{k}")), n, bs, ours.map()))
                         .collect::<Result<_>>()?
                 }
             }),
         };
         states.push(state);
-        let norms_key = format!("{name}.grad_norms");
+        let norms_key = key("grad_norms");
         let norms = r.tensor(&norms_key, Dtype::F64, None)?;
         let norms: VecDeque<f64> = norms
             .data()
@@ -414,6 +583,10 @@ pub(crate) fn load(
         }
         grad_norms.push(norms);
     }
+    let read = r.read.borrow();
+    if let Some(extra) = names.iter().find(|n| !read.contains(**n)) {
+        return r.fail(format!("tensor {extra:?} belongs to no parameter"));
+    }
     let config = meta
         .iter()
         .filter_map(|(k, v)| Some((k.strip_prefix("config.")?.to_string(), v.clone())))
@@ -426,8 +599,8 @@ pub(crate) fn load(
         states,
         grad_norms,
         param_steps,
-        steps: r.meta_num("steps")?,
-        skipped: r.meta_num("skipped")?,
+        steps,
+        skipped,
         config,
         extra,
     })

@@ -185,17 +185,12 @@ macro_rules! define_optimizer {
             /// Sets the base learning rate. A parameter whose `lr` was overridden keeps its ratio
             /// to the base: its learning rate becomes `lr * override / base_at_construction`
             /// (or stays at the override when the base was 0 at construction).
+            ///
+            /// An invalid `lr` (negative, NaN, infinite, or one that makes an overridden rate
+            /// invalid) leaves the optimizer as it was: the trait cannot return an error;
+            /// [`try_set_learning_rate`](Self::try_set_learning_rate) reports it.
             fn set_learning_rate(&mut self, lr: f64) {
-                let mut config = self.config.clone();
-                config.lr = lr;
-                // Settings were checked at construction; a base lr that makes a scaled one
-                // invalid (negative, NaN) leaves the optimizer as it was.
-                if let Ok(params) =
-                    Self::derive(&config, self.initial_lr, &self.settings, self.slots.names())
-                {
-                    self.config = config;
-                    self.params = params;
-                }
+                let _ = self.try_set_learning_rate(lr);
             }
         }
 
@@ -308,6 +303,22 @@ macro_rules! define_optimizer {
                 Ok(params)
             }
 
+            /// Sets the base learning rate as `Optimizer::set_learning_rate` does (overridden
+            /// rates keep their ratio to the base), or returns an error and changes nothing.
+            ///
+            /// # Errors
+            /// An `lr` that is negative or not finite, or that makes a parameter's overridden
+            /// rate invalid (naming the parameter).
+            pub fn try_set_learning_rate(&mut self, lr: f64) -> candle_core::Result<()> {
+                let mut config = self.config.clone();
+                config.lr = lr;
+                config.validate()?;
+                self.params =
+                    Self::derive(&config, self.initial_lr, &self.settings, self.slots.names())?;
+                self.config = config;
+                Ok(())
+            }
+
             /// The base configuration.
             pub fn config(&self) -> &$config {
                 &self.config
@@ -380,12 +391,29 @@ macro_rules! define_optimizer {
             /// block size): the message names the first mismatch.
             pub fn load(&mut self, path: impl AsRef<std::path::Path>) -> candle_core::Result<()> {
                 let path = path.as_ref();
-                let loaded = $crate::checkpoint::load(path, $kind, &self.slots, &self.settings)?;
+                let rules: Vec<_> = self.params.iter().map(|c| c.rule(1)).collect();
+                let signed: Vec<&[bool]> = rules
+                    .iter()
+                    .map(candle_bnb_kernels::UpdateRule::signed_states)
+                    .collect();
+                let loaded =
+                    $crate::checkpoint::load(path, $kind, &self.slots, &self.settings, &signed)?;
                 let mut config = self.config.clone();
                 for (name, value) in &loaded.config {
                     config.set_field(name, value).map_err(|e| {
                         e.context(format!("checkpoint {}: config", path.display()))
                     })?;
+                }
+                // Every field must come from the file: a missing one would silently keep this
+                // optimizer's value, and the run would not resume as it was saved.
+                if let Some(missing) = $config::FIELD_NAMES
+                    .iter()
+                    .find(|f| !loaded.config.iter().any(|(name, _)| name == *f))
+                {
+                    candle_core::bail!(
+                        "checkpoint {}: config field {missing:?} is missing",
+                        path.display()
+                    )
                 }
                 if config.layout() != self.config.layout() {
                     candle_core::bail!(
@@ -486,6 +514,18 @@ pub(crate) mod check {
     pub(crate) fn non_negative(name: &str, value: f64) -> Result<()> {
         if !(value.is_finite() && value >= 0.0) {
             bail!("{name} must be finite and >= 0, got {value}")
+        }
+        Ok(())
+    }
+
+    /// `eps` of a rule that divides by `sqrt(average) + eps`. torch accepts 0, but then a zero
+    /// gradient (a frozen row, a masked token) gives 0 / 0 = NaN on the first step; refusing it
+    /// here is cheaper than finding the NaN later.
+    pub(crate) fn positive_eps(value: f64) -> Result<()> {
+        if !(value.is_finite() && value > 0.0) {
+            bail!(
+                "eps must be finite and > 0, got {value}: the update divides by sqrt(v) + eps, which is 0 for a zero gradient when eps is 0"
+            )
         }
         Ok(())
     }

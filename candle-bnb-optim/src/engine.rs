@@ -8,7 +8,7 @@ use candle_bnb_kernels::{
     check_fused_update, fused_update, sum_squares, CudaRule, ParamState, ScaledGrad, UpdateRule,
 };
 use candle_core::backprop::GradStore;
-use candle_core::{bail, Result, Var};
+use candle_core::{bail, DType, Result, Var};
 
 /// What a step does when some gradient holds NaN or ±inf.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -303,6 +303,15 @@ impl Slots {
         percentile: impl Fn(usize) -> u32,
         make_rule: impl Fn(usize, u64) -> R,
     ) -> Result<()> {
+        // Counters that cannot grow are refused before anything changes (checkpoints refuse
+        // such counts, so this takes 2^64 steps to reach).
+        if self.steps == u64::MAX || self.skipped == u64::MAX {
+            bail!(
+                "the step counters are exhausted ({} steps, {} skipped)",
+                self.steps,
+                self.skipped
+            )
+        }
         #[cfg(feature = "cuda")]
         if self.device.is_some() {
             return self.step_cuda(grads, handling, percentile, make_rule);
@@ -529,19 +538,35 @@ pub(crate) fn sorted_vars(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
     vars
 }
 
-/// The floating-point vars among `vars` (others are ignored, as in candle-nn).
+/// The floating-point vars among `vars` (integer ones are ignored, as in candle-nn).
 ///
 /// # Errors
-/// A name given twice.
+/// A name given twice, one var given under two names (it would be stepped twice, with two
+/// states), or a float dtype the update kernels do not take (F64, F8 and the like: every step
+/// would fail).
 pub(crate) fn float_vars(vars: Vec<(String, Var)>) -> Result<Vec<(String, Var)>> {
-    let mut seen = std::collections::HashSet::new();
-    for (name, _) in &vars {
-        if !seen.insert(name.as_str()) {
+    let mut names = std::collections::HashSet::new();
+    let mut ids = std::collections::HashMap::new();
+    for (name, var) in &vars {
+        if !names.insert(name.as_str()) {
             bail!("parameter name {name:?} is given twice")
         }
+        if let Some(first) = ids.insert(var.id(), name.as_str()) {
+            bail!("one parameter is given twice, as {first:?} and as {name:?}")
+        }
     }
-    Ok(vars
+    let vars: Vec<(String, Var)> = vars
         .into_iter()
         .filter(|(_, v)| v.dtype().is_float())
-        .collect())
+        .collect();
+    if let Some((name, var)) = vars
+        .iter()
+        .find(|(_, v)| !matches!(v.dtype(), DType::F32 | DType::F16 | DType::BF16))
+    {
+        bail!(
+            "parameter {name:?} has dtype {:?}; the optimizers step F32, F16 and BF16 parameters",
+            var.dtype()
+        )
+    }
+    Ok(vars)
 }

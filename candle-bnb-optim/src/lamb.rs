@@ -19,7 +19,7 @@ has no 8-bit LAMB kernel; here the 8-bit path exists). States as Adam's.",
         beta1: f64 = 0.9,
         /// Decay rate of the second-moment average, in `[0, 1)`.
         beta2: f64 = 0.999,
-        /// Added to the root of the second moment for numerical stability.
+        /// Added to the root of the second moment for numerical stability; must be > 0.
         eps: f64 = 1e-8,
         /// Weight decay, inside the trust-ratio direction (`adam_w_mode`) or added to the
         /// gradient as L2.
@@ -35,7 +35,7 @@ has no 8-bit LAMB kernel; here the 8-bit path exists). States as Adam's.",
         check::non_negative("lr", c.lr)?;
         check::unit_interval("beta1", c.beta1)?;
         check::unit_interval("beta2", c.beta2)?;
-        check::non_negative("eps", c.eps)?;
+        check::positive_eps(c.eps)?;
         check::non_negative("weight_decay", c.weight_decay)?;
         check::non_negative("max_unorm", c.max_unorm)?;
     },

@@ -70,9 +70,33 @@ impl Module for Embedding {
         }
         let mut dims = ids.dims().to_vec();
         dims.push(self.weight.dim(1)?);
-        self.weight
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape(dims)
+        let ids = checked_ids(&ids.flatten_all()?, self.weight.dim(0)?)?;
+        self.weight.index_select(&ids, 0)?.reshape(dims)
+    }
+}
+
+/// Flat integer `ids` checked to lie in `0..rows`, in a dtype whose largest value is not a valid
+/// id: Candle's `index_select` reads the largest value of the id type as padding and returns a
+/// zero row for it (u8 255 on a table of 256 rows or more, `u32::MAX`, `i64::MAX`), so u8 ids
+/// are widened to u32. The check reads the ids' minimum and maximum back (a device sync on
+/// CUDA).
+fn checked_ids(ids: &Tensor, rows: usize) -> Result<Tensor> {
+    if ids.elem_count() == 0 {
+        return ids.to_dtype(DType::U32);
+    }
+    let wide = ids.to_dtype(DType::I64)?;
+    let min = wide.min(0)?.to_scalar::<i64>()?;
+    let max = wide.max(0)?.to_scalar::<i64>()?;
+    if min < 0 || max as u64 >= rows as u64 {
+        let bad = if min < 0 { min } else { max };
+        bail!("embedding id {bad} is out of range for a table of {rows} rows")
+    }
+    // Every id is below `rows`, so u32 ids never reach u32::MAX unless the table has more rows
+    // than that; i64 ids never reach i64::MAX.
+    match ids.dtype() {
+        DType::U8 => ids.to_dtype(DType::U32),
+        DType::U32 if max == u32::MAX as i64 => Ok(wide),
+        _ => Ok(ids.clone()),
     }
 }
 

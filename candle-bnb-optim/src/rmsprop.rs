@@ -16,7 +16,7 @@ average (signed, when centered). Weight decay is L2 (added to the gradient) on b
         lr: f64 = 1e-2,
         /// Decay rate of the squared-gradient average, in `[0, 1)`.
         alpha: f64 = 0.99,
-        /// Added to the root of the average for numerical stability.
+        /// Added to the root of the average for numerical stability; must be > 0.
         eps: f64 = 1e-8,
         /// L2 weight decay, added to the gradient as `weight_decay * param`.
         weight_decay: f64 = 0.0,
@@ -29,7 +29,7 @@ average (signed, when centered). Weight decay is L2 (added to the gradient) on b
     validate: |c| {
         check::non_negative("lr", c.lr)?;
         check::unit_interval("alpha", c.alpha)?;
-        check::non_negative("eps", c.eps)?;
+        check::positive_eps(c.eps)?;
         check::non_negative("weight_decay", c.weight_decay)?;
         check::non_negative("momentum", c.momentum)?;
     },
@@ -51,7 +51,7 @@ define_optimizer! {
         weight_decay: f64 = 0.0,
         /// Starting value of the sum of squared gradients.
         initial_accumulator_value: f64 = 0.0,
-        /// Added to the root of the sum for numerical stability.
+        /// Added to the root of the sum for numerical stability; must be > 0.
         eps: f64 = 1e-10,
     },
     validate: |c| {
@@ -59,7 +59,7 @@ define_optimizer! {
         check::non_negative("lr_decay", c.lr_decay)?;
         check::non_negative("weight_decay", c.weight_decay)?;
         check::non_negative("initial_accumulator_value", c.initial_accumulator_value)?;
-        check::non_negative("eps", c.eps)?;
+        check::positive_eps(c.eps)?;
     },
     rule: |c, t| AdagradRule::new(t, c.lr, c.lr_decay, c.weight_decay, c.initial_accumulator_value, c.eps),
 }
