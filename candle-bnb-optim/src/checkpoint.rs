@@ -16,9 +16,11 @@
 //! this parameter took), `param.{i}.states` (`f32:K` or `8bit:K`), `param.{i}.block_size`,
 //! `param.{i}.overrides` (the [`crate::Overrides`] settings that apply to it,
 //! `field=value;...`: loading with other overrides is an error naming the parameter),
-//! `config.FIELD` for every field of the base config, `optimizer.initial_lr`, and checksums:
-//! `checksum.TENSOR` (XXH3-64 of each tensor's bytes, 16 hex digits) and `checksum.metadata`
-//! (XXH3-64 of every other metadata entry and of the tensor table: names, dtypes, shapes).
+//! `config.FIELD` for every field of the base config, `optimizer.initial_lr`, and checksums
+//! (XXH3-64 with seed 0, as 16 lower-case hex digits): `checksum.TENSOR` of each tensor's
+//! bytes, and `checksum.metadata` of the text made of every other metadata entry, sorted by key,
+//! as `key 0x00 value 0x00`, then one `0x00`, then each tensor, sorted by name, as
+//! `name 0x00 DTYPE[shape] 0x00` (safetensors' dtype name, e.g. `F32[90]`).
 //!
 //! Saving is atomic: the file is written under a temporary name in the same folder, flushed to
 //! disk (fsync), then renamed over `path`, so a crash leaves either the old file or the new one.
