@@ -272,10 +272,10 @@ fn item3a_every_flipped_byte_is_refused_or_harmless() {
         file.write_all(&[byte]).unwrap();
     };
     let (mut refused, mut harmless) = (0, 0);
-    for at in 0..bytes.len() {
+    for (at, &original) in bytes.iter().enumerate() {
         let random: u8 = rng.random_range(1..=255);
         for mask in [0x01u8, 0x80, random] {
-            put(at, bytes[at] ^ mask);
+            put(at, original ^ mask);
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let outcome = target.load(&flipped);
                 (outcome.map_err(|e| e.to_string()), snapshot(&target))
@@ -306,7 +306,7 @@ fn item3a_every_flipped_byte_is_refused_or_harmless() {
                 }
             }
         }
-        put(at, bytes[at]);
+        put(at, original);
     }
     eprintln!(
         "{} bytes: {refused} corruptions refused, {harmless} harmless",
@@ -319,6 +319,9 @@ fn item3a_every_flipped_byte_is_refused_or_harmless() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A change to a checkpoint's metadata and tensors (see [`rewrite`]).
+type Edit = dyn Fn(&mut HashMap<String, String>, &mut HashMap<String, Raw>);
 
 /// One tensor of a checkpoint, owned.
 struct Raw {
@@ -415,20 +418,17 @@ fn item3_poisoned_checkpoints_are_refused_naming_what_is_wrong() {
     target.step(&grads(&mut rng, &vars)).unwrap();
     let before = snapshot(&target);
     // Parameter 0 ("w", 90 elements) has 8-bit state, parameter 1 ("b", 7) 32-bit state.
-    let mut expect =
-        |name: &str,
-         needle: &str,
-         edit: &dyn Fn(&mut HashMap<String, String>, &mut HashMap<String, Raw>)| {
-            let p = dir.join(name);
-            rewrite(&path, &p, edit);
-            let err = target.load(&p).unwrap_err().to_string();
-            assert!(err.contains(needle), "{name}: {err:?} lacks {needle:?}");
-            assert!(
-                err.contains(name),
-                "{name}: the error names the file: {err}"
-            );
-            assert_eq!(snapshot(&target), before, "{name}: the optimizer changed");
-        };
+    let mut expect = |name: &str, needle: &str, edit: &Edit| {
+        let p = dir.join(name);
+        rewrite(&path, &p, edit);
+        let err = target.load(&p).unwrap_err().to_string();
+        assert!(err.contains(needle), "{name}: {err:?} lacks {needle:?}");
+        assert!(
+            err.contains(name),
+            "{name}: the error names the file: {err}"
+        );
+        assert_eq!(snapshot(&target), before, "{name}: the optimizer changed");
+    };
     let set_f32 = |k: usize, j: usize, v: f32| {
         move |_: &mut HashMap<String, String>, t: &mut HashMap<String, Raw>| {
             let raw = t.get_mut(&format!("param.1.state{k}")).unwrap();

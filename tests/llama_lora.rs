@@ -12,6 +12,8 @@ mod llama_lora {
     pub mod train;
 }
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use llama_lora::args::Args;
@@ -100,7 +102,8 @@ fn tiny_default_trains_and_8bit_adamw_matches_candle_adamw() {
         candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu)
             .unwrap();
     assert_eq!(stored.len(), spec.layers * 7 * 2);
-    let (h, i, r) = (spec.hidden, spec.intermediate, a.lora_rank);
+    let lora = llama_lora::train::lora_settings(&a).unwrap();
+    let (h, i, r) = (spec.hidden, spec.intermediate, lora.rank);
     let kv = spec.kv_heads * spec.head_dim;
     for l in 0..spec.layers {
         for (module, out_dim, in_dim) in [
@@ -133,7 +136,7 @@ fn tiny_default_trains_and_8bit_adamw_matches_candle_adamw() {
             .unwrap();
     assert_eq!(config["peft_type"], "LORA");
     assert_eq!(config["r"], r);
-    assert_eq!(config["lora_alpha"], a.lora_alpha);
+    assert_eq!(config["lora_alpha"], lora.alpha);
     assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
 
     // ... and reloads into a fresh model with exactly the trained logits.
@@ -533,5 +536,617 @@ fn the_schedule_warms_up_then_decays() {
     assert_eq!(
         learning_rate(3, 3, 0, 1.0),
         0.5 * (1.0 + (std::f64::consts::PI * 3.0 / 4.0).cos())
+    );
+}
+
+/// A `config.json` as transformers >= 5 saves a LLaMA: sorted keys, two-space indent, its own
+/// extra fields, and the rope settings only inside `rope_parameters` (no top-level `rope_theta`
+/// or `rope_scaling`). `rope` is the `rope_parameters` object.
+fn transformers5_config(spec: &Spec, rope: &serde_json::Value) -> String {
+    let rope = serde_json::to_string_pretty(rope)
+        .unwrap()
+        .replace('\n', "\n  ");
+    format!(
+        r#"{{
+  "architectures": [
+    "LlamaForCausalLM"
+  ],
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "bos_token_id": {bos},
+  "dtype": "float32",
+  "eos_token_id": {eos},
+  "head_dim": {head_dim},
+  "hidden_act": "silu",
+  "hidden_size": {hidden},
+  "initializer_range": 0.02,
+  "intermediate_size": {intermediate},
+  "max_position_embeddings": {max_positions},
+  "mlp_bias": false,
+  "model_type": "llama",
+  "num_attention_heads": {heads},
+  "num_hidden_layers": {layers},
+  "num_key_value_heads": {kv_heads},
+  "pad_token_id": null,
+  "pretraining_tp": 1,
+  "rms_norm_eps": {eps:e},
+  "rope_parameters": {rope},
+  "tie_word_embeddings": {tie},
+  "transformers_version": "5.0.0",
+  "use_cache": true,
+  "vocab_size": {vocab}
+}}
+"#,
+        bos = spec.bos.unwrap(),
+        eos = spec.eos[0],
+        head_dim = spec.head_dim,
+        hidden = spec.hidden,
+        intermediate = spec.intermediate,
+        max_positions = spec.max_positions,
+        heads = spec.heads,
+        layers = spec.layers,
+        kv_heads = spec.kv_heads,
+        eps = spec.rms_eps,
+        tie = spec.tie_embeddings,
+        vocab = spec.vocab,
+    )
+}
+
+/// The same settings as transformers < 5 writes them: top-level `rope_theta` and `rope_scaling`.
+fn transformers4_config(spec: &Spec, theta: f64, scaling: serde_json::Value) -> String {
+    let mut json = spec.to_json();
+    json["rope_theta"] = theta.into();
+    json["rope_scaling"] = scaling;
+    json.to_string()
+}
+
+/// Three rope settings in both spellings (transformers 5's `rope_parameters`, then transformers
+/// 4's top-level keys): SmolLM2's theta 1e5 without scaling, linear scaling, Llama 3.1 scaling.
+fn rope_cases(rng: &mut common::TestRng) -> Vec<(serde_json::Value, f64, serde_json::Value)> {
+    use rand::Rng;
+    let linear: f64 = rng.random_range(1.5..8.0);
+    let (factor, low, high): (f64, f64, f64) = (
+        rng.random_range(2.0..16.0),
+        rng.random_range(0.5..2.0),
+        rng.random_range(3.0..6.0),
+    );
+    let original: u64 = rng.random_range(8..64);
+    vec![
+        (
+            serde_json::json!({ "rope_theta": 100000.0, "rope_type": "default" }),
+            100000.0,
+            serde_json::Value::Null,
+        ),
+        (
+            serde_json::json!({ "factor": linear, "rope_theta": 100000.0, "rope_type": "linear" }),
+            100000.0,
+            serde_json::json!({ "factor": linear, "type": "linear" }),
+        ),
+        (
+            serde_json::json!({
+                "factor": factor, "high_freq_factor": high, "low_freq_factor": low,
+                "original_max_position_embeddings": original, "rope_theta": 500000.0,
+                "rope_type": "llama3"
+            }),
+            500000.0,
+            serde_json::json!({
+                "factor": factor, "high_freq_factor": high, "low_freq_factor": low,
+                "original_max_position_embeddings": original, "rope_type": "llama3"
+            }),
+        ),
+    ]
+}
+
+#[test]
+fn item6_transformers5_rope_parameters_give_the_old_spellings_model() {
+    let mut rng = common::rng("item6_transformers5_rope_parameters_give_the_old_spellings_model");
+    let spec = Spec::tiny(300, 64, 2, 1, 2);
+    let parse = |text: &str| Spec::from_json(text, "config.json").unwrap();
+    let debug = |s: &Spec| format!("{s:?}");
+    for (params, theta, scaling) in rope_cases(&mut rng) {
+        let kind = params["rope_type"].as_str().unwrap().to_string();
+        let new = parse(&transformers5_config(&spec, &params));
+        let old = parse(&transformers4_config(&spec, theta, scaling.clone()));
+        // Not the silent fallback to theta 10000 without scaling...
+        assert_eq!(new.rope_theta, theta as f32, "{kind}");
+        assert_eq!(new.rope_scaling.is_some(), kind != "default", "{kind}");
+        // ... but exactly the model the old spelling gives.
+        assert_eq!(debug(&new), debug(&old), "{kind}");
+
+        // The type spelled `type`, as older files and transformers' back-compatibility do.
+        let mut typed = params.clone();
+        let t = typed.as_object_mut().unwrap().remove("rope_type").unwrap();
+        typed["type"] = t;
+        assert_eq!(
+            debug(&parse(&transformers5_config(&spec, &typed))),
+            debug(&old),
+            "{kind}"
+        );
+        // Both spellings in one file, agreeing.
+        let mut both: serde_json::Value =
+            serde_json::from_str(&transformers5_config(&spec, &params)).unwrap();
+        both["rope_theta"] = theta.into();
+        both["rope_scaling"] = scaling;
+        assert_eq!(debug(&parse(&both.to_string())), debug(&old), "{kind}");
+    }
+    // Without a theta anywhere, transformers' default, 10000.
+    let bare = parse(&transformers5_config(
+        &spec,
+        &serde_json::json!({ "rope_type": "default" }),
+    ));
+    assert_eq!(bare.rope_theta, 10_000.0);
+    assert!(bare.rope_scaling.is_none());
+    // Llama 3 scaling without original_max_position_embeddings: transformers fills in
+    // max_position_embeddings.
+    let filled = parse(&transformers5_config(
+        &spec,
+        &serde_json::json!({
+            "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "rope_theta": 500000.0, "rope_type": "llama3"
+        }),
+    ));
+    match filled.rope_scaling {
+        Some(llama_lora::model::RopeScaling::Llama3(c)) => {
+            assert_eq!(c.original_max_position_embeddings, spec.max_positions)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn item6_transformers5_config_trains_and_generates_like_the_old_one() {
+    let mut rng = common::rng("item6_transformers5_config_trains_and_generates_like_the_old_one");
+    let dir = temp_dir("item6-rope");
+    let spec = write_checkpoint(&dir, None);
+    let out = temp_dir("item6-rope-out");
+    let a = args(&[
+        "--model-dir",
+        dir.to_str().unwrap(),
+        "--steps",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let prompt = "What is the capital of France?";
+    // Logits and a greedy completion of the model that `config_json` describes.
+    let outcome = |config_json: &str| {
+        std::fs::write(dir.join("config.json"), config_json).unwrap();
+        let setup = Setup::new(&a).unwrap();
+        let model = setup.model().unwrap();
+        let text = llama_lora::train::generate(&setup, &model, prompt, 8, 0.0, 1).unwrap();
+        (setup.spec.rope_theta, logits(&setup, &model), text)
+    };
+    for (params, theta, scaling) in rope_cases(&mut rng) {
+        let kind = params["rope_type"].as_str().unwrap().to_string();
+        let new = outcome(&transformers5_config(&spec, &params));
+        let old = outcome(&transformers4_config(&spec, theta, scaling));
+        assert_eq!(new.0, theta as f32, "{kind}");
+        assert_eq!(new, old, "{kind}");
+        // What the file was read as before: no rope keys, so theta 10000 and no scaling; the
+        // model differs, so reading rope_parameters matters.
+        let mut ignored = spec.to_json();
+        ignored.as_object_mut().unwrap().remove("rope_theta");
+        let fallback = outcome(&ignored.to_string());
+        assert_eq!(fallback.0, 10_000.0);
+        assert_ne!(fallback.1, new.1, "{kind}");
+    }
+    for d in [dir, out] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn item6_transformers5_rope_parameters_errors_name_the_offending_value() {
+    let spec = Spec::tiny(300, 64, 2, 1, 2);
+    let err = |text: String| {
+        Spec::from_json(&text, "the/config.json")
+            .expect_err("an error")
+            .to_string()
+    };
+    let new = |rope: serde_json::Value| err(transformers5_config(&spec, &rope));
+    let llama3 = |extra: (&str, serde_json::Value)| {
+        let mut rope = serde_json::json!({
+            "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 16, "rope_theta": 500000.0, "rope_type": "llama3"
+        });
+        rope[extra.0] = extra.1;
+        new(rope)
+    };
+    for (case, e, wanted) in [
+        (
+            "unsupported type",
+            new(serde_json::json!({ "factor": 4.0, "rope_theta": 1e6, "rope_type": "yarn" })),
+            vec!["the/config.json", "\"yarn\"", "rope_parameters"],
+        ),
+        (
+            "unsupported type spelled `type`",
+            new(serde_json::json!({ "factor": 2.0, "type": "dynamic" })),
+            vec!["\"dynamic\""],
+        ),
+        (
+            "unknown key",
+            llama3(("mscale", 1.0.into())),
+            vec!["\"mscale\"", "llama3"],
+        ),
+        (
+            "a key the type does not use",
+            new(serde_json::json!({ "factor": 2.0, "rope_theta": 1e5, "rope_type": "default" })),
+            vec!["\"factor\"", "default"],
+        ),
+        (
+            "a missing field",
+            new(serde_json::json!({ "rope_theta": 1e5, "rope_type": "linear" })),
+            vec!["factor", "linear"],
+        ),
+        (
+            "a field that is not a number",
+            llama3(("factor", "8".into())),
+            vec!["rope_parameters.factor", "\"8\""],
+        ),
+        (
+            "a partial rotary embedding",
+            llama3(("partial_rotary_factor", 0.5.into())),
+            vec!["partial_rotary_factor", "0.5"],
+        ),
+        (
+            "rope_type and type disagree",
+            llama3(("type", "linear".into())),
+            vec!["\"llama3\"", "\"linear\""],
+        ),
+        (
+            "per-layer-type parameters",
+            new(serde_json::json!({
+                "full_attention": { "rope_theta": 1e6, "rope_type": "default" },
+                "sliding_attention": { "rope_theta": 1e4, "rope_type": "default" }
+            })),
+            vec!["full_attention", "sliding_attention"],
+        ),
+        (
+            "not an object",
+            new(serde_json::json!(100000.0)),
+            vec!["rope_parameters", "100000"],
+        ),
+        (
+            "old and new theta disagree",
+            {
+                let mut both: serde_json::Value = serde_json::from_str(&transformers5_config(
+                    &spec,
+                    &serde_json::json!({ "rope_theta": 100000.0, "rope_type": "default" }),
+                ))
+                .unwrap();
+                both["rope_theta"] = 10000.0.into();
+                err(both.to_string())
+            },
+            vec!["rope_theta 10000", "rope_parameters.rope_theta 100000"],
+        ),
+        (
+            "old and new scaling disagree",
+            {
+                let mut both: serde_json::Value = serde_json::from_str(&transformers5_config(
+                    &spec,
+                    &serde_json::json!({ "factor": 4.0, "rope_theta": 1e4, "rope_type": "linear" }),
+                ))
+                .unwrap();
+                both["rope_scaling"] = serde_json::json!({ "factor": 2.0, "type": "linear" });
+                err(both.to_string())
+            },
+            vec!["factor 2", "factor 4", "rope_scaling", "rope_parameters"],
+        ),
+        (
+            "an unsupported old type",
+            err(transformers4_config(
+                &spec,
+                1e4,
+                serde_json::json!({ "factor": 2.0, "type": "dynamic" }),
+            )),
+            vec!["rope_scaling", "\"dynamic\""],
+        ),
+    ] {
+        for w in wanted {
+            assert!(e.contains(w), "{case}: {w:?} missing from: {e}");
+        }
+    }
+}
+
+/// PEFT's `adapter_config.json` for a LoRA with these settings, with every field PEFT 0.1x
+/// writes (most of them null or empty).
+fn peft_adapter_config(
+    r: usize,
+    alpha: serde_json::Value,
+    dropout: f64,
+    targets: serde_json::Value,
+) -> String {
+    serde_json::to_string_pretty(&serde_json::json!({
+        "alpha_pattern": {},
+        "auto_mapping": null,
+        "base_model_name_or_path": "tiny-random-llama",
+        "bias": "none",
+        "corda_config": null,
+        "eva_config": null,
+        "exclude_modules": null,
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "layer_replication": null,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "loftq_config": {},
+        "lora_alpha": alpha,
+        "lora_bias": false,
+        "lora_dropout": dropout,
+        "megatron_config": null,
+        "megatron_core": "megatron.core",
+        "modules_to_save": null,
+        "peft_type": "LORA",
+        "r": r,
+        "rank_pattern": {},
+        "revision": null,
+        "target_modules": targets,
+        "task_type": "CAUSAL_LM",
+        "trainable_token_indices": null,
+        "use_dora": false,
+        "use_rslora": false
+    }))
+    .unwrap()
+}
+
+#[test]
+fn item6_adapter_config_supplies_rank_alpha_dropout_and_targets() {
+    use llama_lora::train::{generate, lora_settings, train};
+    use rand::Rng;
+    let mut rng = common::rng("item6_adapter_config_supplies_rank_alpha_dropout_and_targets");
+    let seed = rng.random_range(0..1_000_000u64).to_string();
+    let out = temp_dir("item6-adapter");
+    let tiny = ["--tiny-hidden", "64", "--seed", seed.as_str()];
+    let mut a: Vec<&str> = tiny.to_vec();
+    a.extend([
+        "--steps",
+        "6",
+        "--lr",
+        "1e-2",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lora-dropout",
+        "0.1",
+        "--target-modules",
+        "q,v",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let trained = run(&args(&a)).unwrap().remove(0).model;
+
+    // `--adapter` alone: r, alpha, dropout and targets come from adapter_config.json.
+    let from = |dir: &Path, extra: &[&str]| {
+        let mut b: Vec<&str> = tiny.to_vec();
+        b.extend(["--steps", "0", "--adapter", dir.to_str().unwrap()]);
+        b.extend_from_slice(extra);
+        args(&b)
+    };
+    let b = from(&out, &[]);
+    let lora = lora_settings(&b).unwrap();
+    assert_eq!(
+        (lora.rank, lora.alpha, lora.dropout, lora.targets.clone()),
+        (
+            4,
+            8.0,
+            0.1,
+            vec!["q_proj".to_string(), "v_proj".to_string()]
+        )
+    );
+    let setup = Setup::new(&b).unwrap();
+    let loaded = train(&setup, &b, "adamw8bit", None).unwrap().model;
+    let want = logits(&setup, &trained);
+    assert_ne!(
+        logits(&setup, &setup.model().unwrap()),
+        want,
+        "training changed nothing"
+    );
+    assert_eq!(logits(&setup, &loaded), want);
+    let prompt = "What is the capital of France?";
+    let text = generate(&setup, &trained, prompt, 12, 0.0, 1).unwrap();
+    assert_eq!(generate(&setup, &loaded, prompt, 12, 0.0, 1).unwrap(), text);
+    // Flags that repeat the adapter's values (targets in another order and spelling) agree.
+    let c = from(
+        &out,
+        &[
+            "--lora-rank",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--target-modules",
+            "v_proj,q",
+        ],
+    );
+    assert_eq!(lora_settings(&c).unwrap().rank, 4);
+
+    // The same tensors with a config written by PEFT: an integer alpha, the targets in set
+    // order, PEFT's other fields.
+    let peft = temp_dir("item6-adapter-peft");
+    std::fs::copy(
+        out.join("adapter_model.safetensors"),
+        peft.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let write = |targets: serde_json::Value| {
+        std::fs::write(
+            peft.join("adapter_config.json"),
+            peft_adapter_config(4, 8.into(), 0.1, targets),
+        )
+        .unwrap()
+    };
+    write(serde_json::json!(["v_proj", "q_proj"]));
+    let d = from(&peft, &[]);
+    let lora = lora_settings(&d).unwrap();
+    assert_eq!((lora.rank, lora.alpha, lora.dropout), (4, 8.0, 0.1));
+    let from_peft = train(&setup, &d, "adamw8bit", None).unwrap().model;
+    assert_eq!(logits(&setup, &from_peft), want);
+    assert_eq!(
+        generate(&setup, &from_peft, prompt, 12, 0.0, 1).unwrap(),
+        text
+    );
+
+    // PEFT's other ways to name the targets.
+    let targets_of = |targets: serde_json::Value| {
+        write(targets);
+        lora_settings(&from(&peft, &[])).map(|l| {
+            let mut t = l.targets;
+            t.sort();
+            t
+        })
+    };
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        targets_of(serde_json::json!(["self_attn.q_proj", "mlp.down_proj"])).unwrap(),
+        names(&["down_proj", "q_proj"])
+    );
+    let mut all = names(&llama_lora::model::PROJECTIONS);
+    all.sort();
+    assert_eq!(targets_of(serde_json::json!("all-linear")).unwrap(), all);
+    for (targets, wanted) in [
+        (serde_json::json!(["q_proj", "lm_head"]), "\"lm_head\""),
+        (
+            serde_json::json!(["layers.0.self_attn.q_proj"]),
+            "\"layers.0.self_attn.q_proj\"",
+        ),
+        (serde_json::json!([]), "empty"),
+        (serde_json::json!(7), "7"),
+    ] {
+        let e = targets_of(targets).expect_err("an error").to_string();
+        assert!(
+            e.contains(wanted) && e.contains("adapter_config.json"),
+            "{e}"
+        );
+    }
+    // A regular expression is not evaluated: --target-modules must give the list, and the
+    // adapter's tensor names then check it.
+    let regex = r".*\.(q_proj|v_proj)";
+    write(serde_json::json!(regex));
+    let e = lora_settings(&from(&peft, &[]))
+        .expect_err("an error")
+        .to_string();
+    assert!(
+        e.contains("--target-modules") && e.contains("(q_proj|v_proj)"),
+        "{e}"
+    );
+    let f = from(&peft, &["--target-modules", "q,v"]);
+    let with_regex = train(&setup, &f, "adamw8bit", None).unwrap().model;
+    assert_eq!(logits(&setup, &with_regex), want);
+    let g = from(&peft, &["--target-modules", "q,k,v"]);
+    let e = train(&Setup::new(&g).unwrap(), &g, "adamw8bit", None)
+        .err()
+        .expect("an error")
+        .to_string();
+    assert!(e.contains("k_proj"), "{e}");
+
+    for dir in [out, peft] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn item6_adapter_config_conflicting_flags_name_both_values() {
+    use llama_lora::train::lora_settings;
+    let dir = temp_dir("item6-conflict");
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        peft_adapter_config(4, 8.into(), 0.1, serde_json::json!(["q_proj", "v_proj"])),
+    )
+    .unwrap();
+    let path = dir.join("adapter_config.json").display().to_string();
+    let err = |extra: &[&str]| {
+        let mut a = vec!["--adapter", dir.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        let a = args(&a);
+        // The message's first line (a backtrace may follow when RUST_BACKTRACE is set).
+        let first = |e: candle_core::Error| e.to_string().lines().next().unwrap().to_string();
+        let e = first(lora_settings(&a).expect_err("an error"));
+        // Setup refuses the run with the same message, before loading anything.
+        assert_eq!(first(Setup::new(&a).err().expect("an error")), e);
+        e
+    };
+    for (flags, wanted) in [
+        (["--lora-rank", "8"], ["--lora-rank 8", "r = 4"]),
+        (
+            ["--lora-alpha", "16"],
+            ["--lora-alpha 16", "lora_alpha = 8"],
+        ),
+        (
+            ["--lora-dropout", "0.05"],
+            ["--lora-dropout 0.05", "lora_dropout = 0.1"],
+        ),
+        (
+            ["--target-modules", "q,k"],
+            [
+                "--target-modules q,k",
+                r#"target_modules = ["q_proj","v_proj"]"#,
+            ],
+        ),
+    ] {
+        let e = err(&flags);
+        for w in wanted.iter().chain([&path.as_str()]) {
+            assert!(e.contains(w), "{w:?} missing from: {e}");
+        }
+    }
+    // An adapter setting this example cannot apply is refused by name.
+    for (key, value, wanted) in [
+        ("use_dora", serde_json::json!(true), "use_dora"),
+        (
+            "layers_to_transform",
+            serde_json::json!([0]),
+            "layers_to_transform",
+        ),
+        ("peft_type", serde_json::json!("IA3"), "IA3"),
+        ("r", serde_json::json!(0), "r = 0"),
+        (
+            "target_modules",
+            serde_json::Value::Null,
+            "has no target_modules; give --target-modules",
+        ),
+    ] {
+        let mut config: serde_json::Value = serde_json::from_str(&peft_adapter_config(
+            4,
+            8.into(),
+            0.1,
+            serde_json::json!(["q_proj"]),
+        ))
+        .unwrap();
+        config[key] = value;
+        std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+        let e = err(&[]);
+        assert!(e.contains(wanted) && e.contains(&path), "{e}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn item6_help_still_shows_the_lora_defaults() {
+    use clap::CommandFactory;
+    use llama_lora::args::{
+        DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_RANK, DEFAULT_TARGET_MODULES,
+    };
+    let help = Args::command().render_long_help().to_string();
+    for default in [
+        DEFAULT_LORA_RANK.to_string(),
+        DEFAULT_LORA_ALPHA.to_string(),
+        DEFAULT_LORA_DROPOUT.to_string(),
+        DEFAULT_TARGET_MODULES.to_string(),
+    ] {
+        assert!(
+            help.contains(&format!("[default: {default}")),
+            "{default}:\n{help}"
+        );
+    }
+    // Without an adapter or flags, the defaults apply.
+    let lora = llama_lora::train::lora_settings(&args(&[])).unwrap();
+    assert_eq!(
+        (lora.rank, lora.alpha, lora.dropout, lora.targets.len()),
+        (
+            DEFAULT_LORA_RANK,
+            DEFAULT_LORA_ALPHA,
+            DEFAULT_LORA_DROPOUT,
+            7
+        )
     );
 }

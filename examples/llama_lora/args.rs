@@ -3,6 +3,13 @@
 use clap::Parser;
 use std::path::PathBuf;
 
+/// The LoRA settings used when neither a flag nor an `--adapter` gives them (the `--help` texts
+/// repeat them, as clap can only print defaults it applies itself).
+pub const DEFAULT_LORA_RANK: usize = 16;
+pub const DEFAULT_LORA_ALPHA: f64 = 32.0;
+pub const DEFAULT_LORA_DROPOUT: f32 = 0.05;
+pub const DEFAULT_TARGET_MODULES: &str = "q,k,v,o,gate,up,down";
+
 /// Fine-tune a LLaMA-family model with LoRA and an 8-bit optimizer.
 ///
 /// With no arguments: a tiny seeded random LLaMA, a tokenizer trained at start-up and a generated
@@ -26,18 +33,21 @@ pub struct Args {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
 
-    /// LoRA rank r.
-    #[arg(long, default_value_t = 16)]
-    pub lora_rank: usize,
-    /// LoRA alpha: the update is scaled by alpha / r.
-    #[arg(long, default_value_t = 32.0)]
-    pub lora_alpha: f64,
-    /// Dropout on the LoRA input during training.
-    #[arg(long, default_value_t = 0.05)]
-    pub lora_dropout: f32,
-    /// Comma-separated projections to adapt: q,k,v,o,gate,up,down (or q_proj, ...).
-    #[arg(long, default_value = "q,k,v,o,gate,up,down")]
-    pub target_modules: String,
+    /// LoRA rank r [default: 16, or the `--adapter`'s `r`].
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha: the update is scaled by alpha / r [default: 32, or the `--adapter`'s
+    /// `lora_alpha`].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA input during training [default: 0.05, or the `--adapter`'s
+    /// `lora_dropout`].
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
+    /// Comma-separated projections to adapt: q,k,v,o,gate,up,down (or q_proj, ...) [default:
+    /// q,k,v,o,gate,up,down, or the `--adapter`'s `target_modules`].
+    #[arg(long)]
+    pub target_modules: Option<String>,
 
     /// JSONL training data: `{"prompt", "response"}` lines (prompt tokens masked out of the loss)
     /// or `{"text"}` lines. Default: a generated instruction dataset.
@@ -89,7 +99,9 @@ pub struct Args {
     /// Resume from a checkpoint folder (an `--out` folder or one of its `checkpoint-<step>`).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Load a saved adapter before training (with `--steps 0`: only generate).
+    /// Load a saved adapter before training (with `--steps 0`: only generate). Its
+    /// `adapter_config.json` supplies r, alpha, dropout and target modules; a LoRA flag that
+    /// disagrees with it is an error.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Sample a completion of this prompt from the tuned model.

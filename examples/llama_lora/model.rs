@@ -49,10 +49,226 @@ pub struct Spec {
     pub eos: Vec<u32>,
 }
 
+/// The rope theta and scaling of a `config.json`, from either spelling.
+///
+/// transformers < 5 writes a top-level `rope_theta` and an optional `rope_scaling` object;
+/// transformers >= 5 writes only `rope_parameters`, one object with `rope_theta`, `rope_type` and
+/// the scaling fields. A config may carry both (a tool that keeps the old keys, a hand edit), so
+/// they are read together and must agree: silently preferring one would train with positions the
+/// other file reader does not use. `rope_parameters` is checked strictly (an unknown type or key is
+/// an error naming it), since a key this model ignores would otherwise change nothing without a
+/// word; `rope_scaling` keeps its old leniency towards extra keys so existing configs still load.
+/// Without any theta the value is transformers' default, 10000.
+fn rope_settings(
+    top_theta: Option<&serde_json::Value>,
+    old: Option<&serde_json::Value>,
+    new: Option<&serde_json::Value>,
+    max_positions: usize,
+    origin: &str,
+) -> Result<(f32, Option<RopeScaling>)> {
+    let top_theta = match top_theta {
+        Some(v) => Some(as_number(v, "rope_theta", origin)?),
+        None => None,
+    };
+    let old = match old {
+        Some(v) => Some(parse_rope_object(
+            v,
+            "rope_scaling",
+            false,
+            max_positions,
+            origin,
+        )?),
+        None => None,
+    };
+    let new = match new {
+        Some(v) => Some(parse_rope_object(
+            v,
+            "rope_parameters",
+            true,
+            max_positions,
+            origin,
+        )?),
+        None => None,
+    };
+    let thetas = [
+        ("rope_theta", top_theta),
+        ("rope_parameters.rope_theta", new.as_ref().and_then(|n| n.0)),
+        ("rope_scaling.rope_theta", old.as_ref().and_then(|o| o.0)),
+    ];
+    let mut theta: Option<(&str, f64)> = None;
+    for (name, value) in thetas {
+        let Some(value) = value else { continue };
+        match theta {
+            Some((first, seen)) if seen != value => {
+                bail!("{origin}: {first} {seen} disagrees with {name} {value}")
+            }
+            Some(_) => {}
+            None => theta = Some((name, value)),
+        }
+    }
+    let theta = match theta {
+        None => 10_000.0,
+        Some((name, t)) if t <= 0.0 => bail!("{origin}: {name} = {t} must be positive"),
+        Some((_, t)) => t,
+    };
+    let scaling = match (old, new) {
+        (Some((_, old)), Some((_, new))) => {
+            // Llama3RopeConfig has no PartialEq; the Debug text holds every field exactly.
+            if format!("{old:?}") != format!("{new:?}") {
+                bail!(
+                    "{origin}: rope_scaling {} disagrees with rope_parameters {}",
+                    describe_scaling(&old),
+                    describe_scaling(&new)
+                )
+            }
+            new
+        }
+        (Some((_, s)), None) | (None, Some((_, s))) => s,
+        (None, None) => None,
+    };
+    Ok((theta as f32, scaling))
+}
+
+/// `v` as a finite number, or an error naming `name` and the value.
+fn as_number(v: &serde_json::Value, name: &str, origin: &str) -> Result<f64> {
+    match v.as_f64().filter(|x| x.is_finite()) {
+        Some(x) => Ok(x),
+        None => bail!("{origin}: {name} = {v} is not a number"),
+    }
+}
+
+/// The type and fields of a scaling, for error messages.
+fn describe_scaling(s: &Option<RopeScaling>) -> String {
+    match s {
+        None => "(type default, no scaling)".to_string(),
+        Some(RopeScaling::Linear(f)) => format!("(type linear, factor {f})"),
+        Some(RopeScaling::Llama3(c)) => format!(
+            "(type llama3, factor {}, low_freq_factor {}, high_freq_factor {}, original_max_position_embeddings {})",
+            c.factor, c.low_freq_factor, c.high_freq_factor, c.original_max_position_embeddings
+        ),
+    }
+}
+
+/// Reads one rope object (`rope_scaling` or `rope_parameters`, named `name`): its theta if it
+/// has one, and its scaling. `strict`: keys the type does not use are errors.
+fn parse_rope_object(
+    v: &serde_json::Value,
+    name: &str,
+    strict: bool,
+    max_positions: usize,
+    origin: &str,
+) -> Result<(Option<f64>, Option<RopeScaling>)> {
+    let Some(obj) = v.as_object() else {
+        bail!("{origin}: {name} must be an object, not {v}")
+    };
+    // transformers >= 5 nests one object per attention layer type (`full_attention`,
+    // `sliding_attention`) only for models that declare `layer_types` (Gemma 3, ModernBERT);
+    // LLaMA has one rope for every layer, so such a config is not a LLaMA config.
+    let nested: Vec<&str> = obj
+        .iter()
+        .filter(|(_, v)| v.is_object())
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if !nested.is_empty() {
+        bail!(
+            "{origin}: {name} holds per-layer-type entries ({}); a LLaMA config has one set of rope parameters for every layer",
+            nested.join(", ")
+        )
+    }
+    let text = |key: &str| -> Result<Option<&str>> {
+        match obj.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.as_str())),
+            Some(other) => bail!("{origin}: {name}.{key} = {other} is not a string"),
+        }
+    };
+    // Older configs (and transformers' own back-compatibility) spell the type `type`.
+    let kind = match (text("rope_type")?, text("type")?) {
+        (Some(a), Some(b)) if a != b => {
+            bail!("{origin}: {name} has rope_type {a:?} but type {b:?}")
+        }
+        (a, b) => a.or(b).unwrap_or("default").to_string(),
+    };
+    let number = |key: &str| -> Result<Option<f64>> {
+        match obj.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => as_number(v, &format!("{name}.{key}"), origin).map(Some),
+        }
+    };
+    let required = |key: &str| -> Result<f64> {
+        match number(key)? {
+            Some(x) => Ok(x),
+            None => bail!("{origin}: {name} of type {kind} needs a numeric {key}"),
+        }
+    };
+    let fields: &[&str] = match kind.as_str() {
+        "default" => &[],
+        "linear" => &["factor"],
+        "llama3" => &[
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ],
+        other => bail!(
+            "{origin}: {name} has rope_type {other:?}, which is not supported (default, linear, llama3)"
+        ),
+    };
+    if strict {
+        let common = ["rope_type", "type", "rope_theta", "partial_rotary_factor"];
+        if let Some(key) = obj
+            .keys()
+            .find(|k| !common.contains(&k.as_str()) && !fields.contains(&k.as_str()))
+        {
+            bail!(
+                "{origin}: {name} has the key {key:?}, which rope_type {kind:?} does not use (known: {})",
+                common.iter().chain(fields).copied().collect::<Vec<_>>().join(", ")
+            )
+        }
+    }
+    // A partial rotary embedding would rotate only part of each head; this model rotates all of
+    // it, so only the no-op value is accepted.
+    if let Some(p) = number("partial_rotary_factor")?.filter(|&p| p != 1.0) {
+        bail!("{origin}: {name}.partial_rotary_factor = {p} is not supported (1.0: the whole head is rotated)")
+    }
+    let theta = number("rope_theta")?;
+    let factor = || -> Result<f32> {
+        let f = required("factor")?;
+        if f <= 0.0 {
+            bail!("{origin}: {name}.factor = {f} must be positive")
+        }
+        Ok(f as f32)
+    };
+    let scaling = match kind.as_str() {
+        "linear" => Some(RopeScaling::Linear(factor()?)),
+        "llama3" => {
+            // transformers fills a missing pre-scaling context length with
+            // max_position_embeddings when it loads a config.
+            let original = match number("original_max_position_embeddings")? {
+                None => max_positions,
+                Some(n) if n >= 1.0 && n.fract() == 0.0 => n as usize,
+                Some(n) => bail!(
+                    "{origin}: {name}.original_max_position_embeddings = {n} is not a positive integer"
+                ),
+            };
+            Some(RopeScaling::Llama3(Llama3RopeConfig {
+                factor: factor()?,
+                low_freq_factor: required("low_freq_factor")? as f32,
+                high_freq_factor: required("high_freq_factor")? as f32,
+                original_max_position_embeddings: original,
+                rope_type: Llama3RopeType::Llama3,
+            }))
+        }
+        _ => None,
+    };
+    Ok((theta, scaling))
+}
+
 impl Spec {
-    /// Parses a `config.json` text. `rope_scaling` of type `linear` or `llama3` is supported;
-    /// other types, a `head_dim` other than hidden / heads, and inconsistent head counts are
-    /// errors.
+    /// Parses a `config.json` text. Rope settings are read from transformers < 5's top-level
+    /// `rope_theta` / `rope_scaling` or transformers >= 5's `rope_parameters` (see
+    /// [`rope_settings`]); types `default`, `linear` and `llama3` are supported. Other types, a
+    /// `head_dim` other than hidden / heads, and inconsistent head counts are errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
         let mut value: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| candle_core::Error::msg(format!("{origin}: malformed JSON: {e}")))?;
@@ -68,43 +284,17 @@ impl Spec {
                 bail!("{origin}: {flag} = true is not supported (projections without bias)")
             }
         }
-        let mut scaling = None;
-        if let Some(obj) = value.as_object_mut() {
-            if let Some(rs) = obj.remove("rope_scaling").filter(|v| !v.is_null()) {
-                let kind = rs
-                    .get("rope_type")
-                    .or_else(|| rs.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("default")
-                    .to_string();
-                scaling = match kind.as_str() {
-                    "default" => None,
-                    "linear" => {
-                        let factor =
-                            rs.get("factor").and_then(|f| f.as_f64()).ok_or_else(|| {
-                                candle_core::Error::msg(format!(
-                                    "{origin}: rope_scaling of type linear needs a numeric factor"
-                                ))
-                            })?;
-                        Some(RopeScaling::Linear(factor as f32))
-                    }
-                    "llama3" => {
-                        // Older configs spell the kind `type`; candle's struct wants `rope_type`.
-                        let mut rs = rs;
-                        if let Some(o) = rs.as_object_mut() {
-                            o.insert("rope_type".into(), "llama3".into());
-                        }
-                        let c: Llama3RopeConfig = serde_json::from_value(rs).map_err(|e| {
-                            candle_core::Error::msg(format!("{origin}: rope_scaling: {e}"))
-                        })?;
-                        Some(RopeScaling::Llama3(c))
-                    }
-                    other => bail!(
-                        "{origin}: rope_scaling type {other:?} is not supported (linear, llama3)"
-                    ),
-                };
-            }
-        }
+        // Both rope spellings leave the object before candle's parser sees it: it knows neither
+        // `rope_parameters` nor a `linear` `rope_scaling`.
+        let taken = |value: &mut serde_json::Value, key: &str| {
+            value
+                .as_object_mut()
+                .and_then(|o| o.remove(key))
+                .filter(|v| !v.is_null())
+        };
+        let old_scaling = taken(&mut value, "rope_scaling");
+        let rope_parameters = taken(&mut value, "rope_parameters");
+        let top_theta = value.get("rope_theta").cloned();
         let head_dim_field = value.get("head_dim").and_then(|h| h.as_u64());
         let c: LlamaConfig = serde_json::from_value(value)
             .map_err(|e| candle_core::Error::msg(format!("{origin}: {e}")))?;
@@ -122,6 +312,13 @@ impl Spec {
                 c.num_attention_heads
             )
         }
+        let (rope_theta, rope_scaling) = rope_settings(
+            top_theta.as_ref(),
+            old_scaling.as_ref(),
+            rope_parameters.as_ref(),
+            c.max_position_embeddings,
+            origin,
+        )?;
         let head_dim = c.hidden_size / c.num_attention_heads;
         if let Some(h) = head_dim_field.filter(|&h| h as usize != head_dim) {
             bail!("{origin}: head_dim {h} differs from hidden_size / num_attention_heads = {head_dim}; not supported")
@@ -139,8 +336,8 @@ impl Spec {
             kv_heads,
             head_dim,
             rms_eps: c.rms_norm_eps,
-            rope_theta: c.rope_theta,
-            rope_scaling: scaling,
+            rope_theta,
+            rope_scaling,
             max_positions: c.max_position_embeddings,
             tie_embeddings: c.tie_word_embeddings.unwrap_or(false),
             bos: c.bos_token_id,

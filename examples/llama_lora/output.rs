@@ -1,9 +1,9 @@
 //! What a run writes: the PEFT adapter, the training log, the loss curve, the memory table.
 
-use super::model::{Llama, LoraSettings};
+use super::model::{Llama, LoraSettings, PROJECTIONS};
 use candle_core::{bail, DType, Result, Tensor};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// PEFT's prefix for a causal LM's adapter keys.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -52,31 +52,69 @@ pub fn save_adapter(model: &Llama, lora: &LoraSettings, base: &str, dir: &Path) 
         .map_err(|e| io(e, "cannot write", &path))
 }
 
-/// Loads a saved adapter from `dir` into `model`'s LoRA variables.
+/// The LoRA settings an adapter folder was trained with, from its `adapter_config.json` (the
+/// example's own or one written by PEFT).
+#[derive(Clone, Debug)]
+pub struct AdapterConfig {
+    /// The file read; messages name it.
+    pub path: PathBuf,
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    /// Hugging Face projection names (`q_proj`, ...). `None` when `target_modules` is absent or a
+    /// regular expression, which this example does not evaluate: `--target-modules` must then
+    /// give the list, and the adapter's tensor names check it when they are loaded.
+    pub targets: Option<Vec<String>>,
+    /// `target_modules` as the file has it, for messages; `None` when absent.
+    pub targets_text: Option<String>,
+}
+
+/// Reads and checks `dir/adapter_config.json`.
 ///
 /// # Errors
-/// A rank, alpha or target list other than `lora`'s, a missing key or a shape mismatch (naming
-/// it); nothing is changed unless every tensor is present and fits.
-pub fn load_adapter(model: &Llama, lora: &LoraSettings, dir: &Path) -> Result<()> {
+/// An unreadable or malformed file, a missing or invalid `r` / `lora_alpha` / `lora_dropout`, a
+/// non-LoRA `peft_type`, a PEFT option this example does not implement (rsLoRA, DoRA,
+/// `fan_in_fan_out`, per-module rank or alpha patterns, `layers_to_transform`), or a target
+/// module that is not a LLaMA projection; each names the file and the value.
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     let path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| io(e, "cannot read", &path))?;
     let config: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| io(e, "malformed JSON in", &path))?;
-    let r = config.get("r").and_then(|v| v.as_u64());
-    let alpha = config.get("lora_alpha").and_then(|v| v.as_f64());
-    if r != Some(lora.rank as u64) || alpha != Some(lora.alpha) {
-        bail!(
-            "{}: adapter has r {r:?} and lora_alpha {alpha:?}, but this run has --lora-rank {} and --lora-alpha {}",
-            path.display(), lora.rank, lora.alpha
-        )
+    let shown = path.display();
+    let field = |key: &str| config.get(key).filter(|v| !v.is_null());
+    if let Some(kind) = field("peft_type").filter(|k| k.as_str() != Some("LORA")) {
+        bail!("{shown}: peft_type {kind} is not a LoRA adapter (\"LORA\")")
     }
+    let rank = match field("r") {
+        Some(v) => match v.as_u64().filter(|&r| r >= 1) {
+            Some(r) => r as usize,
+            None => bail!("{shown}: r = {v} is not a positive integer"),
+        },
+        None => bail!("{shown}: has no r (the LoRA rank)"),
+    };
+    let alpha = match field("lora_alpha") {
+        Some(v) => match v.as_f64().filter(|a| a.is_finite()) {
+            Some(a) => a,
+            None => bail!("{shown}: lora_alpha = {v} is not a number"),
+        },
+        None => bail!("{shown}: has no lora_alpha"),
+    };
+    // PEFT's default when the field is absent.
+    let dropout = match field("lora_dropout") {
+        Some(v) => match v.as_f64().filter(|d| (0.0..1.0).contains(d)) {
+            Some(d) => d as f32,
+            None => bail!("{shown}: lora_dropout = {v} is not a number in [0, 1)"),
+        },
+        None => 0.0,
+    };
     for (flag, plain) in [
         ("use_rslora", false),
         ("fan_in_fan_out", false),
         ("use_dora", false),
     ] {
         if config.get(flag).and_then(|v| v.as_bool()).unwrap_or(plain) != plain {
-            bail!("{}: {flag} = {} is not supported", path.display(), !plain)
+            bail!("{shown}: {flag} = {} is not supported", !plain)
         }
     }
     for map in ["rank_pattern", "alpha_pattern"] {
@@ -86,10 +124,113 @@ pub fn load_adapter(model: &Llama, lora: &LoraSettings, dir: &Path) -> Result<()
             .is_some_and(|m| !m.is_empty())
         {
             bail!(
-                "{}: a non-empty {map} is not supported (one rank and alpha for every module)",
-                path.display()
+                "{shown}: a non-empty {map} is not supported (one rank and alpha for every module)"
             )
         }
+    }
+    if let Some(layers) = field("layers_to_transform") {
+        bail!("{shown}: layers_to_transform = {layers} is not supported (every layer is adapted)")
+    }
+    let (targets, targets_text) = match field("target_modules") {
+        None => (None, None),
+        Some(v) => (peft_targets(v, &path)?, Some(v.to_string())),
+    };
+    Ok(AdapterConfig {
+        path,
+        rank,
+        alpha,
+        dropout,
+        targets,
+        targets_text,
+    })
+}
+
+/// The projections PEFT's `target_modules` selects in a LLaMA, or `None` for a regular
+/// expression. PEFT matches a list entry against a module's full name (`model.layers.3.mlp.
+/// up_proj`) when the name equals it or ends with `.` and the entry, so `up_proj` and
+/// `mlp.up_proj` both select every layer's up projection; `all-linear` selects every linear
+/// layer but the output head, which in a LLaMA is the seven projections.
+fn peft_targets(value: &serde_json::Value, path: &Path) -> Result<Option<Vec<String>>> {
+    const PARENTS: [&str; 7] = [
+        "self_attn",
+        "self_attn",
+        "self_attn",
+        "self_attn",
+        "mlp",
+        "mlp",
+        "mlp",
+    ];
+    let entries = match value {
+        serde_json::Value::String(s) if s == "all-linear" => {
+            return Ok(Some(PROJECTIONS.iter().map(|p| p.to_string()).collect()))
+        }
+        serde_json::Value::String(_) => return Ok(None),
+        serde_json::Value::Array(entries) => entries,
+        other => bail!(
+            "{}: target_modules = {other} is neither a list of module names nor a string",
+            path.display()
+        ),
+    };
+    let mut targets = Vec::new();
+    for entry in entries {
+        let Some(entry) = entry.as_str() else {
+            bail!(
+                "{}: target_modules entry {entry} is not a module name",
+                path.display()
+            )
+        };
+        let mut matched = false;
+        for (proj, parent) in PROJECTIONS.iter().zip(PARENTS) {
+            // Two layers tell a layer-independent entry from one naming a single layer.
+            let hits = [0, 1].map(|layer| {
+                let name = format!("model.layers.{layer}.{parent}.{proj}");
+                name == entry || name.ends_with(&format!(".{entry}"))
+            });
+            match hits {
+                [true, true] => {
+                    matched = true;
+                    if !targets.iter().any(|t| t == proj) {
+                        targets.push(proj.to_string());
+                    }
+                }
+                [false, false] => {}
+                _ => bail!(
+                    "{}: target module {entry:?} adapts only some layers; this example adapts a projection in every layer",
+                    path.display()
+                ),
+            }
+        }
+        if !matched {
+            bail!(
+                "{}: target module {entry:?} is not a LLaMA projection ({})",
+                path.display(),
+                PROJECTIONS.join(", ")
+            )
+        }
+    }
+    if targets.is_empty() {
+        bail!("{}: target_modules is an empty list", path.display())
+    }
+    Ok(Some(targets))
+}
+
+/// Loads a saved adapter from `dir` into `model`'s LoRA variables.
+///
+/// # Errors
+/// A rank or alpha other than `lora`'s, an adapter option [`read_adapter_config`] refuses, a
+/// missing key or a shape mismatch (naming it); nothing is changed unless every tensor is present
+/// and fits.
+pub fn load_adapter(model: &Llama, lora: &LoraSettings, dir: &Path) -> Result<()> {
+    let saved = read_adapter_config(dir)?;
+    if saved.rank != lora.rank || saved.alpha != lora.alpha {
+        bail!(
+            "{}: adapter has r {} and lora_alpha {}, but this run has --lora-rank {} and --lora-alpha {}",
+            saved.path.display(),
+            saved.rank,
+            saved.alpha,
+            lora.rank,
+            lora.alpha
+        )
     }
     let path = dir.join("adapter_model.safetensors");
     let stored = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;

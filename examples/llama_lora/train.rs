@@ -1,6 +1,8 @@
 //! The run: set-up (model, tokenizer, data), the training loop, checkpoints, the summary.
 
-use super::args::Args;
+use super::args::{
+    Args, DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_RANK, DEFAULT_TARGET_MODULES,
+};
 use super::data::{self, Dataset, Example};
 use super::hub;
 use super::model::{masked_cross_entropy, random_weights, Llama, LoraSettings, Spec};
@@ -211,6 +213,109 @@ pub fn learning_rate(step: usize, total: usize, warmup: usize, peak: f64) -> f64
     peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
 }
 
+/// The run's LoRA settings: each from its flag, else from the `--adapter`'s
+/// `adapter_config.json`, else the default. A PEFT-made adapter thus loads without repeating
+/// its rank, alpha and targets by hand.
+///
+/// # Errors
+/// A flag that disagrees with the adapter (naming both values and the file), an adapter whose
+/// `target_modules` this example cannot read with no `--target-modules` given, or an invalid
+/// setting.
+pub fn lora_settings(args: &Args) -> Result<LoraSettings> {
+    let saved = match &args.adapter {
+        Some(dir) => Some(output::read_adapter_config(dir)?),
+        None => None,
+    };
+    let path = saved
+        .as_ref()
+        .map(|s| s.path.display().to_string())
+        .unwrap_or_default();
+    fn pick<T: PartialEq + std::fmt::Display + Copy>(
+        flag: &str,
+        given: Option<T>,
+        saved: Option<(&str, T)>,
+        path: &str,
+        default: T,
+    ) -> Result<T> {
+        match (given, saved) {
+            (Some(g), Some((key, s))) if g != s => {
+                bail!("{flag} {g} conflicts with {key} = {s} in {path}")
+            }
+            (Some(g), _) => Ok(g),
+            (None, Some((_, s))) => Ok(s),
+            (None, None) => Ok(default),
+        }
+    }
+    let rank = pick(
+        "--lora-rank",
+        args.lora_rank,
+        saved.as_ref().map(|s| ("r", s.rank)),
+        &path,
+        DEFAULT_LORA_RANK,
+    )?;
+    let alpha = pick(
+        "--lora-alpha",
+        args.lora_alpha,
+        saved.as_ref().map(|s| ("lora_alpha", s.alpha)),
+        &path,
+        DEFAULT_LORA_ALPHA,
+    )?;
+    let dropout = pick(
+        "--lora-dropout",
+        args.lora_dropout,
+        saved.as_ref().map(|s| ("lora_dropout", s.dropout)),
+        &path,
+        DEFAULT_LORA_DROPOUT,
+    )?;
+    let given = match &args.target_modules {
+        Some(list) => Some(LoraSettings::parse_targets(list)?),
+        None => None,
+    };
+    let targets = match (given, &saved) {
+        (Some(g), Some(s)) => {
+            if let Some(t) = &s.targets {
+                // Order carries no meaning: PEFT writes its target set in any order.
+                let sorted = |v: &[String]| {
+                    let mut v = v.to_vec();
+                    v.sort();
+                    v
+                };
+                if sorted(&g) != sorted(t) {
+                    bail!(
+                        "--target-modules {} conflicts with target_modules = {} in {path}",
+                        args.target_modules.as_deref().unwrap_or_default(),
+                        s.targets_text.as_deref().unwrap_or_default()
+                    )
+                }
+            }
+            g
+        }
+        (Some(g), None) => g,
+        (None, Some(s)) => match &s.targets {
+            Some(t) => t.clone(),
+            None => match &s.targets_text {
+                Some(text) => bail!(
+                    "{path}: target_modules {text} is not a list of module names this example can read; give --target-modules"
+                ),
+                None => bail!("{path}: has no target_modules; give --target-modules"),
+            },
+        },
+        (None, None) => LoraSettings::parse_targets(DEFAULT_TARGET_MODULES)?,
+    };
+    if rank == 0 {
+        bail!("--lora-rank must be at least 1")
+    }
+    if !(0.0..1.0).contains(&dropout) {
+        bail!("--lora-dropout {dropout} is not in [0, 1)")
+    }
+    Ok(LoraSettings {
+        rank,
+        alpha,
+        dropout,
+        targets,
+    })
+}
+
 /// Everything checked and loaded before training starts.
 pub struct Setup {
     pub spec: Spec,
@@ -245,12 +350,6 @@ impl Setup {
             "f16" => DType::F16,
             other => bail!("--dtype {other:?} is not one of f32, bf16, f16"),
         };
-        if args.lora_rank == 0 {
-            bail!("--lora-rank must be at least 1")
-        }
-        if !(0.0..1.0).contains(&args.lora_dropout) {
-            bail!("--lora-dropout {} is not in [0, 1)", args.lora_dropout)
-        }
         if args.batch_size == 0 || args.grad_accum == 0 {
             bail!(
                 "--batch-size {} and --grad-accum {} must be at least 1",
@@ -264,12 +363,7 @@ impl Setup {
         if args.save_every == Some(0) {
             bail!("--save-every must be at least 1")
         }
-        let lora = LoraSettings {
-            rank: args.lora_rank,
-            alpha: args.lora_alpha,
-            dropout: args.lora_dropout,
-            targets: LoraSettings::parse_targets(&args.target_modules)?,
-        };
+        let lora = lora_settings(args)?;
         let device = if args.cpu {
             Device::Cpu
         } else {
