@@ -19,8 +19,16 @@ use common::{eight_bit_vs_32_bit, randn, rng, TestRng};
 
 /// Runs `opt` for `steps` steps on fresh random gradients; the reference
 /// `step(t, params, grads, states)` follows the whole parameter in f64 (layer-wise rules need
-/// its norms). Returns the max relative difference (f32 rounding accumulated over the steps
-/// stays near 1e-5; a wrong formula is off by far more).
+/// its norms). Returns the max difference relative to the largest |p| the element had over the
+/// run (floor 1e-2): f32 rounding accumulates in proportion to the magnitudes an element passes
+/// through, not to where it ends (SGD and LARS move a param by up to 0.3 a step, and one that
+/// ends near 0 keeps the rounding of its larger past values: relative to its final |p| that
+/// reached 1.2e-4 in 400 seeds). Measured so, the error is some 40 steps of a few 6e-8
+/// roundings, under 1e-5 (over 2000-3000 seeds per optimizer the largest was 2.3e-6); a wrong
+/// formula is off by far more.
+/// An element the reference sets to NaN is one whose f32 value the formulas do not determine
+/// (Lion's sign of a momentum within f32 rounding of 0, RMSprop's g / (sqrt(v) + eps) when v is
+/// tiny): it is left out, and a comparison that left out most elements would fail.
 fn run_against_vector_reference<O: Optimizer>(
     rng: &mut TestRng,
     config: O::Config,
@@ -32,6 +40,7 @@ fn run_against_vector_reference<O: Optimizer>(
     let w = Var::from_tensor(&Tensor::from_vec(init.clone(), n, &Device::Cpu).unwrap()).unwrap();
     let mut opt = O::new(vec![w.clone()], config).unwrap();
     let mut p: Vec<f64> = init.iter().map(|&x| x as f64).collect();
+    let mut scale: Vec<f64> = p.iter().map(|x| x.abs().max(1e-2)).collect();
     let mut states: Vec<Vec<f64>> = Vec::new();
     for t in 1..=steps {
         let g = randn(rng, n, 0.5);
@@ -40,12 +49,23 @@ fn run_against_vector_reference<O: Optimizer>(
             .unwrap();
         let g: Vec<f64> = g.iter().map(|&x| x as f64).collect();
         reference(t, &mut p, &g, &mut states);
+        for (s, x) in scale.iter_mut().zip(&p) {
+            *s = s.max(x.abs()); // NaN (left out) keeps the scale
+        }
     }
     let got = w.to_vec1::<f32>().unwrap();
-    got.iter()
-        .zip(&p)
-        .map(|(&a, &b)| (a as f64 - b).abs() / b.abs().max(1e-2))
-        .fold(0.0, f64::max)
+    // Each element is left out with probability < 1e-2 (Lion ~5e-3, RMSprop ~7e-3): more than
+    // n/2 + 4 of n has probability < 1e-17 for every n (n <= 8 cannot exceed it).
+    let left_out = p.iter().filter(|b| b.is_nan()).count();
+    assert!(left_out <= n / 2 + 4, "{left_out} of {n} elements left out");
+    let err = got
+        .iter()
+        .zip(p.iter().zip(&scale))
+        .filter(|(_, (b, _))| !b.is_nan())
+        .map(|(&a, (&b, &s))| (a as f64 - b).abs() / s)
+        .fold(0.0, f64::max);
+    eprintln!("n {n} ({left_out} left out): max relative error {err:.3e}");
+    err
 }
 
 /// [`run_against_vector_reference`] for element-wise rules: `step(t, p, g, state)` per element.
@@ -93,6 +113,15 @@ fn lion_32bit_follows_the_paper() {
             s.push(0.0);
         }
         let c = b1 * s[0] + (1.0 - b1) * g;
+        // The optimizer's f32 momentum drifts from this f64 one by accumulated rounding, under
+        // 1e-7 here (|m| < 1, 30 steps of a few 6e-8-relative roundings): within that of 0 the
+        // sign is a coin toss, and the step moves p by ±lr (1e-3), far past the bound. Such an
+        // element is left out (NaN stays NaN); the margin is 1e-5, 100x that drift. |c| has a
+        // density under 10 at 0 (c ~ N(0, 0.05²) or so), so each element-step is left out with
+        // probability < 2e-4: a handful of the ~45k per run.
+        if c.abs() < 1e-5 {
+            *p = f64::NAN;
+        }
         *p = *p * (1.0 - lr * wd)
             - lr * if c > 0.0 {
                 1.0
@@ -163,6 +192,9 @@ fn eight_bit_paths_stay_near_their_32_bit_paths() {
         0.1,
     );
     eprintln!("lion: mean |err| {abs:.2e}, rel {rel:.2e}");
+    // Means over 40 steps of 20k elements: over 2000 seeds lion's were 1.6e-6 (sd 5e-8) and
+    // 1.0e-5 (sd 1.9e-6), sgd's 9.3e-6 (sd 4.5e-8) and 5.9e-5 (sd 2.5e-6; largest 7.1e-5):
+    // the bounds are over 200 sd away.
     assert!(abs > 0.0 && abs < 6e-5 && rel < 6e-4, "lion: {abs} {rel}");
     let (abs, rel) = eight_bit_vs_32_bit(
         &mut rng,
@@ -235,6 +267,17 @@ fn rmsprop_32bit_follows_torch_for_every_variant() {
             } else {
                 s[0].sqrt() + eps
             };
+            // With weight decay, g = grad + wd·p can cancel to near 0, and f32 then gets it wrong
+            // by up to ~4e-9 absolute (the rounding of terms up to 0.05). At step 1 sqrt(v) is
+            // 0.22|g| and g / (sqrt(v) + eps) swings from 0 to ±4.5 as |g| crosses eps / 0.22:
+            // there that error moves the ratio by up to 0.02, p by lr·10·0.02 (momentum sums it)
+            // = 2e-4, far past the bound (seen once in 1000 seeds at 1.2e-5 of 1e-4). Such an
+            // element is left out while sqrt(v) < 1e-3 (probability ~7e-3 per element); above
+            // that the ratio is off by < (4e-9 + 6e-8·|g|) / 1e-3 < 5e-6, p by < 5e-8. (Without
+            // weight decay g is the exact input and the ratio is off by ~1e-7 relative at most.)
+            if wd > 0.0 && avg < 1e-3 {
+                *p = f64::NAN;
+            }
             if momentum > 0.0 {
                 s[1] = momentum * s[1] + g / avg;
                 *p -= lr * s[1];
@@ -330,8 +373,9 @@ fn lamb_32bit_follows_the_paper_with_bitsandbytes_trust_ratio() {
             max_unorm,
             ..Default::default()
         };
-        let mut clipped = 0;
+        let (mut clipped, mut n) = (0, 0);
         let err = run_against_vector_reference::<LAMB>(&mut rng, config, 30, |t, p, g, s| {
+            n = p.len();
             if s.is_empty() {
                 s.extend([vec![0.0; p.len()], vec![0.0; p.len()]]);
             }
@@ -363,7 +407,12 @@ fn lamb_32bit_follows_the_paper_with_bitsandbytes_trust_ratio() {
             }
         });
         assert!(err < 1e-4, "bias_correction {bias_correction} adam_w_mode {adam_w_mode} max_unorm {max_unorm}: {err}");
-        if max_unorm > 0.0 && max_unorm < 1.0 {
+        // At step 1 each d_i is ±1 (Adam's first direction; eps is nothing against |g| ~ 0.5)
+        // plus wd·p_i, so ‖d‖ >= sqrt(n) - 0.01‖p‖, and r = max_unorm‖p‖/‖d‖ stays >= 0.99
+        // only if ‖p‖² > 3.7n at max_unorm 0.5 (more at 0.3), with ‖p‖² ~ χ²(n). For n >= 64
+        // Chernoff bounds that by (3.7e^-2.7)^(n/2) < 1e-19; for small n it is not rare (n = 1:
+        // |p| > 2, 5 %), so the check needs n >= 64.
+        if max_unorm > 0.0 && max_unorm < 1.0 && n >= 64 {
             assert!(clipped > 0, "the trust ratio never acted");
         }
     }
@@ -426,6 +475,15 @@ fn lars_32bit_follows_bitsandbytes_definition() {
 fn eight_bit_paths_of_the_rest_of_the_family_stay_near_32_bit() {
     const N: usize = 4096 * 5 + 77;
     let mut rng = rng("eight_bit_vs_32_bit_rest");
+    // Means over 40 steps of 20k elements, which barely move with the seed: over 2500 seeds the
+    // closest to the bounds was centered RMSprop with momentum, mean |err| 3.07e-5 (sd 1.9e-7)
+    // and mean rel err 1.95e-4 (sd 7.3e-6, largest 2.21e-4), 57 sd below the rel bound; the other
+    // rules sit at half its values or less. Its largest mean |err|, 3.34e-5, came from one
+    // element whose first two gradients were tiny (~1e-4, then ~1e-5): 8-bit v rounded to 0
+    // while the gradient average did not, v - avg² went negative, and the step became g / eps.
+    // That needs |g1| < 1e-4 and |g2| < |g1| / 10 (1 run in 4500 here) and adds < 6e-6 to the mean
+    // (the step g2 / eps < 1e3 times lr 1e-4, for the < 9 steps until the re-sync): reaching
+    // 6e-5 would take 5 such elements in one run.
     let check = |name: &str, (abs, rel): (f64, f64)| {
         eprintln!("{name}: mean |err| {abs:.2e}, rel {rel:.2e}");
         assert!(abs > 0.0 && abs < 6e-5 && rel < 6e-4, "{name}: {abs} {rel}");

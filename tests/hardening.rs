@@ -53,15 +53,9 @@ fn grads(rng: &mut TestRng, vars: &[(String, Var)]) -> GradStore {
     store
 }
 
-/// A fresh empty folder under the system temp dir (the random part only keeps runs apart).
+/// A fresh empty folder under the system temp dir (unique per process and call, nothing drawn).
 fn temp_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "candle-bnb-hardening-{test}-{}-{}",
-        std::process::id(),
-        rand::rng().random::<u64>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::temp_dir(&format!("hardening-{test}"))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -241,6 +241,9 @@ fn roundtrip_error_within_bitsandbytes_thresholds() {
     let n = 1 << 20;
     let normal: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
     let uniform: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..1.0)).collect();
+    // bitsandbytes' thresholds. Over 279 seeds the means of these 1M values were: randn/signed
+    // |err| 0.00853 (bf16 0.00860), sd 1.4e-5, rel 0.0154, sd 2e-5; rand/unsigned |err| 0.00160
+    // (bf16 0.00171), sd 4e-6. Every bound is over 120 sd from its mean.
     let cases = [
         (
             "randn/signed",

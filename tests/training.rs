@@ -1,12 +1,12 @@
 //! End to end: a small MLP regression trained for 500 steps with our 8-bit AdamW reaches the
-//! same loss as candle_nn::AdamW (within 1 %).
+//! same loss as candle_nn::AdamW (within 2.5 %; the gap is 0.4 % ± 0.2 %).
 
 use candle_bnb::optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 mod common;
-use common::{randn, rng, TestRng};
+use common::{randn, rng, seed_linear, TestRng};
 
 const IN: usize = 32;
 const HIDDEN: usize = 128;
@@ -62,10 +62,13 @@ fn train<O: Optimizer>(
     make: impl FnOnce(&VarMap) -> O,
 ) -> (f32, f32) {
     let vm = VarMap::new();
-    let model = Mlp::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu));
     for (name, value) in init {
-        vm.data().lock().unwrap()[name].set(value).unwrap();
+        // Var::from_tensor copies a plain tensor: every run starts from the same values.
+        let var = candle_core::Var::from_tensor(value).unwrap();
+        vm.data().lock().unwrap().insert(name.clone(), var);
     }
+    // The layers take the inserted Vars (VarMap::get returns an existing name as it is).
+    let model = Mlp::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu));
     let mut opt = make(&vm);
     let loss = |(x, y): &(Tensor, Tensor)| candle_nn::loss::mse(&model.forward(x), y).unwrap();
     let first = loss(test).to_scalar::<f32>().unwrap();
@@ -80,7 +83,7 @@ fn train<O: Optimizer>(
 }
 
 #[test]
-fn adamw_8bit_trains_an_mlp_to_candle_nn_adamw_loss_within_1_percent() {
+fn adamw_8bit_trains_an_mlp_to_the_loss_of_candle_nn_adamw() {
     let mut rng = rng("mlp_training");
     let w = teacher(&mut rng);
     // Online regression: a fresh noisy mini-batch every step, the loss measured on held-out
@@ -89,10 +92,13 @@ fn adamw_8bit_trains_an_mlp_to_candle_nn_adamw_loss_within_1_percent() {
         .map(|_| samples(&mut rng, &w, BATCH, 0.3))
         .collect();
     let test = samples(&mut rng, &w, 2048, 0.0);
-    // One random init (candle's CPU rng cannot be seeded) copied into every run.
+    // One seeded init (candle_nn::linear's distributions, which Candle's own generator would
+    // draw unseeded) copied into every run.
     let init: Vec<(String, Tensor)> = {
         let vm = VarMap::new();
-        let _ = Mlp::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu));
+        for (i, d) in [IN, HIDDEN, HIDDEN, 1].windows(2).enumerate() {
+            seed_linear(&vm, &mut rng, &format!("l{i}"), d[0], d[1]);
+        }
         let data = vm.data().lock().unwrap();
         data.iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap()))
@@ -136,15 +142,30 @@ fn adamw_8bit_trains_an_mlp_to_candle_nn_adamw_loss_within_1_percent() {
         .unwrap()
     });
     eprintln!("loss {first} -> candle-nn {theirs}, ours 8-bit {ours8}, ours 32-bit {ours32}");
+    // The held-out loss of the best constant prediction: the targets' variance.
+    let baseline = {
+        let y = test.1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mean = y.iter().map(|&v| v as f64).sum::<f64>() / y.len() as f64;
+        y.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / y.len() as f64
+    };
+    let trained = theirs as f64 / baseline;
+    let rel = (ours8 - theirs) / theirs;
+    eprintln!("candle-nn at {trained:.3} of the targets' variance; 8-bit off by {rel:+.4}");
+    // The problem trains: over 180 seeds the final loss was 0.21 of the targets' variance (sd
+    // 0.04, largest 0.35); 0.7 is 12 sd away. (The loss before training, which the random init
+    // adds to, is no yardstick: 0.2 of it, the former bound, failed one seed in three.)
     assert!(
-        theirs < 0.2 * first,
-        "the problem trains: {first} -> {theirs}"
+        trained < 0.7,
+        "the problem trains: {first} -> {theirs}, variance {baseline}"
     );
-    let rel = (ours8 - theirs).abs() / theirs;
+    // 8-bit ends 0.42 % below candle-nn on average (sd 0.19 %, largest gap 0.92 % over 180
+    // seeds; the former 1 % bound was 3 sd away); 2.5 % is 11 sd away.
     assert!(
-        rel < 0.01,
+        rel.abs() < 0.025,
         "8-bit final loss {ours8} vs candle-nn {theirs} ({rel:.4})"
     );
+    // Our 32-bit AdamW computes candle-nn's update op for op: the losses were identical in
+    // every seed.
     assert!(
         (ours32 - theirs).abs() / theirs < 1e-3,
         "32-bit {ours32} vs {theirs}"

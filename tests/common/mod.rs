@@ -1,8 +1,12 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a subset
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use candle_bnb::kernels::{fused_update, BlockwiseState, ParamState, UpdateRule};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Shape, Tensor, Var};
+use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
@@ -26,6 +30,48 @@ pub fn randn(rng: &mut TestRng, n: usize, scale: f32) -> Vec<f32> {
             scale * z
         })
         .collect()
+}
+
+/// `n` draws from Uniform[-bound, bound].
+pub fn uniform(rng: &mut TestRng, n: usize, bound: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-bound..=bound)).collect()
+}
+
+/// Puts a Var holding `values` under `name` in `vm`. A layer built on `vm` afterwards (through a
+/// `VarBuilder`) takes it instead of initialising the weight from Candle's generator, which
+/// cannot be seeded: tests fill their models this way so that `CANDLE_BNB_TEST_SEED` replays
+/// them.
+pub fn insert_var(vm: &VarMap, name: &str, values: Vec<f32>, shape: impl Into<Shape>) {
+    let t = Tensor::from_vec(values, shape, &Device::Cpu).unwrap();
+    vm.data()
+        .lock()
+        .unwrap()
+        .insert(name.to_string(), Var::from_tensor(&t).unwrap());
+}
+
+/// `candle_nn::linear(in_dim, out_dim, vb.pp(prefix))`'s initialisation drawn from `rng` into
+/// `vm`: a Kaiming-normal weight (std sqrt(2 / in_dim)) and a bias uniform in ±1/sqrt(in_dim).
+pub fn seed_linear(vm: &VarMap, rng: &mut TestRng, prefix: &str, in_dim: usize, out_dim: usize) {
+    let std = (2.0 / in_dim as f32).sqrt();
+    let weight = randn(rng, out_dim * in_dim, std);
+    insert_var(vm, &format!("{prefix}.weight"), weight, (out_dim, in_dim));
+    let bias = uniform(rng, out_dim, 1.0 / (in_dim as f32).sqrt());
+    insert_var(vm, &format!("{prefix}.bias"), bias, out_dim);
+}
+
+/// A fresh empty folder under the system temp dir, unique without drawing anything at random:
+/// the process id (no two live processes share one) and a per-process counter; a folder left by
+/// an earlier process with the same id is removed first.
+pub fn temp_dir(test: &str) -> PathBuf {
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "candle-bnb-{test}-{}-{}",
+        std::process::id(),
+        COUNT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// Runs an 8-bit and a 32-bit state side by side from the same random start, as bitsandbytes
