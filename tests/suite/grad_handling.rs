@@ -6,8 +6,7 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
 use rand::Rng;
 
-mod common;
-use common::{randn, rng, TestRng};
+use crate::common::{randn, rng, TestRng};
 
 fn var(rng: &mut TestRng, n: usize) -> Var {
     Var::from_tensor(&Tensor::from_vec(randn(rng, n, 1.0), n, &Device::Cpu).unwrap()).unwrap()

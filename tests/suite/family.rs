@@ -14,8 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use rand::Rng;
 
-mod common;
-use common::{eight_bit_vs_32_bit, randn, rng, TestRng};
+use crate::common::{eight_bit_vs_32_bit, randn, rng, TestRng};
 
 /// Runs `opt` for `steps` steps on fresh random gradients; the reference
 /// `step(t, params, grads, states)` follows the whole parameter in f64 (layer-wise rules need

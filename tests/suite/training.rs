@@ -5,8 +5,7 @@ use candle_bnb::optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{linear, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
-mod common;
-use common::{randn, rng, seed_linear, TestRng};
+use crate::common::{randn, rng, seed_linear, TestRng};
 
 const IN: usize = 32;
 const HIDDEN: usize = 128;

@@ -10,8 +10,7 @@ use candle_bnb::QuantMap;
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 
-mod common;
-use common::{randn, rng, TestRng};
+use crate::common::{randn, rng, TestRng};
 
 const SIZES: [usize; 7] = [0, 1, 255, 256, 257, 1000, 70_001];
 

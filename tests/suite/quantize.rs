@@ -11,8 +11,7 @@ use num_bigint::BigInt;
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-mod common;
-use common::{rng, TestRng};
+use crate::common::{rng, TestRng};
 
 fn reference_map(name: &str) -> [f32; 256] {
     let path = format!(

@@ -20,8 +20,7 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use rand::Rng;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-mod common;
-use common::{randn, rng, TestRng};
+use crate::common::{randn, rng, TestRng};
 
 fn var(rng: &mut TestRng, shape: &[usize]) -> Var {
     let n = shape.iter().product();
@@ -55,7 +54,7 @@ fn grads(rng: &mut TestRng, vars: &[(String, Var)]) -> GradStore {
 
 /// A fresh empty folder under the system temp dir (unique per process and call, nothing drawn).
 fn temp_dir(test: &str) -> PathBuf {
-    common::temp_dir(&format!("hardening-{test}"))
+    crate::common::temp_dir(&format!("hardening-{test}"))
 }
 
 // ---------------------------------------------------------------------------------------------

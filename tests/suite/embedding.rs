@@ -1,15 +1,13 @@
 //! `nn::StableEmbedding` and `nn::Embedding`: outputs against an f64 formula, initialisation,
 //! the 32-bit state mark (and overrides winning over it), training, bad input.
 
-mod common;
-
+use crate::common::{insert_var, randn, rng, seed_linear, temp_dir, uniform, TestRng};
 use candle_bnb::optim::nn::{Embedding, StableEmbedding};
 use candle_bnb::optim::{
     keep_32bit_state, keeps_32bit_state, AdamW8bit, AdamW8bitConfig, Overrides,
 };
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, Optimizer, VarBuilder, VarMap};
-use common::{insert_var, randn, rng, seed_linear, temp_dir, uniform, TestRng};
 use rand::Rng;
 
 fn random_ids(rng: &mut TestRng, vocab: usize, shape: (usize, usize)) -> Tensor {

@@ -9,8 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 use rand::Rng;
 
-mod common;
-use common::{randn, rng, temp_dir, TestRng};
+use crate::common::{randn, rng, temp_dir, TestRng};
 
 /// Shapes with a tensor that keeps 32-bit state (< min_8bit_size) next to 8-bit ones, and a
 /// size that is not a multiple of the block.
@@ -249,7 +248,7 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
         &text("\"version\":\"2\"", "\"version\":\"7\""),
         "version 7",
     );
-    // Edited metadata fails its checksum before its meaning is read (tests/hardening.rs
+    // Edited metadata fails its checksum before its meaning is read (hardening.rs
     // re-signs edited files to reach the checks behind it).
     for (name, from, to) in [
         (

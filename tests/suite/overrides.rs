@@ -5,8 +5,7 @@ use candle_bnb::optim::{AdamW8bit, AdamW8bitConfig, Overrides};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 
-mod common;
-use common::{randn, rng, TestRng};
+use crate::common::{randn, rng, TestRng};
 
 const PARAMS: [(&str, &[usize]); 6] = [
     ("lm_head.weight", &[100, 64]),

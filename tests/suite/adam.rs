@@ -7,8 +7,7 @@ use candle_nn::{Optimizer, ParamsAdamW};
 use half::{bf16, f16};
 use rand::Rng;
 
-mod common;
-use common::{eight_bit_vs_32_bit, randn, rng};
+use crate::common::{eight_bit_vs_32_bit, randn, rng};
 
 /// A loss whose gradient with respect to `w` is exactly `g`: sum(w * g).
 fn loss_with_grad(w: &Var, g: &Tensor) -> Tensor {
