@@ -92,8 +92,9 @@ fn checksum_text(bytes: &[u8]) -> String {
 }
 
 /// The checksum of every metadata entry except [`METADATA_CHECKSUM`], and of each tensor's
-/// name, dtype and shape: entries sorted by key, each field followed by a 0 byte (no key or
-/// value holds one: safetensors' header is JSON text, where it would be escaped).
+/// name, dtype and shape: entries sorted by key, each field followed by a 0 byte. A name holding
+/// a 0 byte makes this text ambiguous, which only someone crafting a collision could use; a
+/// 64-bit checksum guards against damage, not against forgery.
 fn metadata_checksum<'a>(
     meta: &HashMap<String, String>,
     tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize])>,
@@ -386,9 +387,14 @@ impl<'a> Reader<'a> {
             .expect("checked length");
         let context = |e: Error| e.context(format!("checkpoint {}: {key}", self.path.display()));
         let stored = QuantMap::from_values(&values).map_err(context)?;
-        if &stored != map {
+        if let Some((j, (a, b))) = values
+            .iter()
+            .zip(map.values())
+            .enumerate()
+            .find(|(_, (a, b))| a.to_bits() != b.to_bits())
+        {
             return self.fail(format!(
-                "{key}.map is {stored:?}, but this state is quantized with {map:?}"
+                "{key}.map is not the map this state is quantized with: entry {j} is {a:e}, not {b:e}"
             ));
         }
         BlockwiseState::from_parts(codes, absmax, stored, block_size).map_err(context)
@@ -578,9 +584,19 @@ pub(crate) fn load(
             .chunks_exact(8)
             .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
             .collect();
-        if norms.len() > GRAD_NORM_HISTORY || norms.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
+        if norms.len() > GRAD_NORM_HISTORY {
             return r.fail(format!(
-                "{norms_key} must hold at most {GRAD_NORM_HISTORY} finite squared norms >= 0"
+                "{norms_key} holds {} norms, at most {GRAD_NORM_HISTORY} are kept",
+                norms.len()
+            ));
+        }
+        if let Some((j, v)) = norms
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+        {
+            return r.fail(format!(
+                "{norms_key}[{j}] is {v}; squared norms are finite and >= 0"
             ));
         }
         grad_norms.push(norms);

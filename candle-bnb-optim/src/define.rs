@@ -201,7 +201,8 @@ macro_rules! define_optimizer {
             /// An optimizer over named parameters; the names key its checkpoints.
             ///
             /// # Errors
-            /// An invalid config (naming the field) or duplicate names.
+            /// An invalid config (naming the field), duplicate names, one `Var` under two names,
+            /// or a float parameter that is not F32, F16 or BF16 (naming it).
             pub fn new_named(
                 vars: Vec<(String, candle_core::Var)>,
                 config: $config,
@@ -216,7 +217,8 @@ macro_rules! define_optimizer {
             /// An invalid config, an override naming an unknown field or an invalid value (naming
             /// the parameter), an override that matches no parameter (naming the closest
             /// names), a per-parameter override of a whole-step setting (`non_finite`,
-            /// `max_grad_norm`), or duplicate names.
+            /// `max_grad_norm`), duplicate names, one `Var` under two names, or a float parameter
+            /// that is not F32, F16 or BF16.
             pub fn new_with_overrides(
                 vars: Vec<(String, candle_core::Var)>,
                 config: $config,
@@ -423,16 +425,35 @@ macro_rules! define_optimizer {
                         self.config.layout()
                     )
                 }
-                config.validate()?;
+                config
+                    .validate()
+                    .map_err(|e| e.context(format!("checkpoint {}: config", path.display())))?;
                 let initial_lr: f64 = match loaded.extra.get("initial_lr").map(|v| v.parse()) {
-                    Some(Ok(v)) => v,
-                    _ => candle_core::bail!(
-                        "checkpoint {}: metadata \"initial_lr\" is missing or not a number",
-                        path.display()
+                    Some(Ok(v)) if f64::is_finite(v) && v >= 0.0 => v,
+                    other => candle_core::bail!(
+                        "checkpoint {}: metadata \"initial_lr\" must be a finite number >= 0, got {:?}",
+                        path.display(),
+                        loaded.extra.get("initial_lr").filter(|_| other.is_some())
                     ),
                 };
                 let params = Self::derive(&config, initial_lr, &self.settings, self.slots.names())
                     .map_err(|e| e.context(format!("checkpoint {}", path.display())))?;
+                // The states were checked against this optimizer's rules (their count, which
+                // may be negative, their maps): the loaded config must make the same rules.
+                for (i, (ours, theirs)) in self.params.iter().zip(&params).enumerate() {
+                    let (ours, theirs) = (ours.rule(1), theirs.rule(1));
+                    let (ours, theirs) = (
+                        candle_bnb_kernels::UpdateRule::signed_states(&ours),
+                        candle_bnb_kernels::UpdateRule::signed_states(&theirs),
+                    );
+                    if ours != theirs {
+                        candle_core::bail!(
+                            "checkpoint {}: its config gives parameter {:?} states {theirs:?} (signed or not), its saved state is {ours:?}",
+                            path.display(),
+                            self.slots.names().nth(i).unwrap_or_default()
+                        )
+                    }
+                }
                 self.slots.restore(loaded)?;
                 self.config = config;
                 self.initial_lr = initial_lr;

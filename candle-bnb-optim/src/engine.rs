@@ -546,19 +546,21 @@ pub(crate) fn sorted_vars(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
 /// would fail).
 pub(crate) fn float_vars(vars: Vec<(String, Var)>) -> Result<Vec<(String, Var)>> {
     let mut names = std::collections::HashSet::new();
-    let mut ids = std::collections::HashMap::new();
-    for (name, var) in &vars {
+    for (name, _) in &vars {
         if !names.insert(name.as_str()) {
             bail!("parameter name {name:?} is given twice")
-        }
-        if let Some(first) = ids.insert(var.id(), name.as_str()) {
-            bail!("one parameter is given twice, as {first:?} and as {name:?}")
         }
     }
     let vars: Vec<(String, Var)> = vars
         .into_iter()
         .filter(|(_, v)| v.dtype().is_float())
         .collect();
+    let mut ids = std::collections::HashMap::new();
+    for (name, var) in &vars {
+        if let Some(first) = ids.insert(var.id(), name.as_str()) {
+            bail!("one parameter is given twice, as {first:?} and as {name:?}")
+        }
+    }
     if let Some((name, var)) = vars
         .iter()
         .find(|(_, v)| !matches!(v.dtype(), DType::F32 | DType::F16 | DType::BF16))
