@@ -1,29 +1,107 @@
-//! CUDA kernels against the CPU kernels (the reference), on random inputs of sizes that are not
-//! block multiples, every input dtype and block size. Built with `--features cuda`; on a machine
-//! without a GPU every test says it was skipped and passes.
+//! The CUDA path — `candle-bnb-kernels/kernels/*.cu` and the host code that drives them — against
+//! the CPU kernels (the reference), on seeded random inputs of sizes that are not block
+//! multiples, every dtype and block size.
 //!
-//! Codes must be identical except where the input sits within an ulp of a midpoint between two
-//! map values (at least 99.99 % identical, every difference one code step); dequantized values
-//! must equal the CPU's bit for bit for identical codes.
-#![cfg(feature = "cuda")]
+//! Every case runs on the emulated CUDA device (the same kernel files compiled for the CPU and run
+//! with the GPU's execution model: `candle-bnb-kernels/emu/`), so `cargo test` executes every
+//! kernel and the whole host step without a GPU. Built with `--features cuda` on a machine with a
+//! GPU, the same cases run on the GPU too.
+//!
+//! Results must equal the CPU's bit for bit (parameters, codes, absmax, f32 states), with one
+//! documented exception: LAMB and LARS sum their layer-wise norms in f64 in a different order on
+//! the device (per thread, then a fixed tree; the CPU sums a chunk in index order:
+//! `kernels/README.md`), so their trust ratios, and with them their parameters, may differ in the
+//! last bits (checked within 1e-6 relative for f32 parameters, one rounding step of f16/bf16).
 
+use candle_bnb::kernels::emulator::{self, emulator_stats, DeviceOp, Emulator};
 use candle_bnb::kernels::{
-    dequantize_blockwise, dequantize_blockwise_into, quantize_blockwise, QuantMap,
+    dequantize_blockwise_into, quantize_blockwise, ParamState, QuantMap, Quantized,
     SUPPORTED_BLOCK_SIZES,
 };
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;
 
 mod common;
 use common::{randn, rng};
 
-/// The first CUDA device, or `None` (and a note saying the test was skipped).
-fn gpu(test: &str) -> Option<Device> {
+/// A device the CUDA path runs on.
+#[derive(Clone)]
+enum Target {
+    /// The emulated device: parameters and tensors stay on the CPU.
+    Emulated(Emulator),
+    /// A GPU.
+    #[cfg(feature = "cuda")]
+    Gpu(Device),
+}
+
+/// The emulated device, and the first GPU when built with `--features cuda` on a machine that
+/// has one.
+fn targets(test: &str) -> Vec<Target> {
+    #[allow(unused_mut)]
+    let mut targets = vec![Target::Emulated(Emulator::new())];
+    #[cfg(feature = "cuda")]
     match Device::new_cuda(0) {
-        Ok(device) => Some(device),
-        Err(e) => {
-            eprintln!("{test}: skipped, no CUDA device ({e})");
-            None
+        Ok(dev) => targets.push(Target::Gpu(dev)),
+        Err(e) => eprintln!("{test}: no CUDA device ({e}); the emulated device only"),
+    }
+    let _ = test;
+    targets
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Emulated(_) => "emulated",
+            #[cfg(feature = "cuda")]
+            Self::Gpu(_) => "gpu",
+        }
+    }
+
+    /// Where this target's tensors live.
+    fn device(&self) -> Device {
+        match self {
+            Self::Emulated(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Self::Gpu(dev) => dev.clone(),
+        }
+    }
+
+    /// `x` (a CPU tensor) quantized on this target.
+    fn quantize(&self, x: &Tensor, map: &QuantMap, block_size: usize) -> Result<Quantized> {
+        match self {
+            Self::Emulated(emu) => emulator::quantize_blockwise(emu, x, map, block_size),
+            #[cfg(feature = "cuda")]
+            Self::Gpu(dev) => quantize_blockwise(&x.to_device(dev)?, map, block_size),
+        }
+    }
+
+    fn dequantize(&self, q: &Quantized, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Emulated(emu) => emulator::dequantize_blockwise(
+                emu,
+                &q.codes,
+                &q.absmax,
+                &q.map,
+                q.block_size,
+                dtype,
+            ),
+            #[cfg(feature = "cuda")]
+            Self::Gpu(_) => q.dequantize(dtype),
+        }
+    }
+
+    fn dequantize_into(&self, q: &Quantized, out: &Tensor) -> Result<()> {
+        match self {
+            Self::Emulated(emu) => emulator::dequantize_blockwise_into(
+                emu,
+                &q.codes,
+                &q.absmax,
+                &q.map,
+                q.block_size,
+                out,
+            ),
+            #[cfg(feature = "cuda")]
+            Self::Gpu(_) => q.dequantize_into(out),
         }
     }
 }
@@ -37,164 +115,162 @@ fn sizes(rng: &mut impl Rng, block_size: usize) -> Vec<usize> {
         block_size,
         block_size + 1,
         7 * block_size + 13,
-        rng.random_range(1..300_000),
+        rng.random_range(1..100_000),
     ]
 }
 
-/// Compares CUDA codes with CPU codes: returns the number of differing codes, after checking
-/// that each differs by one step and that its block's absmax is identical.
-fn compare_codes(cpu: &[u8], gpu: &[u8], what: &str) -> usize {
-    assert_eq!(cpu.len(), gpu.len(), "{what}: code count");
-    let mut differ = 0;
-    for (i, (&c, &g)) in cpu.iter().zip(gpu).enumerate() {
-        if c != g {
-            assert_eq!(
-                (c as i32 - g as i32).abs(),
-                1,
-                "{what}: code {g} on CUDA vs {c} on CPU at {i}"
-            );
-            differ += 1;
-        }
+/// `t`'s values as f32 on the host (an exact widening for f16 and bf16).
+fn host_f32(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// The first element where two runs of f32 values differ in their bits.
+fn first_difference(a: &[f32], b: &[f32]) -> Option<(usize, f32, f32)> {
+    if a.len() != b.len() {
+        return Some((a.len().min(b.len()), f32::NAN, f32::NAN));
     }
-    differ
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .find(|(_, (x, y))| x.to_bits() != y.to_bits())
+        .map(|(i, (x, y))| (i, *x, *y))
 }
 
 #[test]
-fn quantize_matches_the_cpu_kernels() {
-    let Some(dev) = gpu("quantize_matches_the_cpu_kernels") else {
-        return;
-    };
-    let mut rng = rng("quantize_matches_the_cpu_kernels");
+fn quantize_matches_the_cpu_kernels_bit_for_bit() {
+    let mut rng = rng("quantize_matches_the_cpu_kernels_bit_for_bit");
     let maps = [
         ("signed", QuantMap::dynamic_signed()),
         ("unsigned", QuantMap::dynamic_unsigned()),
         ("linear", QuantMap::linear_signed()),
     ];
-    let (mut total, mut differ) = (0usize, 0usize);
-    for (name, map) in &maps {
-        for &bs in &SUPPORTED_BLOCK_SIZES {
-            for n in sizes(&mut rng, bs) {
-                let mut values = randn(&mut rng, n, 1.0);
-                if *name == "unsigned" {
-                    values.iter_mut().for_each(|v| *v = v.abs());
-                }
-                for dtype in [DType::F32, DType::F16, DType::BF16] {
-                    let what = format!("{name} map, block {bs}, n {n}, {dtype:?}");
-                    let x = Tensor::from_vec(values.clone(), n, &Device::Cpu)
-                        .unwrap()
-                        .to_dtype(dtype)
-                        .unwrap();
-                    let want = quantize_blockwise(&x, map, bs).unwrap();
-                    let got = quantize_blockwise(&x.to_device(&dev).unwrap(), map, bs).unwrap();
-                    assert!(got.codes.device().is_cuda() && got.absmax.device().is_cuda());
-                    let want_absmax = want.absmax.to_vec1::<f32>().unwrap();
-                    let got_absmax = got.absmax.to_vec1::<f32>().unwrap();
-                    assert_eq!(got_absmax, want_absmax, "{what}: absmax");
-                    let want_codes = want.codes.to_vec1::<u8>().unwrap();
-                    let got_codes = got.codes.to_vec1::<u8>().unwrap();
-                    differ += compare_codes(&want_codes, &got_codes, &what);
-                    total += n;
-
-                    // Dequantize the CUDA codes on both devices: identical bits.
-                    let codes_cpu = got.codes.to_device(&Device::Cpu).unwrap();
-                    let absmax_cpu = got.absmax.to_device(&Device::Cpu).unwrap();
-                    for out in [DType::F32, DType::F16, DType::BF16] {
-                        let on_gpu = got.dequantize(out).unwrap();
-                        let on_cpu =
-                            dequantize_blockwise(&codes_cpu, &absmax_cpu, map, bs, out).unwrap();
-                        // Cast on the host: Candle's CUDA cast launches an empty grid for 0
-                        // elements, which the driver refuses.
-                        let (a, b) = (
-                            on_gpu
+    for target in targets("quantize_matches_the_cpu_kernels_bit_for_bit") {
+        let mut elements = 0usize;
+        for (name, map) in &maps {
+            for &bs in &SUPPORTED_BLOCK_SIZES {
+                for n in sizes(&mut rng, bs) {
+                    let mut values = randn(&mut rng, n, 1.0);
+                    if *name == "unsigned" {
+                        values.iter_mut().for_each(|v| *v = v.abs());
+                    }
+                    for dtype in [DType::F32, DType::F16, DType::BF16] {
+                        let what = format!(
+                            "{}: {name} map, block {bs}, n {n}, {dtype:?}",
+                            target.name()
+                        );
+                        let x = Tensor::from_vec(values.clone(), n, &Device::Cpu)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap();
+                        let want = quantize_blockwise(&x, map, bs).unwrap();
+                        let got = target.quantize(&x, map, bs).unwrap();
+                        assert!(got.codes.device().same_device(&target.device()));
+                        let diff =
+                            first_difference(&host_f32(&got.absmax), &host_f32(&want.absmax));
+                        assert_eq!(diff, None, "{what}: absmax (index, device, cpu)");
+                        let (want_codes, got_codes) = (
+                            want.codes.to_vec1::<u8>().unwrap(),
+                            got.codes
                                 .to_device(&Device::Cpu)
                                 .unwrap()
-                                .to_dtype(DType::F32)
-                                .unwrap()
-                                .to_vec1::<f32>()
-                                .unwrap(),
-                            on_cpu
-                                .to_dtype(DType::F32)
-                                .unwrap()
-                                .to_vec1::<f32>()
+                                .to_vec1::<u8>()
                                 .unwrap(),
                         );
-                        let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
-                        assert!(same, "{what}: dequantize to {out:?} differs from the CPU");
+                        if let Some(i) = (0..n).find(|&i| want_codes[i] != got_codes[i]) {
+                            panic!(
+                                "{what}: code {} on the device vs {} on the CPU at {i} (x = {})",
+                                got_codes[i], want_codes[i], values[i]
+                            )
+                        }
+                        elements += n;
+                        // Dequantized on both: identical bits.
+                        for out in [DType::F32, DType::F16, DType::BF16] {
+                            let on_device = target.dequantize(&got, out).unwrap();
+                            let on_cpu = want.dequantize(out).unwrap();
+                            let diff = first_difference(&host_f32(&on_device), &host_f32(&on_cpu));
+                            assert_eq!(diff, None, "{what}: dequantized to {out:?}");
+                        }
                     }
                 }
             }
         }
+        eprintln!(
+            "{}: {elements} elements quantized identically; {:?}",
+            target.name(),
+            emulator_stats()
+        );
     }
-    let identical = 1.0 - differ as f64 / total.max(1) as f64;
-    eprintln!("codes identical: {:.6} % of {total}", identical * 100.0);
-    assert!(
-        identical >= 0.9999,
-        "only {identical} of the codes identical"
-    );
 }
 
 #[test]
-fn dequantize_into_writes_a_preallocated_cuda_tensor() {
-    let Some(dev) = gpu("dequantize_into_writes_a_preallocated_cuda_tensor") else {
-        return;
-    };
-    let mut rng = rng("dequantize_into_writes_a_preallocated_cuda_tensor");
+fn dequantize_into_writes_a_preallocated_tensor() {
+    let mut rng = rng("dequantize_into_writes_a_preallocated_tensor");
     let map = QuantMap::dynamic_signed();
     let n = 4096 * 3 + 77;
-    let x = Tensor::from_vec(randn(&mut rng, n, 2.0), n, &dev).unwrap();
-    let q = quantize_blockwise(&x, &map, 256).unwrap();
-    let out = Tensor::zeros(n, DType::BF16, &dev).unwrap();
-    dequantize_blockwise_into(&q.codes, &q.absmax, &map, 256, &out).unwrap();
-    let want = q.dequantize(DType::BF16).unwrap();
-    let diff = (out.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert_eq!(diff, 0.0);
-    let err = (x - q.dequantize(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(err < 0.011 * 2.0, "mean |err| {err} for N(0, 4) input");
+    let values = randn(&mut rng, n, 2.0);
+    let x = Tensor::from_vec(values, n, &Device::Cpu).unwrap();
+    let want = quantize_blockwise(&x, &map, 256).unwrap();
+    for target in targets("dequantize_into_writes_a_preallocated_tensor") {
+        let q = target.quantize(&x, &map, 256).unwrap();
+        let out = Tensor::zeros(n, DType::BF16, &target.device()).unwrap();
+        target.dequantize_into(&q, &out).unwrap();
+        let mut expected = Tensor::zeros(n, DType::BF16, &Device::Cpu).unwrap();
+        dequantize_blockwise_into(&want.codes, &want.absmax, &map, 256, &expected).unwrap();
+        assert_eq!(
+            first_difference(&host_f32(&out), &host_f32(&expected)),
+            None,
+            "{}",
+            target.name()
+        );
+        // A view into a larger tensor: only its elements are written.
+        let big = Tensor::zeros(n + 100, DType::F32, &target.device()).unwrap();
+        let view = big.narrow(0, 50, n).unwrap();
+        target.dequantize_into(&q, &view).unwrap();
+        let all = host_f32(&big);
+        assert!(all[..50].iter().chain(&all[50 + n..]).all(|v| *v == 0.0));
+        expected = want.dequantize(DType::F32).unwrap();
+        assert_eq!(
+            first_difference(&all[50..50 + n], &host_f32(&expected)),
+            None
+        );
+    }
 }
 
 #[test]
-fn bad_cuda_input_is_refused_and_names_the_value() {
-    let Some(dev) = gpu("bad_cuda_input_is_refused_and_names_the_value") else {
-        return;
-    };
+fn bad_input_is_refused_and_names_the_value() {
     let map = QuantMap::dynamic_signed();
-    let mut values = vec![0.5f32; 70_000];
-    values[65_537] = f32::NAN;
-    let x = Tensor::from_vec(values, 70_000, &dev).unwrap();
-    let err = quantize_blockwise(&x, &map, 256).unwrap_err().to_string();
-    assert!(err.contains("65537"), "{err}");
-    let ok = Tensor::ones(1000, DType::F32, &dev).unwrap();
-    let q = quantize_blockwise(&ok, &map, 256).unwrap();
-    let cpu_absmax = q.absmax.to_device(&Device::Cpu).unwrap();
-    let err = dequantize_blockwise(&q.codes, &cpu_absmax, &map, 256, DType::F32)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("Cpu") || err.contains("Cuda"), "{err}");
-    // Empty tensors: zero blocks, no launch.
-    let empty = Tensor::zeros(0, DType::F32, &dev).unwrap();
-    let q = quantize_blockwise(&empty, &map, 64).unwrap();
-    assert_eq!(q.absmax.elem_count(), 0);
-    assert_eq!(q.dequantize(DType::F16).unwrap().elem_count(), 0);
+    for target in targets("bad_input_is_refused_and_names_the_value") {
+        let mut values = vec![0.5f32; 70_000];
+        values[65_537] = f32::NAN;
+        let x = Tensor::from_vec(values, 70_000, &Device::Cpu).unwrap();
+        let err = target.quantize(&x, &map, 256).unwrap_err().to_string();
+        assert!(err.contains("65537") && err.contains("NaN"), "{err}");
+        // A non-finite scale is refused, naming its block.
+        let ok = Tensor::ones(1000, DType::F32, &Device::Cpu).unwrap();
+        let mut q = target.quantize(&ok, &map, 256).unwrap();
+        let mut scales = host_f32(&q.absmax);
+        scales[2] = f32::INFINITY;
+        q.absmax = Tensor::from_vec(scales, 4, &target.device()).unwrap();
+        let err = target.dequantize(&q, DType::F32).unwrap_err().to_string();
+        assert!(err.contains("block 2"), "{err}");
+        // Empty tensors: zero blocks, no launch.
+        let empty = Tensor::zeros((3, 0), DType::F32, &Device::Cpu).unwrap();
+        let q = target.quantize(&empty, &map, 64).unwrap();
+        assert_eq!(q.absmax.elem_count(), 0);
+        assert_eq!(target.dequantize(&q, DType::F16).unwrap().elem_count(), 0);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Optimizers: the multi-tensor CUDA step against the CPU step.
 
-use candle_bnb::kernels::ParamState;
 use candle_bnb::optim::{
     AdEMAMix8bit, Adagrad8bit, AdamW, AdamW8bit, LAMB8bit, LARS8bit, Lion8bit, NonFinitePolicy,
     RMSprop8bit, SGD8bit,
@@ -206,8 +282,8 @@ use candle_nn::Optimizer;
 /// `min_8bit_size`), and 8-bit sizes that are not block multiples.
 const PARAM_SIZES: [usize; 6] = [0, 1, 300, 4099, 70_001, 5 * 4096 + 77];
 
-/// The same random parameters on the CPU and on `dev`, in `dtype`.
-fn twin_params(rng: &mut common::TestRng, dev: &Device, dtype: DType) -> (Vec<Var>, Vec<Var>) {
+/// The same random parameters on the CPU and on `target`, in `dtype`.
+fn twin_params(rng: &mut common::TestRng, target: &Target, dtype: DType) -> (Vec<Var>, Vec<Var>) {
     PARAM_SIZES
         .iter()
         .map(|&n| {
@@ -215,10 +291,10 @@ fn twin_params(rng: &mut common::TestRng, dev: &Device, dtype: DType) -> (Vec<Va
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            let gpu = cpu.to_device(dev).unwrap();
+            let other = cpu.to_device(&target.device()).unwrap();
             (
                 Var::from_tensor(&cpu).unwrap(),
-                Var::from_tensor(&gpu).unwrap(),
+                Var::from_tensor(&other).unwrap(),
             )
         })
         .unzip()
@@ -248,290 +324,362 @@ fn grads_for(vars: &[Var], g: &[Tensor], skip: Option<usize>) -> candle_core::ba
         .unwrap()
 }
 
-/// Every var's values as f32, cast on the host (Candle's CUDA cast fails on 0 elements).
+/// Every var's values as f32 on the host.
 fn values_f32(vars: &[Var]) -> Vec<Vec<f32>> {
-    vars.iter()
-        .map(|v| {
-            v.as_tensor()
-                .to_device(&Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect()
+    vars.iter().map(|v| host_f32(v.as_tensor())).collect()
 }
 
-/// Largest |a - b| / max(|b|, 1e-3) over every parameter element.
-fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
-    a.iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(&x, &y)| ((x - y).abs() / y.abs().max(1e-3)) as f64)
-        .fold(0.0, f64::max)
+/// How closely the device's parameters must follow the CPU's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Match {
+    /// Identical bits.
+    Exact,
+    /// Layer-wise rules (see the file's header): within `f32_rel` relative for f32 parameters,
+    /// one rounding step for f16 and bf16 ones.
+    LayerwiseNorms,
 }
 
-/// (differing codes, total codes) between two optimizers' 8-bit states; 32-bit states must be
-/// within `tol` relative.
-fn compare_states(a: &[ParamState], b: &[ParamState], tol: f32, what: &str) -> (usize, usize) {
-    let (mut differ, mut total) = (0, 0);
-    for (i, (a, b)) in a.iter().zip(b).enumerate() {
+/// Checks parameters against the CPU's; returns the largest relative difference.
+fn compare_params(
+    device: &[Vec<f32>],
+    cpu: &[Vec<f32>],
+    dtype: DType,
+    m: Match,
+    what: &str,
+) -> f64 {
+    let mut worst = 0f64;
+    for (i, (a, b)) in device.iter().zip(cpu).enumerate() {
+        if m == Match::Exact {
+            if let Some((j, x, y)) = first_difference(a, b) {
+                panic!("{what}: parameter {i} element {j}: {x} on the device, {y} on the CPU")
+            }
+            continue;
+        }
+        let tol = match dtype {
+            DType::F32 => 1e-6,
+            DType::F16 => 2f64.powi(-10),
+            _ => 2f64.powi(-7),
+        };
+        for (j, (&x, &y)) in a.iter().zip(b).enumerate() {
+            let rel = (x as f64 - y as f64).abs() / (y as f64).abs().max(1e-30);
+            worst = worst.max(if x == y { 0.0 } else { rel });
+            assert!(
+                x == y || rel <= tol,
+                "{what}: parameter {i} element {j}: {x} on the device, {y} on the CPU"
+            );
+        }
+    }
+    worst
+}
+
+/// Checks states bit for bit: codes, absmax and f32 values.
+fn compare_states(device: &[ParamState], cpu: &[ParamState], what: &str) {
+    for (i, (a, b)) in device.iter().zip(cpu).enumerate() {
         match (a, b) {
             (ParamState::Blockwise(a), ParamState::Blockwise(b)) => {
                 for (k, (a, b)) in a.iter().zip(b).enumerate() {
-                    total += a.len();
-                    differ += a
-                        .codes()
-                        .iter()
-                        .zip(b.codes())
-                        .filter(|(x, y)| x != y)
-                        .count();
-                    for (x, y) in a.absmax().iter().zip(b.absmax()) {
-                        assert!(
-                            (x - y).abs() <= tol.max(1e-6) * y.abs().max(1e-6),
-                            "{what}: param {i} state {k} absmax {x} vs {y}"
-                        );
+                    if let Some(j) = (0..a.len()).find(|&j| a.codes()[j] != b.codes()[j]) {
+                        panic!(
+                            "{what}: param {i} state {k} code {j}: {} on the device, {} on the CPU",
+                            a.codes()[j],
+                            b.codes()[j]
+                        )
+                    }
+                    if let Some((j, x, y)) = first_difference(a.absmax(), b.absmax()) {
+                        panic!("{what}: param {i} state {k} absmax {j}: {x} vs {y} on the CPU")
                     }
                 }
             }
             (ParamState::F32(a), ParamState::F32(b)) => {
                 for (k, (a, b)) in a.iter().zip(b).enumerate() {
-                    for (j, (x, y)) in a.iter().zip(b).enumerate() {
-                        assert!(
-                            (x - y).abs() <= tol * y.abs().max(1e-3),
-                            "{what}: param {i} state {k} element {j}: {x} vs {y}"
-                        );
+                    if let Some((j, x, y)) = first_difference(a, b) {
+                        panic!("{what}: param {i} state {k} element {j}: {x} vs {y} on the CPU")
                     }
                 }
             }
             _ => panic!("{what}: param {i}: state kinds differ"),
         }
     }
-    (differ, total)
 }
 
 fn host_states(states: Vec<(&Var, std::borrow::Cow<'_, ParamState>)>) -> Vec<ParamState> {
     states.into_iter().map(|(_, s)| s.into_owned()).collect()
 }
 
-/// 20 steps of the same optimizer on the CPU and on CUDA from the same parameters and with the
-/// same gradients (one parameter without a gradient every third step), with global and
-/// percentile clipping on; then params within `tol` relative (f32: 1e-6) and >= 99.9 % of the
-/// state codes identical.
-macro_rules! cuda_matches_cpu {
-    ($ty:ty, $cfg:expr, $dev:expr, $rng:expr) => {{
+/// An optimizer of type `$ty` with config `$cfg` over `$vars`, stepping on `$target`.
+macro_rules! optimizer_on {
+    ($ty:ty, $target:expr, $vars:expr, $cfg:expr) => {{
+        #[allow(unused_mut)]
+        let mut opt = <$ty>::new($vars, $cfg).unwrap();
+        match $target {
+            Target::Emulated(emu) => opt.emulate_cuda(emu).unwrap(),
+            #[cfg(feature = "cuda")]
+            Target::Gpu(_) => {}
+        }
+        opt
+    }};
+}
+
+/// 20 steps of the same optimizer on the CPU and on each target from the same parameters and
+/// with the same gradients (one parameter without a gradient every third step); then the
+/// parameters and states compared as `$match` says.
+macro_rules! device_matches_cpu {
+    ($ty:ty, $cfg:expr, $match:expr, $rng:expr) => {{
         let cfg: <$ty as Optimizer>::Config = $cfg;
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
-            let what = format!("{} {dtype:?}", stringify!($ty));
-            let (cpu_vars, gpu_vars) = twin_params($rng, $dev, dtype);
-            let mut cpu = <$ty>::new(cpu_vars.clone(), cfg.clone()).unwrap();
-            let mut gpu = <$ty>::new(gpu_vars.clone(), cfg.clone()).unwrap();
-            for step in 0..20 {
-                let g: Vec<Tensor> = PARAM_SIZES
-                    .iter()
-                    .map(|&n| {
-                        Tensor::from_vec(randn($rng, n, 0.1), n, &Device::Cpu)
-                            .unwrap()
-                            .to_dtype(dtype)
-                            .unwrap()
-                    })
-                    .collect();
-                let skip = (step % 3 == 2).then_some(3);
-                cpu.step(&grads_for(&cpu_vars, &g, skip)).unwrap();
-                gpu.step(&grads_for(&gpu_vars, &g, skip)).unwrap();
+        for target in targets(stringify!($ty)) {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let what = format!("{} {} {dtype:?}", target.name(), stringify!($ty));
+                let (cpu_vars, dev_vars) = twin_params($rng, &target, dtype);
+                let mut cpu = <$ty>::new(cpu_vars.clone(), cfg.clone()).unwrap();
+                let mut dev = optimizer_on!($ty, &target, dev_vars.clone(), cfg.clone());
+                for step in 0..20 {
+                    let g: Vec<Tensor> = PARAM_SIZES
+                        .iter()
+                        .map(|&n| {
+                            Tensor::from_vec(randn($rng, n, 0.1), n, &Device::Cpu)
+                                .unwrap()
+                                .to_dtype(dtype)
+                                .unwrap()
+                        })
+                        .collect();
+                    let skip = (step % 3 == 2).then_some(3);
+                    cpu.step(&grads_for(&cpu_vars, &g, skip)).unwrap();
+                    dev.step(&grads_for(&dev_vars, &g, skip)).unwrap();
+                }
+                assert_eq!(dev.step_count(), cpu.step_count(), "{what}: steps");
+                let rel = compare_params(
+                    &values_f32(&dev_vars),
+                    &values_f32(&cpu_vars),
+                    dtype,
+                    $match,
+                    &what,
+                );
+                if $match == Match::Exact {
+                    compare_states(
+                        &host_states(dev.states().unwrap()),
+                        &host_states(cpu.states().unwrap()),
+                        &what,
+                    );
+                }
+                eprintln!("{what}: largest relative parameter difference {rel:.3e}");
             }
-            assert_eq!(gpu.step_count(), cpu.step_count(), "{what}: steps");
-            let (a, b) = (values_f32(&gpu_vars), values_f32(&cpu_vars));
-            let tol = match dtype {
-                DType::F32 => 1e-6,
-                DType::F16 => 2e-3,
-                _ => 1.6e-2,
-            };
-            let rel = max_rel_diff(&a, &b);
-            assert!(rel <= tol, "{what}: params differ by {rel} relative");
-            let sa = host_states(gpu.states().unwrap());
-            let sb = host_states(cpu.states().unwrap());
-            let (differ, total) = compare_states(
-                &sa,
-                &sb,
-                if dtype == DType::F32 { 1e-5 } else { 5e-2 },
-                &what,
-            );
-            let identical = 1.0 - differ as f64 / total.max(1) as f64;
-            eprintln!(
-                "{what}: params max rel diff {rel:.3e}, codes identical {:.4} %",
-                identical * 100.0
-            );
-            assert!(
-                identical >= 0.999,
-                "{what}: only {identical} of the codes identical"
-            );
         }
     }};
 }
 
 #[test]
-fn every_optimizer_steps_on_cuda_as_on_the_cpu() {
-    let Some(dev) = gpu("every_optimizer_steps_on_cuda_as_on_the_cpu") else {
-        return;
-    };
-    let mut rng = rng("every_optimizer_steps_on_cuda_as_on_the_cpu");
+fn every_optimizer_steps_on_the_device_as_on_the_cpu() {
+    let mut rng = rng("every_optimizer_steps_on_the_device_as_on_the_cpu");
     let rng = &mut rng;
     let mut adamw = candle_bnb::optim::AdamW8bitConfig {
         max_grad_norm: Some(5.0),
         percentile_clipping: 90,
         ..Default::default()
     };
-    cuda_matches_cpu!(AdamW8bit, adamw.clone(), &dev, rng);
+    device_matches_cpu!(AdamW8bit, adamw.clone(), Match::Exact, rng);
     adamw.block_size = 64;
-    cuda_matches_cpu!(AdamW8bit, adamw, &dev, rng);
-    cuda_matches_cpu!(AdamW, candle_bnb::optim::AdamWConfig::default(), &dev, rng);
-    cuda_matches_cpu!(Lion8bit, Default::default(), &dev, rng);
-    cuda_matches_cpu!(LAMB8bit, Default::default(), &dev, rng);
-    cuda_matches_cpu!(LARS8bit, Default::default(), &dev, rng);
+    device_matches_cpu!(AdamW8bit, adamw, Match::Exact, rng);
+    let adamw32 = candle_bnb::optim::AdamWConfig {
+        max_grad_norm: Some(1.0),
+        ..Default::default()
+    };
+    device_matches_cpu!(AdamW, adamw32, Match::Exact, rng);
+    device_matches_cpu!(Lion8bit, Default::default(), Match::Exact, rng);
+    device_matches_cpu!(LAMB8bit, Default::default(), Match::LayerwiseNorms, rng);
+    device_matches_cpu!(LARS8bit, Default::default(), Match::LayerwiseNorms, rng);
     let mut sgd = candle_bnb::optim::SGD8bitConfig::default();
     sgd.set_field("momentum", "0.9").unwrap();
-    cuda_matches_cpu!(SGD8bit, sgd, &dev, rng);
+    device_matches_cpu!(SGD8bit, sgd, Match::Exact, rng);
     let mut rms = candle_bnb::optim::RMSprop8bitConfig::default();
     rms.set_field("momentum", "0.9").unwrap();
     rms.set_field("centered", "true").unwrap();
-    cuda_matches_cpu!(RMSprop8bit, rms, &dev, rng);
-    cuda_matches_cpu!(Adagrad8bit, Default::default(), &dev, rng);
+    device_matches_cpu!(RMSprop8bit, rms, Match::Exact, rng);
+    device_matches_cpu!(Adagrad8bit, Default::default(), Match::Exact, rng);
     let ademamix = candle_bnb::optim::AdEMAMix8bitConfig {
         block_size: 4096,
         ..Default::default()
     };
-    cuda_matches_cpu!(AdEMAMix8bit, ademamix, &dev, rng);
+    device_matches_cpu!(AdEMAMix8bit, ademamix, Match::Exact, rng);
+    eprintln!("emulator totals: {:?}", emulator_stats());
 }
 
 #[test]
-fn a_non_finite_gradient_on_cuda_skips_or_fails_the_whole_step() {
-    let Some(dev) = gpu("a_non_finite_gradient_on_cuda_skips_or_fails_the_whole_step") else {
-        return;
-    };
-    let mut rng = rng("a_non_finite_gradient_on_cuda_skips_or_fails_the_whole_step");
-    for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Error] {
-        let (_, vars) = twin_params(&mut rng, &dev, DType::F32);
-        let cfg = candle_bnb::optim::AdamW8bitConfig {
-            non_finite: policy,
-            ..Default::default()
-        };
-        let mut opt = AdamW8bit::new(vars.clone(), cfg).unwrap();
-        let good: Vec<Tensor> = PARAM_SIZES
-            .iter()
-            .map(|&n| Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu).unwrap())
-            .collect();
-        opt.step(&grads_for(&vars, &good, None)).unwrap();
-        let before = (values_f32(&vars), format!("{:?}", opt.states().unwrap()));
-        let mut bad = good.clone();
-        let mut v = randn(&mut rng, PARAM_SIZES[4], 0.1);
-        v[70_000] = f32::INFINITY;
-        bad[4] = Tensor::from_vec(v, PARAM_SIZES[4], &Device::Cpu).unwrap();
-        let result = opt.step(&grads_for(&vars, &bad, None));
-        match policy {
-            NonFinitePolicy::Skip => {
-                result.unwrap();
-                assert_eq!((opt.step_count(), opt.skipped_steps()), (1, 1));
+fn a_non_finite_gradient_on_the_device_skips_or_fails_the_whole_step() {
+    let test = "a_non_finite_gradient_on_the_device_skips_or_fails_the_whole_step";
+    let mut rng = rng(test);
+    for target in targets(test) {
+        for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Error] {
+            let (_, vars) = twin_params(&mut rng, &target, DType::F32);
+            let cfg = candle_bnb::optim::AdamW8bitConfig {
+                non_finite: policy,
+                ..Default::default()
+            };
+            let mut opt = optimizer_on!(AdamW8bit, &target, vars.clone(), cfg);
+            let good: Vec<Tensor> = PARAM_SIZES
+                .iter()
+                .map(|&n| Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu).unwrap())
+                .collect();
+            opt.step(&grads_for(&vars, &good, None)).unwrap();
+            let before = (values_f32(&vars), format!("{:?}", opt.states().unwrap()));
+            let mut bad = good.clone();
+            let mut v = randn(&mut rng, PARAM_SIZES[4], 0.1);
+            v[70_000] = f32::INFINITY;
+            bad[4] = Tensor::from_vec(v, PARAM_SIZES[4], &Device::Cpu).unwrap();
+            let result = opt.step(&grads_for(&vars, &bad, None));
+            match policy {
+                NonFinitePolicy::Skip => {
+                    result.unwrap();
+                    assert_eq!((opt.step_count(), opt.skipped_steps()), (1, 1));
+                }
+                NonFinitePolicy::Error => {
+                    let err = result.unwrap_err().to_string();
+                    assert!(err.contains("parameter 4"), "{err}");
+                    assert_eq!((opt.step_count(), opt.skipped_steps()), (1, 0));
+                }
             }
-            NonFinitePolicy::Error => {
-                let err = result.unwrap_err().to_string();
-                assert!(err.contains("parameter 4"), "{err}");
-                assert_eq!((opt.step_count(), opt.skipped_steps()), (1, 0));
-            }
+            let after = (values_f32(&vars), format!("{:?}", opt.states().unwrap()));
+            assert!(
+                before == after,
+                "{} {policy:?}: the refused step changed something",
+                target.name()
+            );
+            opt.step(&grads_for(&vars, &good, None)).unwrap();
+            assert_eq!(opt.step_count(), 2);
         }
-        let after = (values_f32(&vars), format!("{:?}", opt.states().unwrap()));
-        assert!(
-            before == after,
-            "{policy:?}: the refused step changed something"
-        );
-        opt.step(&grads_for(&vars, &good, None)).unwrap();
-        assert_eq!(opt.step_count(), 2);
     }
 }
 
 #[test]
-fn checkpoints_move_between_cuda_and_the_cpu() {
-    let Some(dev) = gpu("checkpoints_move_between_cuda_and_the_cpu") else {
-        return;
-    };
-    let mut rng = rng("checkpoints_move_between_cuda_and_the_cpu");
-    let dir = std::env::temp_dir().join(format!("candle-bnb-cuda-ckpt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+fn checkpoints_move_between_the_device_and_the_cpu() {
+    let test = "checkpoints_move_between_the_device_and_the_cpu";
+    let mut rng = rng(test);
+    let dir = common::temp_dir(test);
     let cfg = candle_bnb::optim::AdamW8bitConfig {
         percentile_clipping: 80,
         ..Default::default()
     };
-    let (cpu_vars, gpu_vars) = twin_params(&mut rng, &dev, DType::BF16);
-    let grads: Vec<Vec<Tensor>> = (0..10)
-        .map(|_| {
-            PARAM_SIZES
-                .iter()
-                .map(|&n| {
-                    Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu)
-                        .unwrap()
-                        .to_dtype(DType::BF16)
-                        .unwrap()
-                })
-                .collect()
-        })
-        .collect();
-    // Uninterrupted on CUDA: 10 steps.
-    let mut reference = AdamW8bit::new(gpu_vars.clone(), cfg.clone()).unwrap();
-    let start = values_f32(&gpu_vars);
-    for g in &grads[..5] {
-        reference.step(&grads_for(&gpu_vars, g, None)).unwrap();
-    }
-    let on_cuda = dir.join("cuda.safetensors");
-    reference.save(&on_cuda).unwrap();
-    let halfway = values_f32(&gpu_vars);
-    for g in &grads[5..] {
-        reference.step(&grads_for(&gpu_vars, g, None)).unwrap();
-    }
-    // Saved on CUDA, resumed on the CPU from the same parameters.
-    for (v, h) in cpu_vars.iter().zip(&halfway) {
-        let t = Tensor::from_vec(h.clone(), h.len(), &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        v.set(&t).unwrap();
-    }
-    let mut cpu = AdamW8bit::new(cpu_vars.clone(), cfg.clone()).unwrap();
-    cpu.load(&on_cuda).unwrap();
-    assert_eq!(cpu.step_count(), 5);
-    for g in &grads[5..] {
-        cpu.step(&grads_for(&cpu_vars, g, None)).unwrap();
-    }
-    let rel = max_rel_diff(&values_f32(&cpu_vars), &values_f32(&gpu_vars));
-    assert!(rel <= 1.6e-2, "resumed on the CPU: params differ by {rel}");
-    // Saved on the CPU, loaded back on CUDA: the state is the same bytes.
-    let on_cpu = dir.join("cpu.safetensors");
-    cpu.save(&on_cpu).unwrap();
-    let fresh: Vec<Var> = start
-        .iter()
-        .map(|s| {
-            let t = Tensor::from_vec(s.clone(), s.len(), &Device::Cpu)
+    for target in targets(test) {
+        let (cpu_vars, dev_vars) = twin_params(&mut rng, &target, DType::BF16);
+        let grads: Vec<Vec<Tensor>> = (0..10)
+            .map(|_| {
+                PARAM_SIZES
+                    .iter()
+                    .map(|&n| {
+                        Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu)
+                            .unwrap()
+                            .to_dtype(DType::BF16)
+                            .unwrap()
+                    })
+                    .collect()
+            })
+            .collect();
+        // Uninterrupted on the device: 10 steps.
+        let start = values_f32(&dev_vars);
+        let mut reference = optimizer_on!(AdamW8bit, &target, dev_vars.clone(), cfg.clone());
+        for g in &grads[..5] {
+            reference.step(&grads_for(&dev_vars, g, None)).unwrap();
+        }
+        let on_device = dir.join(format!("{}.safetensors", target.name()));
+        reference.save(&on_device).unwrap();
+        let halfway = values_f32(&dev_vars);
+        for g in &grads[5..] {
+            reference.step(&grads_for(&dev_vars, g, None)).unwrap();
+        }
+        // Saved on the device, resumed on the CPU from the same parameters: the same bits.
+        for (v, h) in cpu_vars.iter().zip(&halfway) {
+            let t = Tensor::from_vec(h.clone(), h.len(), &Device::Cpu)
                 .unwrap()
                 .to_dtype(DType::BF16)
-                .unwrap()
-                .to_device(&dev)
                 .unwrap();
-            Var::from_tensor(&t).unwrap()
-        })
-        .collect();
-    let mut back = AdamW8bit::new(fresh, cfg).unwrap();
-    back.load(&on_cpu).unwrap();
-    assert_eq!(back.step_count(), 10);
-    assert_eq!(
-        format!("{:?}", host_states(back.states().unwrap())),
-        format!("{:?}", host_states(cpu.states().unwrap()))
-    );
-    let _ = (start, std::fs::remove_dir_all(&dir));
+            v.set(&t).unwrap();
+        }
+        let mut cpu = AdamW8bit::new(cpu_vars.clone(), cfg.clone()).unwrap();
+        cpu.load(&on_device).unwrap();
+        assert_eq!(cpu.step_count(), 5);
+        for g in &grads[5..] {
+            cpu.step(&grads_for(&cpu_vars, g, None)).unwrap();
+        }
+        compare_params(
+            &values_f32(&cpu_vars),
+            &values_f32(&dev_vars),
+            DType::BF16,
+            Match::Exact,
+            "resumed on the CPU",
+        );
+        compare_states(
+            &host_states(cpu.states().unwrap()),
+            &host_states(reference.states().unwrap()),
+            "resumed on the CPU",
+        );
+        // Saved on the CPU, loaded back on the device: the same state.
+        let on_cpu = dir.join("cpu.safetensors");
+        cpu.save(&on_cpu).unwrap();
+        let fresh: Vec<Var> = start
+            .iter()
+            .map(|s| {
+                let t = Tensor::from_vec(s.clone(), s.len(), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_device(&target.device())
+                    .unwrap();
+                Var::from_tensor(&t).unwrap()
+            })
+            .collect();
+        let mut back = optimizer_on!(AdamW8bit, &target, fresh, cfg.clone());
+        back.load(&on_cpu).unwrap();
+        assert_eq!(back.step_count(), 10);
+        compare_states(
+            &host_states(back.states().unwrap()),
+            &host_states(cpu.states().unwrap()),
+            "loaded back on the device",
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
+fn a_gradient_the_device_cannot_step_is_refused_before_anything_changes() {
+    let test = "a_gradient_the_device_cannot_step_is_refused_before_anything_changes";
+    let mut rng = rng(test);
+    for target in targets(test) {
+        let (_, vars) = twin_params(&mut rng, &target, DType::F32);
+        let mut opt = optimizer_on!(AdamW8bit, &target, vars.clone(), Default::default());
+        let g: Vec<Tensor> = PARAM_SIZES
+            .iter()
+            .map(|&n| Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu).unwrap())
+            .collect();
+        opt.step(&grads_for(&vars, &g, None)).unwrap();
+        let before = (values_f32(&vars), format!("{:?}", opt.states().unwrap()));
+        // A gradient of another dtype for parameter 5 (a GradStore takes whatever it is given).
+        let mut grads = grads_for(&vars, &g, None);
+        let wrong = g[5]
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_device(&target.device())
+            .unwrap();
+        grads.insert(vars[5].as_tensor(), wrong);
+        let err = opt.step(&grads).unwrap_err().to_string();
+        assert!(err.contains("parameter 5"), "{}: {err}", target.name());
+        let after = (values_f32(&vars), format!("{:?}", opt.states().unwrap()));
+        assert!(
+            before == after,
+            "{}: the refused step changed something",
+            target.name()
+        );
+        assert_eq!(opt.step_count(), 1);
+        // Moving a state that is on a device already is refused.
+        let emu = Emulator::new();
+        let err = opt.emulate_cuda(&emu).unwrap_err().to_string();
+        assert!(err.contains("already"), "{err}");
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
 fn parameters_on_two_devices_are_refused() {
-    let Some(dev) = gpu("parameters_on_two_devices_are_refused") else {
+    let Ok(dev) = Device::new_cuda(0) else {
+        eprintln!("parameters_on_two_devices_are_refused: no CUDA device; nothing to mix");
         return;
     };
     let a = Var::zeros(10, DType::F32, &Device::Cpu).unwrap();
@@ -541,4 +689,377 @@ fn parameters_on_two_devices_are_refused() {
         .expect("mixed devices must be refused")
         .to_string();
     assert!(err.contains("one device"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the emulated device records of a step: the promises the README makes about CUDA.
+
+/// The operations of one step with event numbers left out (a step alternates between two
+/// staging buffers, each with its event).
+fn normalized(trace: &[DeviceOp]) -> Vec<DeviceOp> {
+    trace
+        .iter()
+        .map(|op| match op {
+            DeviceOp::RecordEvent { .. } => DeviceOp::RecordEvent { event: 0 },
+            DeviceOp::QueryEvent { .. } => DeviceOp::QueryEvent { event: 0 },
+            DeviceOp::WaitEvent { .. } => DeviceOp::WaitEvent { event: 0 },
+            other => other.clone(),
+        })
+        .collect()
+}
+
+/// After its first step, an optimizer's step on the device allocates nothing, makes the host wait
+/// for nothing (`NonFinitePolicy::Skip`), and issues the same operations every step. One thing
+/// keeps a step from being captured in a CUDA graph as it is: it starts by asking whether the
+/// previous step's pre-pass is done (an event query, which capture forbids), to build its rules
+/// from exact step counts; capturing a step needs that read moved out of the captured region
+/// (`kernels/README.md`). The test pins that known gap: it fails when the gap closes, or when
+/// anything else non-capturable appears.
+macro_rules! warm_steps_are_quiet {
+    ($ty:ty, $cfg:expr, $rng:expr) => {{
+        let emu = Emulator::new();
+        let target = Target::Emulated(emu.clone());
+        let (_, vars) = twin_params($rng, &target, DType::BF16);
+        let mut opt = optimizer_on!($ty, &target, vars.clone(), $cfg);
+        let mut steps: Vec<Vec<DeviceOp>> = Vec::new();
+        for _ in 0..5 {
+            let g: Vec<Tensor> = PARAM_SIZES
+                .iter()
+                .map(|&n| {
+                    Tensor::from_vec(randn($rng, n, 0.1), n, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::BF16)
+                        .unwrap()
+                })
+                .collect();
+            let grads = grads_for(&vars, &g, None);
+            emu.take_trace();
+            opt.step(&grads).unwrap();
+            steps.push(emu.take_trace());
+        }
+        let what = stringify!($ty);
+        assert!(
+            steps[0]
+                .iter()
+                .any(|op| matches!(op, DeviceOp::Alloc { .. })),
+            "{what}: the first step allocates its tables"
+        );
+        let launches = |t: &[DeviceOp]| {
+            t.iter()
+                .filter(|op| matches!(op, DeviceOp::Launch { .. }))
+                .count()
+        };
+        for (i, trace) in steps.iter().enumerate().skip(1) {
+            let step = i + 1;
+            assert!(launches(trace) >= 3, "{what} step {step}: {trace:?}");
+            for op in trace {
+                assert!(
+                    !matches!(
+                        op,
+                        DeviceOp::Alloc { .. }
+                            | DeviceOp::AllocPinned { .. }
+                            | DeviceOp::Free { .. }
+                    ),
+                    "{what} step {step} allocates: {op:?}"
+                );
+                assert!(
+                    !op.waits(),
+                    "{what} step {step} waits for the device: {op:?}"
+                );
+            }
+            assert_eq!(
+                normalized(trace),
+                normalized(&steps[1]),
+                "{what}: step {step} differs from step 2"
+            );
+            let not_capturable: Vec<&DeviceOp> =
+                trace.iter().filter(|op| !op.capturable()).collect();
+            assert!(
+                matches!(not_capturable[..], [DeviceOp::QueryEvent { .. }]),
+                "{what} step {step}: the known gap changed: {not_capturable:?}"
+            );
+            assert!(
+                matches!(trace[0], DeviceOp::QueryEvent { .. }),
+                "{what} step {step}: the outcome query comes first: {trace:?}"
+            );
+        }
+        eprintln!("{what}: a warm step is {:?}", normalized(&steps[1]));
+    }};
+}
+
+#[test]
+fn a_warm_step_allocates_nothing_waits_for_nothing_and_repeats_itself() {
+    let mut rng = rng("a_warm_step_allocates_nothing_waits_for_nothing_and_repeats_itself");
+    let rng = &mut rng;
+    let adamw = candle_bnb::optim::AdamW8bitConfig {
+        max_grad_norm: Some(1.0),
+        percentile_clipping: 90,
+        ..Default::default()
+    };
+    warm_steps_are_quiet!(AdamW8bit, adamw, rng);
+    warm_steps_are_quiet!(LAMB8bit, Default::default(), rng);
+}
+
+/// `NonFinitePolicy::Error` must learn each step's outcome before `step` returns: its one
+/// possible wait is the outcome query right after the launches.
+#[test]
+fn the_error_policy_asks_for_the_outcome_within_the_step() {
+    let mut rng = rng("the_error_policy_asks_for_the_outcome_within_the_step");
+    let emu = Emulator::new();
+    let target = Target::Emulated(emu.clone());
+    let (_, vars) = twin_params(&mut rng, &target, DType::F32);
+    let cfg = candle_bnb::optim::AdamW8bitConfig {
+        non_finite: NonFinitePolicy::Error,
+        ..Default::default()
+    };
+    let mut opt = optimizer_on!(AdamW8bit, &target, vars.clone(), cfg);
+    for step in 1..=3 {
+        let g: Vec<Tensor> = PARAM_SIZES
+            .iter()
+            .map(|&n| Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu).unwrap())
+            .collect();
+        let grads = grads_for(&vars, &g, None);
+        emu.take_trace();
+        opt.step(&grads).unwrap();
+        let trace = emu.take_trace();
+        let last_launch = trace
+            .iter()
+            .rposition(|op| matches!(op, DeviceOp::Launch { .. }))
+            .expect("a step launches");
+        assert!(
+            matches!(trace[last_launch + 1..], [DeviceOp::QueryEvent { .. }]),
+            "step {step}: {trace:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The emulator itself: what a GPU would punish is a launch error naming kernel, block and thread
+// (`candle-bnb-kernels/emu/faults.cu`).
+
+use emulator::KernelArg;
+
+/// Launches a test kernel of `emu/faults.cu`.
+fn launch(emu: &Emulator, kernel: &str, grid: u32, block: u32, args: &[KernelArg]) -> Result<()> {
+    // SAFETY: the arguments follow the signatures documented in emu/faults.cu; the runtime
+    // checks every access against the device's buffers.
+    unsafe { emu.launch_kernel(kernel, grid, block, args) }
+}
+
+#[test]
+fn the_emulator_runs_correct_kernels() {
+    let emu = Emulator::new();
+    // A block-wide reduction (shuffles, a barrier, shared memory), grid-stride free.
+    let x: Vec<f32> = (0..200).map(|i| (i % 7) as f32).collect();
+    let xs = emu.buffer(&x).unwrap();
+    let out = emu.zeroed::<f32>(3).unwrap();
+    let n = KernelArg::U64(x.len() as u64);
+    let args = [
+        KernelArg::U64(xs.address()),
+        n,
+        KernelArg::U64(out.address()),
+    ];
+    launch(&emu, "bnb_emu_test_ok_reduce", 3, 64, &args).unwrap();
+    let want: Vec<f32> = (0..3)
+        .map(|b| x.iter().skip(64 * b).take(64).sum())
+        .collect();
+    assert_eq!(out.to_vec(), want);
+    // Every shuffle and vote kind, with widths and a legal split mask.
+    let ints = emu.zeroed::<i32>(9 * 64).unwrap();
+    let wide = emu.zeroed::<f64>(64).unwrap();
+    let args = [
+        KernelArg::U64(ints.address()),
+        KernelArg::U64(wide.address()),
+    ];
+    launch(&emu, "bnb_emu_test_ok_shuffles", 1, 64, &args).unwrap();
+    let got = ints.to_vec();
+    for t in 0..64i32 {
+        let (r, l) = (32 * (t / 32), t % 32);
+        let row = |k: usize| got[k * 64 + t as usize];
+        assert_eq!(row(0), 100 * (r + 5), "shfl, thread {t}");
+        let up = if t % 8 >= 2 { t - 2 } else { t };
+        assert_eq!(row(1), up, "shfl_up width 8, thread {t}");
+        let down = if t % 16 + 3 < 16 { t + 3 } else { t };
+        assert_eq!(row(2), down, "shfl_down width 16, thread {t}");
+        assert_eq!(row(3), t ^ 5, "shfl_xor, thread {t}");
+        assert_eq!(row(5) as u32, 0x4924_9249, "ballot, thread {t}");
+        assert_eq!(row(6) != 0, t >= 32, "any, thread {t}");
+        assert_eq!(row(7) != 0, t < 32, "all, thread {t}");
+        let split = if l < 16 { r + 3 } else { r + 19 };
+        assert_eq!(row(8), 1000 * split, "split-mask shfl, thread {t}");
+    }
+    for (t, w) in wide.to_vec().into_iter().enumerate() {
+        let src = 32 * (t / 32) + 31 - t % 32;
+        assert_eq!(
+            w,
+            src as f64 + 0.25 + 2f64.powi(40),
+            "64-bit shfl, thread {t}"
+        );
+    }
+    let counts = emu.zeroed::<u32>(3).unwrap();
+    launch(
+        &emu,
+        "bnb_emu_test_ok_shared",
+        3,
+        96,
+        &[KernelArg::U64(counts.address())],
+    )
+    .unwrap();
+    assert_eq!(counts.to_vec(), vec![96, 96, 96]);
+}
+
+#[test]
+fn the_emulator_reports_what_a_gpu_would_punish() {
+    let emu = Emulator::new();
+    let ints = emu.zeroed::<i32>(256).unwrap();
+    let floats = emu.buffer(&[0.5f32; 64]).unwrap();
+    let out = emu.zeroed::<f32>(64).unwrap();
+    let int_arg = [KernelArg::U64(ints.address())];
+    let float_arg = [KernelArg::U64(out.address())];
+    // (kernel, grid, block, arguments, what the message must say)
+    type Case<'a> = (&'a str, u32, u32, Vec<KernelArg>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
+        (
+            "bnb_emu_test_divergent_barrier",
+            1,
+            64,
+            int_arg.to_vec(),
+            vec![
+                "block 0, thread",
+                "__syncthreads() at faults.cu:",
+                "while thread",
+            ],
+        ),
+        (
+            "bnb_emu_test_exit_before_barrier",
+            1,
+            64,
+            int_arg.to_vec(),
+            vec![
+                "thread 5: exited while thread",
+                "__syncthreads() at faults.cu:",
+            ],
+        ),
+        (
+            "bnb_emu_test_shuffle_mask",
+            1,
+            32,
+            float_arg.to_vec(),
+            vec!["mask 0x0000ffff leaves out lane 16"],
+        ),
+        (
+            "bnb_emu_test_shuffle_divergent",
+            1,
+            32,
+            float_arg.to_vec(),
+            vec!["lane 16, in the mask, is at __shfl_xor_sync at faults.cu:"],
+        ),
+        (
+            "bnb_emu_test_shuffle_exited",
+            1,
+            32,
+            float_arg.to_vec(),
+            vec!["lane 3, in the mask, has exited"],
+        ),
+        (
+            "bnb_emu_test_shuffle_at_barrier",
+            1,
+            32,
+            float_arg.to_vec(),
+            vec!["lane 16, in the mask, waits at __syncthreads()"],
+        ),
+        (
+            "bnb_emu_test_shuffle_not_in_mask",
+            1,
+            32,
+            float_arg.to_vec(),
+            vec!["does not contain the calling lane 0"],
+        ),
+        (
+            "bnb_emu_test_shuffle_source",
+            1,
+            32,
+            float_arg.to_vec(),
+            vec!["reads lane 20, which is not in the mask"],
+        ),
+        (
+            "bnb_emu_test_out_of_bounds_load",
+            1,
+            32,
+            vec![
+                KernelArg::U64(floats.address()),
+                KernelArg::U64(64),
+                KernelArg::U64(out.address()),
+            ],
+            vec![
+                "thread 7: out-of-bounds load of 4 bytes",
+                "past the end of device buffer",
+            ],
+        ),
+        (
+            "bnb_emu_test_out_of_bounds_store",
+            1,
+            32,
+            vec![KernelArg::U64(out.address()), KernelArg::U64(64)],
+            vec![
+                "thread 9: out-of-bounds store of 4 bytes",
+                "past the end of device buffer",
+            ],
+        ),
+        (
+            "bnb_emu_test_foreign_stack",
+            1,
+            32,
+            int_arg.to_vec(),
+            vec![
+                "thread 1: out-of-bounds load",
+                "stack (local memory) of thread 0",
+            ],
+        ),
+        (
+            "bnb_emu_test_trap",
+            2,
+            32,
+            int_arg.to_vec(),
+            vec!["kernel bnb_emu_test_trap, block 1, thread 7: __trap() at faults.cu:"],
+        ),
+    ];
+    for (kernel, grid, block, args, expected) in cases {
+        let err = launch(&emu, kernel, grid, block, &args)
+            .expect_err(kernel)
+            .to_string();
+        assert!(err.contains(&format!("kernel {kernel}, block")), "{err}");
+        for e in expected {
+            assert!(err.contains(e), "{kernel}: {err:?} lacks {e:?}");
+        }
+    }
+    // A misaligned 16-byte vector access.
+    let bytes = emu.zeroed::<u8>(32).unwrap();
+    let vec_out = emu.zeroed::<u32>(4).unwrap();
+    let err = launch(
+        &emu,
+        "bnb_emu_test_misaligned_vector",
+        1,
+        1,
+        &[
+            KernelArg::U64(bytes.address()),
+            KernelArg::U64(vec_out.address()),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("needs 16-byte alignment"), "{err}");
+    // Launches the runtime refuses before running anything.
+    let err = launch(&emu, "bnb_no_such_kernel", 1, 32, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bnb_no_such_kernel"), "{err}");
+    let err = launch(&emu, "bnb_emu_test_trap", 1, 32, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("argument"), "{err}");
+    let err = launch(&emu, "bnb_emu_test_trap", 1, 2048, &int_arg)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2048"), "{err}");
 }

@@ -175,7 +175,7 @@ pub fn dequantize_blockwise_into(
 }
 
 /// Validates blockwise `codes` and `absmax` for dequantization.
-fn check_codes_and_absmax(
+pub(crate) fn check_codes_and_absmax(
     op: &str,
     codes: &Tensor,
     absmax: &Tensor,
@@ -217,7 +217,7 @@ pub(crate) fn check_block_size(block_size: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_float_dtype(what: &str, dtype: DType) -> Result<()> {
+pub(crate) fn check_float_dtype(what: &str, dtype: DType) -> Result<()> {
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
         bail!("{what} dtype must be F32, F16 or BF16, got {dtype:?}")
     }
@@ -283,7 +283,7 @@ impl CustomOp1 for QuantizeBlockwise<'_> {
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (codes, absmax) =
-            crate::cuda::quantize::quantize(storage, layout, self.map, self.block_size)?;
+            crate::cuda::quantize::storage::quantize(storage, layout, self.map, self.block_size)?;
         *self.absmax.borrow_mut() = Some(Storage::Cuda(absmax));
         Ok((codes, layout.shape().clone()))
     }
@@ -369,7 +369,7 @@ impl CustomOp2 for DequantizeBlockwise<'_> {
         absmax: &candle_core::CudaStorage,
         absmax_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda::quantize::dequantize(
+        let out = crate::cuda::quantize::storage::dequantize(
             codes,
             codes_layout,
             absmax,
@@ -423,7 +423,7 @@ impl InplaceOp3 for DequantizeBlockwise<'_> {
         absmax: &candle_core::CudaStorage,
         absmax_layout: &Layout,
     ) -> Result<()> {
-        crate::cuda::quantize::dequantize_into(
+        crate::cuda::quantize::storage::dequantize_into(
             codes,
             codes_layout,
             absmax,

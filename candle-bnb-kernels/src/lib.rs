@@ -26,7 +26,7 @@
 
 mod blockwise;
 mod cpu;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 mod cuda;
 mod fused;
 mod lookup;
@@ -40,8 +40,25 @@ pub use blockwise::{
     SUPPORTED_BLOCK_SIZES,
 };
 pub use cpu::{Isa, CPU_ISA_ENV};
-#[cfg(feature = "cuda")]
-pub use cuda::step::{CudaOptimizerState, CudaParam, CudaStepOutcome, CUDA_GRAD_NORM_HISTORY};
+#[cfg(any(feature = "cuda", feature = "emulator"))]
+pub use cuda::optimizer_state::CudaOptimizerState;
+#[cfg(any(feature = "cuda", feature = "emulator"))]
+pub use cuda::step::{CudaParam, CudaStepOutcome, CUDA_GRAD_NORM_HISTORY};
+
+/// The emulated CUDA device (the `emulator` feature): the CUDA kernels compiled for the CPU and
+/// run with the GPU's execution model, behind the same host code as on a GPU. For tests; not a
+/// public promise.
+#[cfg(feature = "emulator")]
+#[doc(hidden)]
+pub mod emulator {
+    pub use crate::cuda::backend::{Element, KernelArg};
+    pub use crate::cuda::emulator::{
+        emulator_stats, DeviceOp, EmuBuffer, Emulator, EmulatorStats, MAX_EMULATED_GRID,
+    };
+    pub use crate::cuda::quantize::emulated::{
+        dequantize_blockwise, dequantize_blockwise_into, quantize_blockwise,
+    };
+}
 pub use fused::{check_fused_update, fused_update, BlockwiseState, ParamState};
 pub use norms::sum_squares;
 pub use qmap::{QuantMap, QUANT_MAP_LEN};

@@ -94,13 +94,13 @@ impl CodeLookup {
     }
 
     /// The code boundaries, ascending: `thresholds()[r]` is the first f32 of region `r + 1`.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "cuda", feature = "emulator")), allow(dead_code))]
     pub(crate) fn thresholds(&self) -> &[f32] {
         &self.thresholds
     }
 
     /// The code of each region between boundaries (one more than the boundaries).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "cuda", feature = "emulator")), allow(dead_code))]
     pub(crate) fn region_codes(&self) -> &[u8] {
         &self.region_codes
     }

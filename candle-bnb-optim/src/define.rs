@@ -347,6 +347,23 @@ macro_rules! define_optimizer {
                 self.slots.state_bytes()
             }
 
+            /// Moves the state to the emulated CUDA device `emu`: the parameters stay CPU
+            /// tensors and every later step runs the CUDA host code and kernels on the emulator
+            /// (`candle_bnb_kernels::emulator`). For tests; not a public promise.
+            ///
+            /// # Errors
+            /// Parameters not on the CPU; a state already on a device.
+            #[cfg(feature = "emulator")]
+            #[doc(hidden)]
+            pub fn emulate_cuda(
+                &mut self,
+                emu: &candle_bnb_kernels::emulator::Emulator,
+            ) -> candle_core::Result<()> {
+                let percentile: Vec<u32> =
+                    self.params.iter().map(|p| p.percentile_clipping).collect();
+                self.slots.emulate_cuda(emu, &percentile)
+            }
+
             /// The parameter names, in order (positions when built with `new`).
             pub fn param_names(&self) -> Vec<&str> {
                 self.slots.names().collect()

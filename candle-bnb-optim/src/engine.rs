@@ -98,7 +98,7 @@ pub(crate) struct Slots {
     pub(crate) slots: Vec<Slot>,
     pub(crate) steps: u64,
     pub(crate) skipped: u64,
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     device: Option<candle_bnb_kernels::CudaOptimizerState>,
 }
 
@@ -145,7 +145,7 @@ impl Slots {
             slots,
             steps: 0,
             skipped: 0,
-            #[cfg(feature = "cuda")]
+            #[cfg(any(feature = "cuda", feature = "emulator"))]
             device: None,
         };
         match this.slots.first().map(|s| s.var.device().clone()) {
@@ -171,8 +171,37 @@ impl Slots {
     /// Moves the state to `dev`, leaving placeholders on the host.
     #[cfg(feature = "cuda")]
     fn move_to_device(&mut self, dev: &candle_core::CudaDevice, percentile: &[u32]) -> Result<()> {
-        let params: Vec<candle_bnb_kernels::CudaParam<'_>> = self
-            .slots
+        let device =
+            candle_bnb_kernels::CudaOptimizerState::new(dev, &self.device_params(percentile))?;
+        self.adopt_device(device)
+    }
+
+    /// Moves the state to the emulated CUDA device `emu`, leaving placeholders on the host: the
+    /// parameters stay CPU tensors, every later step runs the CUDA host code and kernels on the
+    /// emulator. For tests; not a public promise.
+    ///
+    /// # Errors
+    /// The parameters are not on the CPU; a step is pending on a device already.
+    #[cfg(feature = "emulator")]
+    pub(crate) fn emulate_cuda(
+        &mut self,
+        emu: &candle_bnb_kernels::emulator::Emulator,
+        percentile: &[u32],
+    ) -> Result<()> {
+        if self.device.is_some() {
+            bail!("the optimizer state is on a device already")
+        }
+        let device = candle_bnb_kernels::CudaOptimizerState::new_emulated(
+            emu,
+            &self.device_params(percentile),
+        )?;
+        self.adopt_device(device)
+    }
+
+    /// What the device state is built from: every parameter with its host state.
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
+    fn device_params(&self, percentile: &[u32]) -> Vec<candle_bnb_kernels::CudaParam<'_>> {
+        self.slots
             .iter()
             .zip(percentile)
             .map(|(s, &p)| candle_bnb_kernels::CudaParam {
@@ -181,10 +210,19 @@ impl Slots {
                 percentile_clipping: p,
                 grad_norms: &s.grad_norms,
             })
-            .collect();
-        let device = candle_bnb_kernels::CudaOptimizerState::new(dev, &params)?;
-        for slot in &mut self.slots {
-            slot.state = placeholder(&slot.state)?;
+            .collect()
+    }
+
+    /// Keeps `device` as the state, leaving placeholders on the host.
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
+    fn adopt_device(&mut self, device: candle_bnb_kernels::CudaOptimizerState) -> Result<()> {
+        let placeholders = self
+            .slots
+            .iter()
+            .map(|s| placeholder(&s.state))
+            .collect::<Result<Vec<_>>>()?;
+        for (slot, state) in self.slots.iter_mut().zip(placeholders) {
+            slot.state = state;
             slot.grad_norms.clear();
         }
         self.device = Some(device);
@@ -197,7 +235,7 @@ impl Slots {
     /// # Errors
     /// CUDA errors while uploading (the host side is then left unchanged).
     pub(crate) fn restore(&mut self, loaded: crate::checkpoint::Loaded) -> Result<()> {
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         if self.device.is_some() {
             let states: Vec<&ParamState> = loaded.states.iter().collect();
             let norms: Vec<&VecDeque<f64>> = loaded.grad_norms.iter().collect();
@@ -249,7 +287,7 @@ impl Slots {
     /// Whether the step still pending on the device was taken (`None`: no pending step, or on
     /// the CPU). A CUDA error here reads as "no pending step"; the next step reports it.
     fn pending_outcome(&self) -> Option<bool> {
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         if let Some(device) = &self.device {
             return match device.peek_outcome() {
                 Ok(Some(candle_bnb_kernels::CudaStepOutcome::Taken)) => Some(true),
@@ -266,7 +304,7 @@ impl Slots {
     /// # Errors
     /// CUDA errors.
     pub(crate) fn synced(&self) -> Result<Cow<'_, [Slot]>> {
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         if let Some(device) = &self.device {
             let pending = match device.peek_outcome()? {
                 Some(candle_bnb_kernels::CudaStepOutcome::Taken) => device.pending_params(),
@@ -312,7 +350,7 @@ impl Slots {
                 self.skipped
             )
         }
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         if self.device.is_some() {
             return self.step_cuda(grads, handling, percentile, make_rule);
         }
@@ -374,7 +412,7 @@ impl Slots {
     /// `candle_bnb_kernels::CudaOptimizerState`). The last step's outcome is read first, so the
     /// rules are built from exact step counts; that read finds the device long done in a
     /// training loop. `NonFinitePolicy::Error` waits for this step's pre-pass to report.
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn step_cuda<R: CudaRule>(
         &mut self,
         grads: &GradStore,
@@ -419,7 +457,7 @@ impl Slots {
     /// Counts the outcome of the step still pending on the device, if any (waiting for it only
     /// if the device has not finished that step's pre-pass), and returns it. A skipped step is
     /// counted in `skipped` when `count_skipped` (NonFinitePolicy::Skip).
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn settle_cuda_outcome(
         &mut self,
         count_skipped: bool,
@@ -448,7 +486,7 @@ impl Slots {
     }
 
     pub(crate) fn state_bytes(&self) -> usize {
-        #[cfg(feature = "cuda")]
+        #[cfg(any(feature = "cuda", feature = "emulator"))]
         if let Some(device) = &self.device {
             return device.state_bytes();
         }
@@ -478,7 +516,7 @@ impl Slots {
 
 /// A state of the same kind as `state` (precision, count, maps, block size) with no elements:
 /// what the host keeps of a state that lives on a device.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "emulator"))]
 fn placeholder(state: &ParamState) -> Result<ParamState> {
     Ok(match state {
         ParamState::F32(s) => ParamState::F32(vec![Vec::new(); s.len()]),

@@ -1,12 +1,17 @@
-//! CUDA kernels (the `cuda` feature): PTX compiled from `kernels/*.cu` by the build script,
-//! embedded here and loaded through Candle's [`CudaDevice`] on first use. Each `.cu` file mirrors
-//! a CPU module (see `kernels/README.md`); this module holds the host side of the launches.
+//! The CUDA kernels' host side. The `cuda` feature runs it on a GPU: PTX compiled from
+//! `kernels/*.cu` by the build script, embedded here and loaded through Candle's `CudaDevice` on
+//! first use. The `emulator` feature runs the same host code on an emulated device that executes
+//! the same kernel files compiled for the CPU (`emu/`). Each `.cu` file mirrors a CPU module (see
+//! `kernels/README.md`).
 
+pub(crate) mod backend;
+#[cfg(feature = "cuda")]
+pub(crate) mod driver;
+#[cfg(feature = "emulator")]
+pub(crate) mod emulator;
+pub(crate) mod optimizer_state;
 pub(crate) mod quantize;
 pub(crate) mod step;
-
-use candle_core::cuda_backend::cudarc::driver::CudaSlice;
-use candle_core::{CudaDevice, Result};
 
 use crate::QuantMap;
 
@@ -15,13 +20,8 @@ pub(crate) const THREADS: u32 = 256;
 /// Most CUDA blocks a grid-stride launch uses: enough to fill any current GPU several times.
 pub(crate) const MAX_GRID: u64 = 8192;
 
-/// The PTX of `kernels/quantize.cu`.
-pub(crate) const QUANTIZE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quantize.ptx"));
-/// The module name Candle caches `QUANTIZE_PTX` under.
-pub(crate) const QUANTIZE_MODULE: &str = "candle_bnb_quantize";
-
 /// Bytes of one `QuantTable` (`kernels/lookup.cuh`).
-const QUANT_TABLE_BYTES: usize = 2304;
+pub(crate) const QUANT_TABLE_BYTES: usize = 2304;
 
 /// `map` in the layout of `kernels/lookup.cuh`'s `QuantTable`: the 256 values, the code
 /// boundaries padded with +inf to 256, and the region codes padded with the last one.
@@ -39,11 +39,6 @@ pub(crate) fn quant_table_bytes(map: &QuantMap) -> Vec<u8> {
     bytes.extend((0..crate::QUANT_MAP_LEN).map(|i| region_codes.get(i).copied().unwrap_or(last)));
     debug_assert_eq!(bytes.len(), QUANT_TABLE_BYTES);
     bytes
-}
-
-/// `map`'s `QuantTable` on `dev`.
-pub(crate) fn upload_table(dev: &CudaDevice, map: &QuantMap) -> Result<CudaSlice<u8>> {
-    dev.clone_htod(&quant_table_bytes(map))
 }
 
 /// CUDA blocks for a grid-stride loop over `units` units of `per_block` each.

@@ -12,29 +12,15 @@
 //! [`CudaOptimizerState::new`] or on the first step; later steps allocate nothing.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchArgs, LaunchConfig,
-    PinnedHostSlice, PushKernelArg,
-};
-use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle_core::{bail, CudaDevice, DType, Device, Result, Storage, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
-use super::{grid, quant_table_bytes, MAX_GRID, THREADS};
-use crate::blockwise::contiguous_range;
+use super::backend::{Backend, KernelArg, Module};
+use super::{grid, quant_table_bytes, MAX_GRID, QUANT_TABLE_BYTES, THREADS};
 use crate::fused::{BlockwiseState, ParamState};
 use crate::rules::CudaRule;
 use crate::slot_table::{slot_bytes, GradSlot, Slot, TableWriter, GRAD_SLOT_BYTES};
 use crate::QuantMap;
-
-/// The PTX of `kernels/fused.cu`.
-const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
-const FUSED_MODULE: &str = "candle_bnb_fused";
-/// The PTX of `kernels/norms.cu`.
-const NORMS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norms.ptx"));
-const NORMS_MODULE: &str = "candle_bnb_norms";
 
 /// Elements per partial sum of the pre-pass (`norms.cu` kChunk, the CPU's `MAX_BLOCK`).
 const NORM_CHUNK: usize = 4096;
@@ -43,11 +29,9 @@ pub const CUDA_GRAD_NORM_HISTORY: usize = 100;
 /// Tiling of 32-bit state: `fused.cu` needs a block size even where nothing is quantized; 256
 /// gives 16 quantization blocks per CUDA block.
 const F32_TILE_BLOCK: usize = 256;
-/// Bytes of one `QuantTable`.
-const QUANT_TABLE_BYTES: usize = 2304;
 
 /// One parameter of a [`CudaOptimizerState`]: the parameter tensor (contiguous, `F32`, `F16` or
-/// `BF16`, on the state's CUDA device), its initial state, its percentile-clipping setting
+/// `BF16`, on the state's CUDA device; on the CPU for the emulated device), its initial state, its percentile-clipping setting
 /// (1..=100, 100 = off) and the squared gradient norms recorded so far (at most
 /// [`CUDA_GRAD_NORM_HISTORY`], oldest first).
 pub struct CudaParam<'a> {
@@ -75,11 +59,11 @@ pub enum CudaStepOutcome {
 }
 
 /// A parameter's state buffers on the device.
-enum DeviceState {
-    F32(Vec<CudaSlice<f32>>),
+enum DeviceState<B: Backend> {
+    F32(Vec<B::Buffer<f32>>),
     Blockwise {
-        codes: Vec<CudaSlice<u8>>,
-        absmax: Vec<CudaSlice<f32>>,
+        codes: Vec<B::Buffer<u8>>,
+        absmax: Vec<B::Buffer<f32>>,
         maps: Vec<QuantMap>,
         block_size: usize,
     },
@@ -87,16 +71,16 @@ enum DeviceState {
 
 /// Parameters stepped by one launch: same dtype, state precision, state count, block size and
 /// maps.
-struct Group {
+struct Group<B: Backend> {
     dtype: DType,
     quantized: bool,
     n_states: usize,
     block_size: usize,
     members: Vec<usize>,
     /// The `QuantTable` of each state, in state order (8-bit groups only).
-    tables: Option<CudaSlice<u8>>,
+    tables: Option<B::Buffer<u8>>,
     /// `2 * blocks` f64 for the layer-wise first pass, allocated on the first layer-wise step.
-    partials: Option<CudaSlice<f64>>,
+    partials: Option<B::Buffer<f64>>,
     total_blocks: usize,
 }
 
@@ -128,14 +112,16 @@ struct StepArgs {
 }
 
 impl StepArgs {
-    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
-        b.arg(&self.slots)
-            .arg(&self.n_slots)
-            .arg(&self.total_blocks)
-            .arg(&self.block_size)
-            .arg(&self.tables)
-            .arg(&self.grad_scales)
-            .arg(&self.skip);
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            KernelArg::U64(self.slots),
+            KernelArg::I32(self.n_slots),
+            KernelArg::U64(self.total_blocks),
+            KernelArg::I32(self.block_size),
+            KernelArg::U64(self.tables),
+            KernelArg::U64(self.grad_scales),
+            KernelArg::U64(self.skip),
+        ]
     }
 }
 
@@ -144,91 +130,47 @@ impl StepArgs {
 ///
 /// cudarc records the pinned buffers' own events only when the context has several streams,
 /// and Candle's device uses one, so each buffer has an event of ours, recorded after its copy.
-struct Staging {
-    buffers: [PinnedHostSlice<u8>; 2],
-    copied: [CudaEvent; 2],
-    device: CudaSlice<u8>,
+struct Staging<B: Backend> {
+    buffers: [B::Pinned<u8>; 2],
+    copied: [B::Event; 2],
+    device: B::Buffer<u8>,
     next: usize,
     bytes: usize,
 }
 
-/// The state of an optimizer whose parameters are on one CUDA device, with what a step launches.
-///
-/// Built from the host state ([`CudaOptimizerState::new`]), stepped with
-/// [`CudaOptimizerState::step`], copied back with [`CudaOptimizerState::download`] (checkpoints,
-/// inspection) and replaced with [`CudaOptimizerState::upload`] (loading a checkpoint, wherever
-/// it was saved).
-///
-/// Everything runs on the device's stream (Candle's per-thread stream) and the tables hold raw
-/// device addresses, which cudarc's cross-stream event tracking does not see: use the state from
-/// the thread that runs the model, or synchronize other streams yourself. A gradient that is not
-/// contiguous is copied to a contiguous one first (an allocation in that step). The math is the CPU's, rule for rule (`kernels/README.md` lists where the bits
-/// may differ).
-pub struct CudaOptimizerState {
-    dev: CudaDevice,
-    stream: Arc<CudaStream>,
+/// The state of an optimizer whose parameters are on one device of backend `B`, with what a
+/// step launches: the host side of every CUDA step, the same code on a GPU and on the emulator.
+pub(crate) struct StepState<B: Backend> {
+    backend: B,
     params: Vec<Tensor>,
-    states: Vec<DeviceState>,
+    states: Vec<DeviceState<B>>,
     /// Per parameter: the addresses of its state buffers and scales (fixed for its lifetime).
     state_ptrs: Vec<([u64; 3], [u64; 3])>,
-    groups: Vec<Group>,
+    groups: Vec<Group<B>>,
     // The pre-pass buffers (norms.cu).
-    partials: CudaSlice<f64>,
-    sq: CudaSlice<f64>,
-    percentile: CudaSlice<i32>,
+    partials: B::Buffer<f64>,
+    sq: B::Buffer<f64>,
+    percentile: B::Buffer<i32>,
     /// What `percentile` holds, to upload only changes.
     percentile_host: Vec<i32>,
-    history: CudaSlice<f64>,
-    history_count: CudaSlice<u64>,
-    grad_scales: CudaSlice<f32>,
+    history: B::Buffer<f64>,
+    history_count: B::Buffer<u64>,
+    grad_scales: B::Buffer<f32>,
     /// `[skip, first_bad]`.
-    flags: CudaSlice<i32>,
-    counters: CudaSlice<u64>,
+    flags: B::Buffer<i32>,
+    counters: B::Buffer<u64>,
     /// The flags of the last step, copied back without waiting.
-    outcome: PinnedHostSlice<i32>,
-    outcome_ready: CudaEvent,
+    outcome: B::Pinned<i32>,
+    outcome_ready: B::Event,
     /// The parameter indices that had a gradient in the step whose outcome is pending, in
     /// pre-pass order (`first_bad` indexes this list).
     pending: Option<Vec<usize>>,
-    staging: Option<Staging>,
+    /// Whether the host has seen `outcome_ready` complete since the last pre-pass was issued:
+    /// then everything issued before it, the last two table copies included, has run.
+    outcome_seen: bool,
+    staging: Option<Staging<B>>,
     /// Times reading a step's outcome had to wait for the device.
     blocking_waits: u64,
-}
-
-/// The raw device address of a slice (as the slot tables store it).
-fn address<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
-    let (ptr, _sync) = slice.device_ptr(stream);
-    ptr
-}
-
-/// The device address of a contiguous float tensor's first element, checking its device.
-fn tensor_address(t: &Tensor, dev: &CudaDevice, what: &str) -> Result<u64> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(s) = &*storage else {
-        bail!(
-            "{what}: expected a tensor on CUDA, got one on {:?}",
-            t.device().location()
-        )
-    };
-    if s.device.id() != dev.id() {
-        bail!(
-            "{what}: tensor on {:?}, the optimizer state is on {:?}",
-            t.device().location(),
-            Device::Cuda(dev.clone()).location()
-        )
-    }
-    let (start, _) = contiguous_range(layout, what)?;
-    let stream = dev.cuda_stream();
-    let (base, size) = match &s.slice {
-        CudaStorageSlice::F32(x) => (address(x, &stream), 4),
-        CudaStorageSlice::F16(x) => (address(x, &stream), 2),
-        CudaStorageSlice::BF16(x) => (address(x, &stream), 2),
-        _ => bail!(
-            "{what}: dtype must be F32, F16 or BF16, got {:?}",
-            t.dtype()
-        ),
-    };
-    Ok(base + (start * size) as u64)
 }
 
 fn dtype_code(dtype: DType) -> Result<u32> {
@@ -248,42 +190,15 @@ fn dtype_suffix(dtype: DType) -> &'static str {
     }
 }
 
-fn config(grid_dim: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (grid_dim, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// An event the host can wait on without spinning a core (blocking sync; cudarc's flag type is
-/// an enum, so timing stays enabled rather than combining it with DISABLE_TIMING).
-fn waitable_event(stream: &CudaStream) -> Result<CudaEvent> {
-    stream
-        .context()
-        .new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC))
-        .w()
-}
-
-/// Pinned host memory without write-combining (the host reads the outcome back).
-fn pinned<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
-    stream: &CudaStream,
-    len: usize,
-) -> Result<PinnedHostSlice<T>> {
-    // SAFETY: the memory is written (tables) or filled by a device copy (outcome) before it
-    // is read.
-    unsafe { stream.context().alloc_pinned_with_flags::<T>(len.max(1), 0) }.w()
-}
-
-impl CudaOptimizerState {
-    /// Uploads the state of `params` to `dev` and allocates every buffer a step needs.
+impl<B: Backend> StepState<B> {
+    /// Uploads the state of `params` to `backend` and allocates every buffer a step needs.
     ///
     /// # Errors
-    /// A parameter not on `dev`, not contiguous, or not `F32`/`F16`/`BF16`; a state whose length
-    /// differs from its parameter's; a percentile outside 1..=100; more than
+    /// A parameter not on the device, not contiguous, or not `F32`/`F16`/`BF16`; a state whose
+    /// length differs from its parameter's; a percentile outside 1..=100; more than
     /// [`CUDA_GRAD_NORM_HISTORY`] recorded norms; more than `u32::MAX` parameters; CUDA errors.
-    pub fn new(dev: &CudaDevice, params: &[CudaParam<'_>]) -> Result<Self> {
-        let stream = dev.cuda_stream();
+    pub(crate) fn new(backend: B, params: &[CudaParam<'_>]) -> Result<Self> {
+        let dev = &backend;
         if params.len() > u32::MAX as usize {
             bail!(
                 "{} parameters; CUDA steps take at most {}",
@@ -296,7 +211,7 @@ impl CudaOptimizerState {
         let mut chunks = 0usize;
         for (i, p) in params.iter().enumerate() {
             let what = format!("CUDA optimizer state: parameter {i}");
-            tensor_address(p.param, dev, &what)?;
+            dev.tensor_address(p.param, &what)?;
             dtype_code(p.param.dtype())?;
             if !(1..=100).contains(&p.percentile_clipping) {
                 bail!(
@@ -309,29 +224,31 @@ impl CudaOptimizerState {
             states.push(upload_state(dev, p.param.elem_count(), p.state, &what)?);
         }
         let groups = group_params(dev, params, &states)?;
-        let state_ptrs = states.iter().map(|s| state_addresses(s, &stream)).collect();
+        let state_ptrs = states.iter().map(|s| state_addresses(dev, s)).collect();
         let n = params.len().max(1);
+        // Padded to one entry: CUDA refuses empty allocations.
+        percentile.resize(n, 100);
         let mut this = Self {
-            dev: dev.clone(),
-            stream: stream.clone(),
             params: params.iter().map(|p| p.param.clone()).collect(),
             states,
             state_ptrs,
             groups,
             partials: dev.alloc_zeros::<f64>(chunks.max(1))?,
             sq: dev.alloc_zeros::<f64>(n)?,
-            percentile: dev.clone_htod(&percentile)?,
-            percentile_host: percentile.clone(),
+            percentile: dev.upload(&percentile)?,
+            percentile_host: percentile[..params.len()].to_vec(),
             history: dev.alloc_zeros::<f64>(n * CUDA_GRAD_NORM_HISTORY)?,
             history_count: dev.alloc_zeros::<u64>(n)?,
             grad_scales: dev.alloc_zeros::<f32>(n)?,
             flags: dev.alloc_zeros::<i32>(2)?,
             counters: dev.alloc_zeros::<u64>(2)?,
-            outcome: pinned::<i32>(&stream, 2)?,
-            outcome_ready: waitable_event(&stream)?,
+            outcome: dev.alloc_pinned::<i32>(2)?,
+            outcome_ready: dev.new_event()?,
             pending: None,
+            outcome_seen: false,
             staging: None,
             blocking_waits: 0,
+            backend,
         };
         let norms: Vec<&VecDeque<f64>> = params.iter().map(|p| p.grad_norms).collect();
         this.upload_histories(&norms)?;
@@ -349,8 +266,8 @@ impl CudaOptimizerState {
     }
 
     /// The device the state is on.
-    pub fn device(&self) -> &CudaDevice {
-        &self.dev
+    pub(crate) fn backend(&self) -> &B {
+        &self.backend
     }
 
     /// How many times reading a step's outcome found the device not yet done and waited (a
@@ -376,8 +293,8 @@ impl CudaOptimizerState {
             }
             count[i] = h.len() as u64;
         }
-        self.dev.memcpy_htod(&ring, &mut self.history)?;
-        self.dev.memcpy_htod(&count, &mut self.history_count)
+        self.backend.copy_to_device(&ring, &mut self.history)?;
+        self.backend.copy_to_device(&count, &mut self.history_count)
     }
 
     /// Sets each parameter's percentile-clipping setting (1..=100, 100 = off), copying only when
@@ -402,7 +319,7 @@ impl CudaOptimizerState {
         }
         let new: Vec<i32> = percentiles.iter().map(|&p| p as i32).collect();
         if !new.is_empty() && new != self.percentile_host {
-            self.dev.memcpy_htod(&new, &mut self.percentile)?;
+            self.backend.copy_to_device(&new, &mut self.percentile)?;
             self.percentile_host = new;
         }
         Ok(())
@@ -420,15 +337,15 @@ impl CudaOptimizerState {
                 (ParamState::F32(s), DeviceState::F32(d)) => {
                     for (s, d) in s.iter().zip(d.iter_mut()) {
                         if !s.is_empty() {
-                            self.dev.memcpy_htod(s.as_slice(), d)?;
+                            self.backend.copy_to_device(s.as_slice(), d)?;
                         }
                     }
                 }
                 (ParamState::Blockwise(s), DeviceState::Blockwise { codes, absmax, .. }) => {
                     for ((s, c), a) in s.iter().zip(codes.iter_mut()).zip(absmax.iter_mut()) {
                         if !s.is_empty() {
-                            self.dev.memcpy_htod(s.codes(), c)?;
-                            self.dev.memcpy_htod(s.absmax(), a)?;
+                            self.backend.copy_to_device(s.codes(), c)?;
+                            self.backend.copy_to_device(s.absmax(), a)?;
                         }
                     }
                 }
@@ -501,8 +418,8 @@ impl CudaOptimizerState {
     /// # Errors
     /// CUDA errors.
     pub fn download(&self) -> Result<Vec<(ParamState, VecDeque<f64>)>> {
-        let ring = self.dev.clone_dtoh(&self.history)?;
-        let count = self.dev.clone_dtoh(&self.history_count)?;
+        let ring = self.backend.download(&self.history)?;
+        let count = self.backend.download(&self.history_count)?;
         let mut out = Vec::with_capacity(self.params.len());
         for (i, (state, param)) in self.states.iter().zip(&self.params).enumerate() {
             let n = param.elem_count();
@@ -513,7 +430,7 @@ impl CudaOptimizerState {
                             if n == 0 {
                                 Ok(Vec::new())
                             } else {
-                                Ok(self.dev.clone_dtoh(d)?[..n].to_vec())
+                                self.backend.download_range(d, 0, n)
                             }
                         })
                         .collect::<Result<_>>()?,
@@ -534,8 +451,8 @@ impl CudaOptimizerState {
                                 (Vec::new(), Vec::new())
                             } else {
                                 (
-                                    self.dev.clone_dtoh(c)?[..n].to_vec(),
-                                    self.dev.clone_dtoh(a)?[..blocks].to_vec(),
+                                    self.backend.download_range(c, 0, n)?,
+                                    self.backend.download_range(a, 0, blocks)?,
                                 )
                             };
                             BlockwiseState::from_parts(c, a, m.clone(), *block_size)
@@ -584,18 +501,23 @@ impl CudaOptimizerState {
         match &self.pending {
             None => Ok(None),
             Some(with_grad) => {
-                self.outcome_ready.synchronize().w()?;
-                Ok(Some(Self::decode(self.outcome.as_slice().w()?, with_grad)))
+                // `&self`: the wait is not remembered in `outcome_seen`, so the next step may
+                // wait for its staging buffer (at once: it is done).
+                self.backend.wait_event(&self.outcome_ready)?;
+                let flags = self.backend.pinned_ref(&self.outcome)?;
+                Ok(Some(Self::decode(flags, with_grad)))
             }
         }
     }
 
     fn read_outcome(&mut self, with_grad: &[usize]) -> Result<CudaStepOutcome> {
-        if !self.outcome_ready.try_is_complete().w()? {
+        if !self.backend.is_complete(&self.outcome_ready)? {
             self.blocking_waits += 1;
-            self.outcome_ready.synchronize().w()?;
+            self.backend.wait_event(&self.outcome_ready)?;
         }
-        Ok(Self::decode(self.outcome.as_slice().w()?, with_grad))
+        self.outcome_seen = true;
+        let flags = self.backend.pinned_ref(&self.outcome)?;
+        Ok(Self::decode(flags, with_grad))
     }
 
     fn decode(flags: &[i32], with_grad: &[usize]) -> CudaStepOutcome {
@@ -638,7 +560,11 @@ impl CudaOptimizerState {
         // Checks and addresses first: nothing is launched unless every gradient is usable.
         let mut with_grad: Vec<usize> = Vec::with_capacity(self.params.len());
         let mut grad_address = vec![0u64; self.params.len()];
+        let mut param_address = vec![0u64; self.params.len()];
+        // The gradients copied to be contiguous, and what keeps every address valid until the
+        // launches are issued.
         let mut contiguous: Vec<Tensor> = Vec::new();
+        let mut holds: Vec<B::Hold> = Vec::with_capacity(2 * self.params.len());
         for (i, entry) in grads.iter().enumerate() {
             let Some((grad, rule)) = entry else { continue };
             let param = &self.params[i];
@@ -659,17 +585,25 @@ impl CudaOptimizerState {
                     rule.signed_states().len()
                 )
             }
-            grad_address[i] = if grad.is_contiguous() {
-                tensor_address(grad, &self.dev, &what)?
+            let (address, hold) = if grad.is_contiguous() {
+                self.backend.tensor_address(grad, &what)?
             } else {
                 let g = grad.contiguous()?;
-                let a = tensor_address(&g, &self.dev, &what)?;
+                let a = self.backend.tensor_address(&g, &what)?;
                 contiguous.push(g);
                 a
             };
+            grad_address[i] = address;
+            holds.push(hold);
+            let (address, hold) = self
+                .backend
+                .tensor_address(param, &format!("CUDA step: parameter {i}"))?;
+            param_address[i] = address;
+            holds.push(hold);
             with_grad.push(i);
         }
-        let tables = self.write_and_copy_tables(grads, &with_grad, &grad_address)?;
+        let tables =
+            self.write_and_copy_tables(grads, &with_grad, &grad_address, &param_address)?;
         self.launch_prepass(
             with_grad.len(),
             tables.total_chunks,
@@ -683,7 +617,7 @@ impl CudaOptimizerState {
             self.launch_group::<R>(g, table)?;
         }
         // The gradients copied to be contiguous are freed in stream order, after the kernels.
-        drop(contiguous);
+        drop((contiguous, holds));
         Ok(())
     }
 
@@ -702,6 +636,7 @@ impl CudaOptimizerState {
         grads: &[Option<(&Tensor, R)>],
         with_grad: &[usize],
         grad_address: &[u64],
+        param_address: &[u64],
     ) -> Result<Tables> {
         let bytes = GRAD_SLOT_BYTES * self.params.len() + slot_bytes::<R>() * self.params.len();
         if self.staging.as_ref().is_none_or(|s| s.bytes < bytes) {
@@ -709,26 +644,30 @@ impl CudaOptimizerState {
             if let Some(old) = &self.staging {
                 // Copies from the old buffers must be done before they are freed.
                 for e in &old.copied {
-                    e.synchronize().w()?;
+                    self.backend.wait_event(e)?;
                 }
             }
+            let dev = &self.backend;
             self.staging = Some(Staging {
                 buffers: [
-                    pinned::<u8>(&self.stream, bytes)?,
-                    pinned::<u8>(&self.stream, bytes)?,
+                    dev.alloc_pinned::<u8>(bytes)?,
+                    dev.alloc_pinned::<u8>(bytes)?,
                 ],
-                copied: [waitable_event(&self.stream)?, waitable_event(&self.stream)?],
-                device: self.dev.alloc_zeros::<u8>(bytes.max(1))?,
+                copied: [dev.new_event()?, dev.new_event()?],
+                device: dev.alloc_zeros::<u8>(bytes.max(1))?,
                 next: 0,
                 bytes: bytes.max(1),
             });
         }
-        let stream = self.stream.clone();
+        let dev = &self.backend;
         let staging = self.staging.as_mut().expect("allocated above");
-        // The copy of step t - 2 from this buffer (done long ago: step t - 1's outcome has been
-        // read by the optimizers before this call).
-        staging.copied[staging.next].synchronize().w()?;
-        let host = staging.buffers[staging.next].as_mut_slice().w()?;
+        // This buffer was last copied from by step t - 2. Once step t - 1's outcome has been
+        // seen (the optimizers read it before building step t's rules), that copy is known to be
+        // done and the host need not ask.
+        if !self.outcome_seen {
+            dev.wait_event(&staging.copied[staging.next])?;
+        }
+        let host = dev.pinned_mut(&mut staging.buffers[staging.next])?;
         let mut w = TableWriter::new(host);
         let mut first_chunk = 0u64;
         for &i in with_grad {
@@ -754,7 +693,7 @@ impl CudaOptimizerState {
                 let n = self.params[i].elem_count() as u64;
                 let (state, absmax) = self.state_ptrs[i];
                 w.slot(&Slot {
-                    param: tensor_address(&self.params[i], &self.dev, "CUDA step: parameter")?,
+                    param: param_address[i],
                     grad: grad_address[i],
                     state,
                     absmax,
@@ -774,8 +713,9 @@ impl CudaOptimizerState {
         }
         let staging = self.staging.as_mut().expect("allocated above");
         let (buffers, device) = (&staging.buffers, &mut staging.device);
-        stream.memcpy_htod(&buffers[staging.next], device).w()?;
-        staging.copied[staging.next].record(&stream).w()?;
+        self.outcome_seen = false;
+        dev.copy_from_pinned(&buffers[staging.next], device)?;
+        dev.record(&staging.copied[staging.next])?;
         staging.next = 1 - staging.next;
         Ok(Tables {
             total_chunks: first_chunk,
@@ -788,7 +728,7 @@ impl CudaOptimizerState {
             .staging
             .as_ref()
             .expect("tables written before launches");
-        address(&staging.device, &self.stream) + offset as u64
+        self.backend.address(&staging.device) + offset as u64
     }
 
     fn launch_prepass(
@@ -798,71 +738,69 @@ impl CudaOptimizerState {
         max_grad_norm: Option<f64>,
         count_skipped: bool,
     ) -> Result<()> {
-        let stream = self.stream.clone();
+        let dev = &self.backend;
         let slots = self.table_address(0);
         let n_slots = n_slots as i32;
-        let sum = self
-            .dev
-            .get_or_load_custom_func("bnb_sum_squares", NORMS_MODULE, NORMS_PTX)?
-            .into_cuda_function();
-        {
-            let mut b = stream.launch_builder(&sum);
-            b.arg(&slots)
-                .arg(&n_slots)
-                .arg(&total_chunks)
-                .arg(&mut self.partials);
-            // SAFETY: bnb_sum_squares(const GradSlot*, int, u64, double*): the table holds
-            // n_slots GradSlots, partials has room for every chunk of every parameter.
-            unsafe { b.launch(config(grid(total_chunks, 8))) }.w()?;
-        }
-        let finish = self
-            .dev
-            .get_or_load_custom_func("bnb_prepass_finish", NORMS_MODULE, NORMS_PTX)?
-            .into_cuda_function();
-        let max = max_grad_norm.unwrap_or(0.0);
-        let steps = 0u64; // null: the host keeps the step counts
-        let flags = address(&self.flags, &stream);
+        let args = [
+            KernelArg::U64(slots),
+            KernelArg::I32(n_slots),
+            KernelArg::U64(total_chunks),
+            KernelArg::U64(dev.address(&self.partials)),
+        ];
+        // SAFETY: bnb_sum_squares(const GradSlot*, int, u64, double*): the table holds n_slots
+        // GradSlots, partials has room for every chunk of every parameter.
+        unsafe {
+            dev.launch(
+                Module::Norms,
+                "bnb_sum_squares",
+                grid(total_chunks, 8),
+                &args,
+            )
+        }?;
+        let flags = dev.address(&self.flags);
         let (skip, first_bad) = (flags, flags + 4);
-        let count_skipped = count_skipped as i32;
-        {
-            let mut b = stream.launch_builder(&finish);
-            b.arg(&slots)
-                .arg(&n_slots)
-                .arg(&self.partials)
-                .arg(&mut self.sq)
-                .arg(&max)
-                .arg(&self.percentile)
-                .arg(&mut self.history)
-                .arg(&mut self.history_count)
-                .arg(&steps)
-                .arg(&mut self.grad_scales)
-                .arg(&skip)
-                .arg(&first_bad)
-                .arg(&mut self.counters)
-                .arg(&count_skipped);
-            // SAFETY: the arguments of bnb_prepass_finish in kernels/norms.cu, in order; the
-            // per-parameter arrays cover every parameter index the grad slots name.
-            unsafe { b.launch(config(1)) }.w()?;
-        }
-        stream.memcpy_dtoh(&self.flags, &mut self.outcome).w()?;
-        self.outcome_ready.record(&stream).w()?;
-        Ok(())
+        let args = [
+            KernelArg::U64(slots),
+            KernelArg::I32(n_slots),
+            KernelArg::U64(dev.address(&self.partials)),
+            KernelArg::U64(dev.address(&self.sq)),
+            KernelArg::F64(max_grad_norm.unwrap_or(0.0)),
+            KernelArg::U64(dev.address(&self.percentile)),
+            KernelArg::U64(dev.address(&self.history)),
+            KernelArg::U64(dev.address(&self.history_count)),
+            // steps: null, the host keeps the step counts.
+            KernelArg::U64(0),
+            KernelArg::U64(dev.address(&self.grad_scales)),
+            KernelArg::U64(skip),
+            KernelArg::U64(first_bad),
+            KernelArg::U64(dev.address(&self.counters)),
+            KernelArg::I32(count_skipped as i32),
+        ];
+        // SAFETY: the arguments of bnb_prepass_finish in kernels/norms.cu, in order; the
+        // per-parameter arrays cover every parameter index the grad slots name.
+        unsafe { dev.launch(Module::Norms, "bnb_prepass_finish", 1, &args) }?;
+        dev.copy_to_pinned(&self.flags, &mut self.outcome)?;
+        dev.record(&self.outcome_ready)
     }
 
     fn launch_group<R: CudaRule>(&mut self, g: usize, table: &GroupTable) -> Result<()> {
         if table.n_slots == 0 || table.total_blocks == 0 {
             return Ok(());
         }
-        let stream = self.stream.clone();
+        if R::LAYERWISE && self.groups[g].partials.is_none() {
+            let blocks = self.groups[g].total_blocks;
+            self.groups[g].partials = Some(self.backend.alloc_zeros::<f64>(2 * blocks.max(1))?);
+        }
+        let dev = &self.backend;
         let group = &self.groups[g];
         let args = StepArgs {
             slots: self.table_address(table.offset),
             n_slots: table.n_slots as i32,
             total_blocks: table.total_blocks,
             block_size: group.block_size as i32,
-            tables: group.tables.as_ref().map_or(0, |t| address(t, &stream)),
-            grad_scales: address(&self.grad_scales, &stream),
-            skip: address(&self.flags, &stream),
+            tables: group.tables.as_ref().map_or(0, |t| dev.address(t)),
+            grad_scales: dev.address(&self.grad_scales),
+            skip: dev.address(&self.flags),
         };
         let precision = if group.quantized { "q8" } else { "f32" };
         let suffix = format!(
@@ -872,47 +810,43 @@ impl CudaOptimizerState {
             group.n_states
         );
         let per_tile = (THREADS as usize / (group.block_size / 16)) as u64;
-        let cfg = config(grid(table.total_blocks, per_tile));
+        let cfg = grid(table.total_blocks, per_tile);
         if R::LAYERWISE {
-            if self.groups[g].partials.is_none() {
-                let blocks = self.groups[g].total_blocks;
-                self.groups[g].partials = Some(self.dev.alloc_zeros::<f64>(2 * blocks.max(1))?);
-            }
-            let partials = address(
-                self.groups[g].partials.as_ref().expect("allocated"),
-                &stream,
-            );
-            let measure = self.fused_function(&format!("bnb_measure_{suffix}"))?;
-            let mut b = stream.launch_builder(&measure);
-            args.push(&mut b);
-            b.arg(&partials);
+            let partials = dev.address(group.partials.as_ref().expect("allocated above"));
+            let mut measure = args.args();
+            measure.push(KernelArg::U64(partials));
             // SAFETY: bnb_measure_* (BNB_STEP_ARGS, double* partials): the slot table holds
             // n_slots slots of this group with their pointers; partials has 2 * total_blocks.
-            unsafe { b.launch(cfg) }.w()?;
-            let trust = self.fused_function(&format!("bnb_set_trust_{}", R::KERNEL_NAME))?;
-            let mut b = stream.launch_builder(&trust);
-            b.arg(&args.slots)
-                .arg(&args.n_slots)
-                .arg(&args.block_size)
-                .arg(&partials)
-                .arg(&args.skip);
+            unsafe {
+                dev.launch(
+                    Module::Fused,
+                    &format!("bnb_measure_{suffix}"),
+                    cfg,
+                    &measure,
+                )
+            }?;
+            let trust = [
+                KernelArg::U64(args.slots),
+                KernelArg::I32(args.n_slots),
+                KernelArg::I32(args.block_size),
+                KernelArg::U64(partials),
+                KernelArg::U64(args.skip),
+            ];
+            let kernel = format!("bnb_set_trust_{}", R::KERNEL_NAME);
+            let blocks = (table.n_slots as u32).min(MAX_GRID as u32);
             // SAFETY: bnb_set_trust_*(Slot*, int, int, const double*, const int*).
-            unsafe { b.launch(config((table.n_slots as u32).min(MAX_GRID as u32))) }.w()?;
+            unsafe { dev.launch(Module::Fused, &kernel, blocks, &trust) }?;
         }
-        let step = self.fused_function(&format!("bnb_fused_{suffix}"))?;
-        let mut b = stream.launch_builder(&step);
-        args.push(&mut b);
         // SAFETY: bnb_fused_* (BNB_STEP_ARGS): the slot table holds n_slots slots whose
         // pointers cover n elements (states, codes) and ceil(n / block_size) scales each.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(())
-    }
-
-    fn fused_function(&self, name: &str) -> Result<CudaFunction> {
-        Ok(self
-            .dev
-            .get_or_load_custom_func(name, FUSED_MODULE, FUSED_PTX)?
-            .into_cuda_function())
+        unsafe {
+            dev.launch(
+                Module::Fused,
+                &format!("bnb_fused_{suffix}"),
+                cfg,
+                &args.args(),
+            )
+        }
     }
 
     /// Bytes the device state buffers hold (codes, scales and f32 values), as
@@ -934,34 +868,39 @@ impl CudaOptimizerState {
     }
 }
 
-impl Drop for CudaOptimizerState {
+impl<B: Backend> Drop for StepState<B> {
     /// Waits for the device before the pinned buffers are freed: their last copies may still be
     /// in flight, and cudarc tracks no events for them on a single stream.
     fn drop(&mut self) {
-        let _ = self.stream.synchronize();
+        let _ = self.backend.synchronize();
     }
 }
 
 /// The state pointers of a slot: 3 state buffers and 3 absmax arrays, unused ones 0.
-fn state_addresses(state: &DeviceState, stream: &CudaStream) -> ([u64; 3], [u64; 3]) {
+fn state_addresses<B: Backend>(dev: &B, state: &DeviceState<B>) -> ([u64; 3], [u64; 3]) {
     let (mut s, mut a) = ([0u64; 3], [0u64; 3]);
     match state {
         DeviceState::F32(d) => {
             for (k, d) in d.iter().enumerate() {
-                s[k] = address(d, stream);
+                s[k] = dev.address(d);
             }
         }
         DeviceState::Blockwise { codes, absmax, .. } => {
             for (k, (c, m)) in codes.iter().zip(absmax).enumerate() {
-                s[k] = address(c, stream);
-                a[k] = address(m, stream);
+                s[k] = dev.address(c);
+                a[k] = dev.address(m);
             }
         }
     }
     (s, a)
 }
 
-fn upload_state(dev: &CudaDevice, n: usize, state: &ParamState, what: &str) -> Result<DeviceState> {
+fn upload_state<B: Backend>(
+    dev: &B,
+    n: usize,
+    state: &ParamState,
+    what: &str,
+) -> Result<DeviceState<B>> {
     // cuMemAlloc refuses 0 bytes: empty parameters get one-element buffers they never touch.
     Ok(match state {
         ParamState::F32(s) => {
@@ -977,7 +916,7 @@ fn upload_state(dev: &CudaDevice, n: usize, state: &ParamState, what: &str) -> R
                         if n == 0 {
                             dev.alloc_zeros::<f32>(1)
                         } else {
-                            dev.clone_htod(s.as_slice())
+                            dev.upload(s.as_slice())
                         }
                     })
                     .collect::<Result<_>>()?,
@@ -1004,8 +943,8 @@ fn upload_state(dev: &CudaDevice, n: usize, state: &ParamState, what: &str) -> R
                     codes.push(dev.alloc_zeros::<u8>(1)?);
                     absmax.push(dev.alloc_zeros::<f32>(1)?);
                 } else {
-                    codes.push(dev.clone_htod(s.codes())?);
-                    absmax.push(dev.clone_htod(s.absmax())?);
+                    codes.push(dev.upload(s.codes())?);
+                    absmax.push(dev.upload(s.absmax())?);
                 }
             }
             DeviceState::Blockwise {
@@ -1019,12 +958,12 @@ fn upload_state(dev: &CudaDevice, n: usize, state: &ParamState, what: &str) -> R
 }
 
 /// Parameters in groups of one launch each, in parameter order within a group.
-fn group_params(
-    dev: &CudaDevice,
+fn group_params<B: Backend>(
+    dev: &B,
     params: &[CudaParam<'_>],
-    states: &[DeviceState],
-) -> Result<Vec<Group>> {
-    let mut groups: Vec<Group> = Vec::new();
+    states: &[DeviceState<B>],
+) -> Result<Vec<Group<B>>> {
+    let mut groups: Vec<Group<B>> = Vec::new();
     for (i, (p, state)) in params.iter().zip(states).enumerate() {
         let (quantized, n_states, block_size, maps) = match state {
             DeviceState::F32(d) => (false, d.len(), F32_TILE_BLOCK, &[][..]),
@@ -1058,7 +997,7 @@ fn group_params(
                     for m in maps {
                         bytes.extend(quant_table_bytes(m));
                     }
-                    Some(dev.clone_htod(&bytes)?)
+                    Some(dev.upload(&bytes)?)
                 } else {
                     None
                 };

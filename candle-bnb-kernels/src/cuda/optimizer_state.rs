@@ -1,0 +1,217 @@
+//! [`CudaOptimizerState`]: the public face of [`StepState`], one variant per device kind (a
+//! CUDA GPU; the emulated device of the `emulator` feature, for tests).
+
+use std::collections::VecDeque;
+
+use candle_core::{Result, Tensor};
+
+#[cfg(feature = "cuda")]
+use super::driver::CudaDriver;
+#[cfg(feature = "emulator")]
+use super::emulator::Emulator;
+use super::step::{CudaParam, CudaStepOutcome, StepState};
+use crate::fused::ParamState;
+use crate::rules::CudaRule;
+
+/// The state of an optimizer whose parameters are on one CUDA device, with what a step launches.
+///
+/// Built from the host state ([`CudaOptimizerState::new`]), stepped with
+/// [`CudaOptimizerState::step`], copied back with [`CudaOptimizerState::download`] (checkpoints,
+/// inspection) and replaced with [`CudaOptimizerState::upload`] (loading a checkpoint, wherever
+/// it was saved).
+///
+/// A step is, on the device's stream, in this order: one copy of the slot tables from pinned
+/// host memory, `bnb_sum_squares`, `bnb_prepass_finish`, an 8-byte copy of the skip flag into
+/// pinned host memory, and per group of parameters (same dtype, state precision, state count,
+/// block size and maps) the layer-wise passes when the rule has them and one fused launch. The
+/// host never waits for the device inside a step: the pre-pass's outcome (taken or skipped) is
+/// read at the start of the next step, when it is long known (see
+/// [`CudaOptimizerState::take_outcome`]). Every buffer is allocated by
+/// [`CudaOptimizerState::new`] or on the first step; later steps allocate nothing.
+///
+/// Everything runs on the device's stream (Candle's per-thread stream) and the tables hold raw
+/// device addresses, which cudarc's cross-stream event tracking does not see: use the state from
+/// the thread that runs the model, or synchronize other streams yourself. A gradient that is not
+/// contiguous is copied to a contiguous one first (an allocation in that step). The math is the
+/// CPU's, rule for rule (`kernels/README.md` lists where the bits may differ).
+pub struct CudaOptimizerState(Inner);
+
+enum Inner {
+    #[cfg(feature = "cuda")]
+    Cuda(StepState<CudaDriver>),
+    #[cfg(feature = "emulator")]
+    Emulated(StepState<Emulator>),
+}
+
+/// `$body` with `$s` bound to the [`StepState`] of whichever device `$state` is on.
+macro_rules! on_device {
+    ($state:expr, $s:ident => $body:expr) => {
+        match $state {
+            #[cfg(feature = "cuda")]
+            Inner::Cuda($s) => $body,
+            #[cfg(feature = "emulator")]
+            Inner::Emulated($s) => $body,
+        }
+    };
+}
+
+impl CudaOptimizerState {
+    /// Uploads the state of `params` to `dev` and allocates every buffer a step needs.
+    ///
+    /// # Errors
+    /// A parameter not on `dev`, not contiguous, or not `F32`/`F16`/`BF16`; a state whose length
+    /// differs from its parameter's; a percentile outside 1..=100; more than
+    /// [`CUDA_GRAD_NORM_HISTORY`](crate::CUDA_GRAD_NORM_HISTORY) recorded norms; more than
+    /// `u32::MAX` parameters; CUDA errors.
+    #[cfg(feature = "cuda")]
+    pub fn new(dev: &candle_core::CudaDevice, params: &[CudaParam<'_>]) -> Result<Self> {
+        Ok(Self(Inner::Cuda(StepState::new(
+            CudaDriver::new(dev),
+            params,
+        )?)))
+    }
+
+    /// As [`CudaOptimizerState::new`], on the emulated device `emu`: the parameters are CPU
+    /// tensors, the kernels run compiled for the CPU. For tests; not a public promise.
+    ///
+    /// # Errors
+    /// As [`CudaOptimizerState::new`], with parameters that must be on the CPU.
+    #[cfg(feature = "emulator")]
+    #[doc(hidden)]
+    pub fn new_emulated(emu: &Emulator, params: &[CudaParam<'_>]) -> Result<Self> {
+        Ok(Self(Inner::Emulated(StepState::new(emu.clone(), params)?)))
+    }
+
+    /// The CUDA device the state is on (`None` on the emulated device).
+    #[cfg(feature = "cuda")]
+    pub fn device(&self) -> Option<&candle_core::CudaDevice> {
+        match &self.0 {
+            Inner::Cuda(s) => Some(s.backend().device()),
+            #[cfg(feature = "emulator")]
+            Inner::Emulated(_) => None,
+        }
+    }
+
+    /// The emulated device the state is on, if it is on one.
+    #[cfg(feature = "emulator")]
+    #[doc(hidden)]
+    pub fn emulator(&self) -> Option<&Emulator> {
+        match &self.0 {
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(_) => None,
+            Inner::Emulated(s) => Some(s.backend()),
+        }
+    }
+
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        on_device!(&self.0, s => s.len())
+    }
+
+    /// Whether there are no parameters.
+    pub fn is_empty(&self) -> bool {
+        on_device!(&self.0, s => s.is_empty())
+    }
+
+    /// How many times reading a step's outcome found the device not yet done and waited (a
+    /// figure for benchmarks: in a training loop the previous step's pre-pass is long finished
+    /// when the next step starts).
+    pub fn blocking_waits(&self) -> u64 {
+        on_device!(&self.0, s => s.blocking_waits())
+    }
+
+    /// Sets each parameter's percentile-clipping setting (1..=100, 100 = off), copying only when
+    /// one changed (a loaded checkpoint can change them).
+    ///
+    /// # Errors
+    /// Not one value per parameter, a value outside 1..=100, CUDA errors.
+    pub fn set_percentiles(&mut self, percentiles: &[u32]) -> Result<()> {
+        on_device!(&mut self.0, s => s.set_percentiles(percentiles))
+    }
+
+    /// Replaces every parameter's state and norm history (a checkpoint being loaded). Everything
+    /// is checked ([`Self::check_upload`]) before anything is copied.
+    ///
+    /// # Errors
+    /// Those of [`Self::check_upload`]; CUDA errors.
+    pub fn upload(&mut self, states: &[&ParamState], grad_norms: &[&VecDeque<f64>]) -> Result<()> {
+        on_device!(&mut self.0, s => s.upload(states, grad_norms))
+    }
+
+    /// Checks that [`Self::upload`] would accept `states` and `grad_norms`, changing nothing.
+    ///
+    /// # Errors
+    /// A count, length, precision, state count, block size or map that differs from the state
+    /// this was built with (naming the parameter), or more than
+    /// [`CUDA_GRAD_NORM_HISTORY`](crate::CUDA_GRAD_NORM_HISTORY) norms.
+    pub fn check_upload(
+        &self,
+        states: &[&ParamState],
+        grad_norms: &[&VecDeque<f64>],
+    ) -> Result<()> {
+        on_device!(&self.0, s => s.check_upload(states, grad_norms))
+    }
+
+    /// Copies every parameter's state and norm history back to the host (waits for the device).
+    ///
+    /// # Errors
+    /// CUDA errors.
+    pub fn download(&self) -> Result<Vec<(ParamState, VecDeque<f64>)>> {
+        on_device!(&self.0, s => s.download())
+    }
+
+    /// The outcome of the last step, once (the next call gives `None` until another step):
+    /// waits for the device only if its pre-pass has not finished yet. Call it before building
+    /// the next step's rules, so that a skipped step does not advance the step counts they are
+    /// built from.
+    ///
+    /// Returns the outcome and the indices of the parameters that had a gradient in that step.
+    ///
+    /// # Errors
+    /// CUDA errors.
+    pub fn take_outcome(&mut self) -> Result<Option<(CudaStepOutcome, Vec<usize>)>> {
+        on_device!(&mut self.0, s => s.take_outcome())
+    }
+
+    /// The parameters that had a gradient in the pending step (empty when none is pending).
+    pub fn pending_params(&self) -> &[usize] {
+        on_device!(&self.0, s => s.pending_params())
+    }
+
+    /// The outcome of the last step without consuming it (`None`: no step is pending). Waits
+    /// for the step's pre-pass.
+    ///
+    /// # Errors
+    /// CUDA errors.
+    pub fn peek_outcome(&self) -> Result<Option<CudaStepOutcome>> {
+        on_device!(&self.0, s => s.peek_outcome())
+    }
+
+    /// Launches one optimizer step: `grads[i]` is parameter `i`'s gradient and rule (`None`:
+    /// no gradient, the parameter and its state are left alone). The pre-pass on the device
+    /// checks every gradient for NaN/±inf (then the whole step changes nothing), clips
+    /// (`max_grad_norm`, each parameter's percentile clipping) and the updates follow, without
+    /// the host waiting. [`Self::take_outcome`] gives the outcome later (or at once, waiting,
+    /// which is what `NonFinitePolicy::Error` needs). `count_skipped` tells the device's own
+    /// counters whether a skip counts as a skipped step.
+    ///
+    /// A previous step's outcome that was not taken is dropped: take it first.
+    ///
+    /// # Errors
+    /// `grads` not holding one entry per parameter; a gradient whose shape, dtype or device
+    /// differs from its parameter's (naming the parameter; nothing is launched); CUDA errors.
+    pub fn step<R: CudaRule>(
+        &mut self,
+        grads: &[Option<(&Tensor, R)>],
+        max_grad_norm: Option<f64>,
+        count_skipped: bool,
+    ) -> Result<()> {
+        on_device!(&mut self.0, s => s.step(grads, max_grad_norm, count_skipped))
+    }
+
+    /// Bytes the device state buffers hold (codes, scales and f32 values), as
+    /// [`ParamState::bytes`] counts them on the host.
+    pub fn state_bytes(&self) -> usize {
+        on_device!(&self.0, s => s.state_bytes())
+    }
+}
