@@ -36,11 +36,12 @@ use crate::rules::CudaRule;
 /// CPU's, rule for rule (`kernels/README.md` lists where the bits may differ).
 pub struct CudaOptimizerState(Inner);
 
+/// Boxed: the two states differ in size by the size of their device handles and buffers.
 enum Inner {
     #[cfg(feature = "cuda")]
-    Cuda(StepState<CudaDriver>),
+    Cuda(Box<StepState<CudaDriver>>),
     #[cfg(feature = "emulator")]
-    Emulated(StepState<Emulator>),
+    Emulated(Box<StepState<Emulator>>),
 }
 
 /// `$body` with `$s` bound to the [`StepState`] of whichever device `$state` is on.
@@ -65,10 +66,10 @@ impl CudaOptimizerState {
     /// `u32::MAX` parameters; CUDA errors.
     #[cfg(feature = "cuda")]
     pub fn new(dev: &candle_core::CudaDevice, params: &[CudaParam<'_>]) -> Result<Self> {
-        Ok(Self(Inner::Cuda(StepState::new(
+        Ok(Self(Inner::Cuda(Box::new(StepState::new(
             CudaDriver::new(dev),
             params,
-        )?)))
+        )?))))
     }
 
     /// As [`CudaOptimizerState::new`], on the emulated device `emu`: the parameters are CPU
@@ -79,7 +80,10 @@ impl CudaOptimizerState {
     #[cfg(feature = "emulator")]
     #[doc(hidden)]
     pub fn new_emulated(emu: &Emulator, params: &[CudaParam<'_>]) -> Result<Self> {
-        Ok(Self(Inner::Emulated(StepState::new(emu.clone(), params)?)))
+        Ok(Self(Inner::Emulated(Box::new(StepState::new(
+            emu.clone(),
+            params,
+        )?))))
     }
 
     /// The CUDA device the state is on (`None` on the emulated device).
