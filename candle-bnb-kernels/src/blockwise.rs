@@ -141,23 +141,7 @@ pub fn dequantize_blockwise_into(
     block_size: usize,
     out: &Tensor,
 ) -> Result<()> {
-    check_float_dtype("dequantize_blockwise_into: out", out.dtype())?;
-    check_codes_and_absmax("dequantize_blockwise_into", codes, absmax, block_size)?;
-    if out.elem_count() != codes.elem_count() {
-        bail!(
-            "dequantize_blockwise_into: out has shape {:?} ({} elements) but codes have shape {:?}",
-            out.dims(),
-            out.elem_count(),
-            codes.dims()
-        )
-    }
-    if !out.is_contiguous() {
-        bail!(
-            "dequantize_blockwise_into: out must be contiguous, got strides {:?}",
-            out.stride()
-        )
-    }
-    check_same_device("dequantize_blockwise_into", "out", out, "codes", codes)?;
+    check_dequantize_into(codes, absmax, block_size, out)?;
     if out.elem_count() == 0 {
         // Candle refuses in-place writes to shapes such as `[5, 0]` (repeated zero strides).
         return Ok(());
@@ -174,8 +158,34 @@ pub fn dequantize_blockwise_into(
     )
 }
 
+/// Validates the arguments of [`dequantize_blockwise_into`].
+pub(crate) fn check_dequantize_into(
+    codes: &Tensor,
+    absmax: &Tensor,
+    block_size: usize,
+    out: &Tensor,
+) -> Result<()> {
+    check_float_dtype("dequantize_blockwise_into: out", out.dtype())?;
+    check_codes_and_absmax("dequantize_blockwise_into", codes, absmax, block_size)?;
+    if out.elem_count() != codes.elem_count() {
+        bail!(
+            "dequantize_blockwise_into: out has shape {:?} ({} elements) but codes have shape {:?}",
+            out.dims(),
+            out.elem_count(),
+            codes.dims()
+        )
+    }
+    if !out.is_contiguous() {
+        bail!(
+            "dequantize_blockwise_into: out must be contiguous, got strides {:?}",
+            out.stride()
+        )
+    }
+    check_same_device("dequantize_blockwise_into", "out", out, "codes", codes)
+}
+
 /// Validates blockwise `codes` and `absmax` for dequantization.
-pub(crate) fn check_codes_and_absmax(
+fn check_codes_and_absmax(
     op: &str,
     codes: &Tensor,
     absmax: &Tensor,

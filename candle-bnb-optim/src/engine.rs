@@ -88,7 +88,8 @@ pub(crate) struct Slot {
 
 /// The parameters of one optimizer with their state.
 ///
-/// When every parameter is on one CUDA device (the `cuda` feature), the state lives there
+/// When every parameter is on one CUDA device (the `cuda` feature), or the optimizer was moved
+/// to the emulated CUDA device (the `emulator` feature, for tests), the state lives there
 /// (`device`), each `Slot::state` is a placeholder of length 0 that only records the state's
 /// kind (precision, count, block size), and `Slot::grad_norms` is kept on the device too;
 /// [`Slots::synced`] gives a host copy. The device reports a step's outcome (taken, or skipped

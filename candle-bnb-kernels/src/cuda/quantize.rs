@@ -267,7 +267,7 @@ pub mod emulated {
     use super::super::backend::Backend;
     use super::super::emulator::Emulator;
     use super::{dequantize_on, quantize_on};
-    use crate::blockwise::{check_block_size, check_codes_and_absmax, check_float_dtype};
+    use crate::blockwise::{check_block_size, check_dequantize_into, check_float_dtype};
     use crate::{QuantMap, Quantized};
 
     /// [`crate::quantize_blockwise`] on the emulated device: `x` (a CPU tensor) is copied to
@@ -334,15 +334,8 @@ pub mod emulated {
         block_size: usize,
         out: &Tensor,
     ) -> Result<()> {
-        check_float_dtype("dequantize_blockwise_into: out", out.dtype())?;
-        check_codes_and_absmax("dequantize_blockwise_into", codes, absmax, block_size)?;
+        check_dequantize_into(codes, absmax, block_size, out)?;
         let n = codes.elem_count();
-        if out.elem_count() != n {
-            bail!(
-                "dequantize_blockwise_into: out has {} elements, codes {n}",
-                out.elem_count()
-            )
-        }
         if n == 0 {
             return Ok(());
         }

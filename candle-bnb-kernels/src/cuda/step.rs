@@ -1,15 +1,9 @@
-//! Host side of `kernels/fused.cu` and `kernels/norms.cu`: an optimizer's state on one CUDA
-//! device, and a whole step (gradient pre-pass, layer-wise norms, fused updates of every
-//! parameter) as a handful of launches.
-//!
-//! A step is, on the device's stream, in this order: one copy of the slot tables from pinned
-//! host memory, `bnb_sum_squares`, `bnb_prepass_finish`, a 8-byte copy of the skip flag into
-//! pinned host memory, and per group of parameters (same dtype, state precision, state count,
-//! block size and maps) the layer-wise passes when the rule has them and one fused launch. The
-//! host never waits for the device inside a step: the pre-pass's outcome (taken or skipped) is
-//! read at the start of the next step, when it is long known (see
-//! [`CudaOptimizerState::take_outcome`]). Every buffer is allocated by
-//! [`CudaOptimizerState::new`] or on the first step; later steps allocate nothing.
+//! Host side of `kernels/fused.cu` and `kernels/norms.cu`: an optimizer's state on one device,
+//! and a whole step (gradient pre-pass, layer-wise norms, fused updates of every parameter) as a
+//! handful of launches, written once over [`Backend`] (a GPU or the emulated device). The order
+//! of a step's operations and what the host waits for are documented on
+//! [`CudaOptimizerState`](super::optimizer_state::CudaOptimizerState), the public face of
+//! [`StepState`].
 
 use std::collections::VecDeque;
 
@@ -30,10 +24,10 @@ pub const CUDA_GRAD_NORM_HISTORY: usize = 100;
 /// gives 16 quantization blocks per CUDA block.
 const F32_TILE_BLOCK: usize = 256;
 
-/// One parameter of a [`CudaOptimizerState`]: the parameter tensor (contiguous, `F32`, `F16` or
-/// `BF16`, on the state's CUDA device; on the CPU for the emulated device), its initial state, its percentile-clipping setting
-/// (1..=100, 100 = off) and the squared gradient norms recorded so far (at most
-/// [`CUDA_GRAD_NORM_HISTORY`], oldest first).
+/// One parameter of a [`CudaOptimizerState`](crate::CudaOptimizerState): the parameter tensor
+/// (contiguous, `F32`, `F16` or `BF16`, on the state's CUDA device; on the CPU for the emulated
+/// device), its initial state, its percentile-clipping setting (1..=100, 100 = off) and the
+/// squared gradient norms recorded so far (at most [`CUDA_GRAD_NORM_HISTORY`], oldest first).
 pub struct CudaParam<'a> {
     /// The parameter, updated in place by every step.
     pub param: &'a Tensor,
@@ -255,12 +249,12 @@ impl<B: Backend> StepState<B> {
         Ok(this)
     }
 
-    /// Number of parameters.
+    /// As [`CudaOptimizerState::len`](crate::CudaOptimizerState::len).
     pub fn len(&self) -> usize {
         self.params.len()
     }
 
-    /// Whether there are no parameters.
+    /// As [`CudaOptimizerState::is_empty`](crate::CudaOptimizerState::is_empty).
     pub fn is_empty(&self) -> bool {
         self.params.is_empty()
     }
@@ -270,9 +264,7 @@ impl<B: Backend> StepState<B> {
         &self.backend
     }
 
-    /// How many times reading a step's outcome found the device not yet done and waited (a
-    /// figure for benchmarks: in a training loop the previous step's pre-pass is long finished
-    /// when the next step starts).
+    /// As [`CudaOptimizerState::blocking_waits`](crate::CudaOptimizerState::blocking_waits).
     pub fn blocking_waits(&self) -> u64 {
         self.blocking_waits
     }
@@ -297,11 +289,7 @@ impl<B: Backend> StepState<B> {
         self.backend.copy_to_device(&count, &mut self.history_count)
     }
 
-    /// Sets each parameter's percentile-clipping setting (1..=100, 100 = off), copying only when
-    /// one changed (a loaded checkpoint can change them).
-    ///
-    /// # Errors
-    /// Not one value per parameter, a value outside 1..=100, CUDA errors.
+    /// As [`CudaOptimizerState::set_percentiles`](crate::CudaOptimizerState::set_percentiles).
     pub fn set_percentiles(&mut self, percentiles: &[u32]) -> Result<()> {
         if percentiles.len() != self.params.len() {
             bail!(
@@ -325,11 +313,7 @@ impl<B: Backend> StepState<B> {
         Ok(())
     }
 
-    /// Replaces every parameter's state and norm history (a checkpoint being loaded). Everything
-    /// is checked ([`Self::check_upload`]) before anything is copied.
-    ///
-    /// # Errors
-    /// Those of [`Self::check_upload`]; CUDA errors.
+    /// As [`CudaOptimizerState::upload`](crate::CudaOptimizerState::upload).
     pub fn upload(&mut self, states: &[&ParamState], grad_norms: &[&VecDeque<f64>]) -> Result<()> {
         self.check_upload(states, grad_norms)?;
         for (new, old) in states.iter().zip(self.states.iter_mut()) {
@@ -355,11 +339,7 @@ impl<B: Backend> StepState<B> {
         self.upload_histories(grad_norms)
     }
 
-    /// Checks that [`Self::upload`] would accept `states` and `grad_norms`, changing nothing.
-    ///
-    /// # Errors
-    /// A count, length, precision, state count, block size or map that differs from the state
-    /// this was built with (naming the parameter), or more than [`CUDA_GRAD_NORM_HISTORY`] norms.
+    /// As [`CudaOptimizerState::check_upload`](crate::CudaOptimizerState::check_upload).
     pub fn check_upload(
         &self,
         states: &[&ParamState],
@@ -413,10 +393,7 @@ impl<B: Backend> StepState<B> {
         Ok(())
     }
 
-    /// Copies every parameter's state and norm history back to the host (waits for the device).
-    ///
-    /// # Errors
-    /// CUDA errors.
+    /// As [`CudaOptimizerState::download`](crate::CudaOptimizerState::download).
     pub fn download(&self) -> Result<Vec<(ParamState, VecDeque<f64>)>> {
         let ring = self.backend.download(&self.history)?;
         let count = self.backend.download(&self.history_count)?;
@@ -471,15 +448,7 @@ impl<B: Backend> StepState<B> {
         Ok(out)
     }
 
-    /// The outcome of the last step, once (the next call gives `None` until another step):
-    /// waits for the device only if its pre-pass has not finished yet. Call it before building
-    /// the next step's rules, so that a skipped step does not advance the step counts they are
-    /// built from.
-    ///
-    /// Returns the outcome and the indices of the parameters that had a gradient in that step.
-    ///
-    /// # Errors
-    /// CUDA errors.
+    /// As [`CudaOptimizerState::take_outcome`](crate::CudaOptimizerState::take_outcome).
     pub fn take_outcome(&mut self) -> Result<Option<(CudaStepOutcome, Vec<usize>)>> {
         let Some(with_grad) = self.pending.take() else {
             return Ok(None);
@@ -488,15 +457,12 @@ impl<B: Backend> StepState<B> {
         Ok(Some((outcome, with_grad)))
     }
 
-    /// The parameters that had a gradient in the pending step (empty when none is pending).
+    /// As [`CudaOptimizerState::pending_params`](crate::CudaOptimizerState::pending_params).
     pub fn pending_params(&self) -> &[usize] {
         self.pending.as_deref().unwrap_or(&[])
     }
 
-    /// The outcome of the last step without consuming it (`None`: no step is pending).
-    ///
-    /// # Errors
-    /// CUDA errors.
+    /// As [`CudaOptimizerState::peek_outcome`](crate::CudaOptimizerState::peek_outcome).
     pub fn peek_outcome(&self) -> Result<Option<CudaStepOutcome>> {
         match &self.pending {
             None => Ok(None),
@@ -531,19 +497,7 @@ impl<B: Backend> StepState<B> {
         }
     }
 
-    /// Launches one optimizer step: `grads[i]` is parameter `i`'s gradient and rule (`None`:
-    /// no gradient, the parameter and its state are left alone). The pre-pass on the device
-    /// checks every gradient for NaN/±inf (then the whole step changes nothing), clips
-    /// (`max_grad_norm`, each parameter's percentile clipping) and the updates follow, without
-    /// the host waiting. [`Self::take_outcome`] gives the outcome later (or at once, waiting,
-    /// which is what `NonFinitePolicy::Error` needs). `count_skipped` tells the device's own
-    /// counters whether a skip counts as a skipped step.
-    ///
-    /// A previous step's outcome that was not taken is dropped: take it first.
-    ///
-    /// # Errors
-    /// `grads` not holding one entry per parameter; a gradient whose shape, dtype or device
-    /// differs from its parameter's (naming the parameter; nothing is launched); CUDA errors.
+    /// As [`CudaOptimizerState::step`](crate::CudaOptimizerState::step).
     pub fn step<R: CudaRule>(
         &mut self,
         grads: &[Option<(&Tensor, R)>],
@@ -849,8 +803,7 @@ impl<B: Backend> StepState<B> {
         }
     }
 
-    /// Bytes the device state buffers hold (codes, scales and f32 values), as
-    /// [`ParamState::bytes`] counts them on the host.
+    /// As [`CudaOptimizerState::state_bytes`](crate::CudaOptimizerState::state_bytes).
     pub fn state_bytes(&self) -> usize {
         self.states
             .iter()
