@@ -324,3 +324,71 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
     assert_eq!(target.step_count(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A checkpoint written by the code of 2026-12-03 (format version 2, commit after `05e4403`) and
+/// committed as `tests/data/checkpoint_v2_2026-12-03.safetensors`: `fixture_run`'s optimizer after
+/// its 3 steps. Later code must keep loading it bit-exactly; the recipe below recomputes what it
+/// holds.
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/checkpoint_v2_2026-12-03.safetensors"
+);
+
+/// The fixture's recipe: AdamW8bit over `SHAPES` (the embedding kept in 32 bits by an override,
+/// an 8-bit weight whose size is not a block multiple, a bias with its own learning rate), global
+/// and percentile clipping, 3 steps, everything drawn from one fixed seed (not the per-run seed:
+/// the file holds these exact values).
+fn fixture_run() -> (VarMap, AdamW8bit, TestRng) {
+    use rand::SeedableRng;
+    let mut rng = TestRng::seed_from_u64(20261203);
+    let vm = varmap(&mut rng);
+    let mut opt =
+        AdamW8bit::from_varmap_with_overrides(&vm, fixture_config(), &fixture_overrides()).unwrap();
+    for _ in 0..3 {
+        let g = random_grads(&mut rng);
+        step(&mut opt, &vm, &g);
+    }
+    (vm, opt, rng)
+}
+
+fn fixture_config() -> AdamW8bitConfig {
+    AdamW8bitConfig {
+        max_grad_norm: Some(2.0),
+        percentile_clipping: 90,
+        ..Default::default()
+    }
+}
+
+fn fixture_overrides() -> candle_bnb::optim::Overrides {
+    candle_bnb::optim::Overrides::new()
+        .module("model.embed", "optim_bits", 32)
+        .name("model.norm.bias", "lr", 0.01)
+}
+
+#[test]
+fn a_checkpoint_written_by_earlier_code_loads_bit_exactly() {
+    let (vm, mut reference, mut rng) = fixture_run();
+    let vm_loaded = copy_varmap(&vm);
+    let mut loaded =
+        AdamW8bit::from_varmap_with_overrides(&vm_loaded, fixture_config(), &fixture_overrides())
+            .unwrap();
+    loaded.load(FIXTURE).unwrap();
+    assert_eq!((loaded.step_count(), loaded.skipped_steps()), (3, 0));
+    assert_eq!(loaded.param_configs(), reference.param_configs());
+    let states = |o: &AdamW8bit| {
+        o.states()
+            .unwrap()
+            .into_iter()
+            .map(|(_, s)| format!("{s:?}"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(states(&loaded), states(&reference), "states as written");
+    // The clipping history and step counts came back too: the next steps are the same.
+    for _ in 0..2 {
+        let g = random_grads(&mut rng);
+        step(&mut reference, &vm, &g);
+        step(&mut loaded, &vm_loaded, &g);
+    }
+    assert_eq!(values(&vm_loaded), values(&vm), "params after resuming");
+    assert_eq!(states(&loaded), states(&reference), "states after resuming");
+}
