@@ -85,8 +85,8 @@ fn report() {
         return;
     };
     println!(
-        "\n{PARAMS} f32 parameters, one step; CPU kernels {:?}",
-        candle_bnb::kernels::Isa::selected()
+        "\n{PARAMS} f32 parameters, one step; CPU kernels {}",
+        candle_bnb::kernels::Isa::selected().name()
     );
     let pass = mean_ns(GROUP, "memory_pass_4r3w").unwrap_or(f64::NAN);
     println!(

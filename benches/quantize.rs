@@ -78,9 +78,9 @@ fn report() {
     };
     let copy_gbs = bytes[0].1 / copy_ns;
     println!(
-        "\n{} elements, blocks of {BLOCK_SIZE}, CPU kernels {:?}",
+        "\n{} elements, blocks of {BLOCK_SIZE}, CPU kernels {}",
         ELEMENTS,
-        Isa::selected()
+        Isa::selected().name()
     );
     println!(
         "{:<16} {:>8} {:>8} {:>14}",

@@ -118,10 +118,10 @@ fn main() -> Result<()> {
         100.0 * (1.0 - quantized as f64 / original.max(1) as f64)
     );
     println!(
-        "  time:   quantize {:.1} ms, dequantize {:.1} ms (CPU kernels: {:?})",
+        "  time:   quantize {:.1} ms, dequantize {:.1} ms (CPU kernels: {})",
         quantize_time.as_secs_f64() * 1e3,
         dequantize_time.as_secs_f64() * 1e3,
-        Isa::selected(),
+        Isa::selected().name(),
     );
     Ok(())
 }

@@ -1,14 +1,13 @@
 // The optimizers' gradient pre-pass on the GPU. Mirrors src/cpu/norms.rs `sum_squares` (the same
 // f32 lanes, the same order, so each gradient's squared norm is bit-identical to the CPU's) and
 // the pre-pass of candle-bnb-optim's engine.rs `Slots::step` (skip on a non-finite gradient,
-// global norm clipping, percentile clipping, step counters), so a whole step runs without the
-// host reading anything back: the fused kernels (fused.cu) read `skip` and `grad_scales`.
+// global norm clipping, percentile clipping), so a whole step runs without the host reading
+// anything back: the fused kernels (fused.cu) read `skip` and `grad_scales`.
 //
-// Replacement for kernels/norms.cu, whose sums are f64 from the first element on: more accurate,
-// but not the CPU's value, so every clipped gradient (and with it every parameter) drifted from
-// the CPU by an ulp or so whenever clipping was active. ABI changes: one launch covers gradients
-// of every dtype (GradSlot carries it), and prepass_finish also keeps the step counters and the
-// first offending slot for NonFinitePolicy::Error.
+// The sums are the CPU's f32 lane sums, not f64 ones from the first element on (more accurate,
+// but a clipped gradient, and with it every parameter, would then differ from the CPU's by an ulp
+// or so). One launch covers gradients of every dtype (GradSlot carries it); prepass_finish also
+// records the first offending slot for NonFinitePolicy::Error.
 //
 // A step is two launches, in this order on one stream:
 //   bnb_sum_squares(slots, n_slots, total_chunks, partials)       any grid, 256 threads
@@ -176,34 +175,29 @@ __device__ double percentile_scale(double* ring, unsigned long long* count, doub
 
 // From the chunk sums of every gradient of the step (bnb_sum_squares), as engine.rs `Slots::step`:
 //  - sq[s] = the chunk sums of slot s added in chunk order (f64, the CPU's `sums.iter().sum()`);
-//  - any sq[s] not finite: *skip = 1, *first_bad = the smallest such s, and when count_skipped
-//    (NonFinitePolicy::Skip) counters[1] += 1; nothing else changes (no history, no step), as the
-//    CPU returns before touching anything. NonFinitePolicy::Error passes count_skipped = 0 and
-//    reads *first_bad back to name the parameter (that read is the only host wait, and only
-//    that policy needs it);
-//  - else *skip = 0, *first_bad = -1, counters[0] += 1 (the optimizer's step count), and per
-//    slot: grad_scales[s] = (f32)(global * percentile_scale(...)) with global =
-//    min(max_grad_norm / (sqrt(Σ_s sq[s]) + 1e-6), 1) (the sum in slot order) when
-//    max_grad_norm > 0, else 1; steps[s] += 1 (its own step count, which the rules of the next
-//    step are built from), when `steps` is not null.
+//  - any sq[s] not finite: *skip = 1, *first_bad = the smallest such s; nothing else changes (no
+//    history), as the CPU returns before touching anything. The host reads both back (without
+//    waiting, at the start of its next step; NonFinitePolicy::Error at once, to name the
+//    parameter) and counts steps and skips itself;
+//  - else *skip = 0, *first_bad = -1, and per slot: grad_scales[s] = (f32)(global *
+//    percentile_scale(...)) with global = min(max_grad_norm / (sqrt(Σ_s sq[s]) + 1e-6), 1) (the
+//    sum in slot order) when max_grad_norm > 0, else 1.
 // sq (f64 out) has one entry per slot s of `slots`. Arrays per parameter i = slots[s].index (every
 // parameter of the optimizer, so a parameter without a gradient this step keeps its entries):
 // percentile (i32, 1..=100; 100 = off), history (kHistory f64 each: the ring), history_count
-// (u64), steps (u64, may be null), grad_scales (f32 out). Scalars in device memory: skip (i32 out), first_bad (i32 out), counters
-// (u64[2]: steps taken, steps skipped).
+// (u64), grad_scales (f32 out). Scalars in device memory: skip (i32 out), first_bad (i32 out).
 // History layout (for checkpoints): with c = history_count[s], the recorded norms oldest first
 // are ring[(c - m + j) % 100] for j in 0..m, m = min(c, 100); a checkpoint's deque of m norms
 // loads as ring[0..m] = deque, count = m.
 // Launch: exactly one block of 256 threads, no dynamic shared memory. n_slots = 0 gives
-// skip = 0 and counts a step, as the CPU does for a step without gradients.
+// skip = 0, as the CPU takes a step without gradients.
 extern "C" __global__ void __launch_bounds__(bnb::kThreads)
     bnb_prepass_finish(const bnb::GradSlot* __restrict__ slots, int n_slots,
                        const double* __restrict__ partials, double* __restrict__ sq,
                        double max_grad_norm, const int* __restrict__ percentile,
                        double* __restrict__ history, unsigned long long* __restrict__ history_count,
-                       unsigned long long* __restrict__ steps, float* __restrict__ grad_scales,
-                       int* __restrict__ skip, int* __restrict__ first_bad,
-                       unsigned long long* __restrict__ counters, int count_skipped) {
+                       float* __restrict__ grad_scales, int* __restrict__ skip,
+                       int* __restrict__ first_bad) {
   __shared__ int bad_slot;
   __shared__ double global_scale;
   if (threadIdx.x == 0) bad_slot = INT_MAX;
@@ -223,10 +217,7 @@ extern "C" __global__ void __launch_bounds__(bnb::kThreads)
   if (threadIdx.x == 0) {
     *skip = bad;
     *first_bad = bad ? bad_slot : -1;
-    if (bad) {
-      if (count_skipped) counters[1] += 1;
-    } else {
-      counters[0] += 1;
+    if (!bad) {
       double total = 0.0;
       for (int s = 0; s < n_slots; ++s) total = __dadd_rn(total, sq[s]);  // slot order
       global_scale = max_grad_norm > 0.0 ? fmin(max_grad_norm / (sqrt(total) + 1e-6), 1.0) : 1.0;
@@ -239,6 +230,5 @@ extern "C" __global__ void __launch_bounds__(bnb::kThreads)
     const double p = bnb::percentile_scale(history + (unsigned long long)i * bnb::kHistory,
                                            history_count + i, sq[s], percentile[i]);
     grad_scales[i] = (float)(global_scale * p);
-    if (steps != nullptr) steps[i] += 1;
   }
 }

@@ -438,7 +438,7 @@ impl Slots {
             .collect();
         let skip = handling.non_finite == NonFinitePolicy::Skip;
         device
-            .step(&inputs, handling.max_grad_norm, skip)
+            .step(&inputs, handling.max_grad_norm)
             .map_err(|e| e.context("CUDA optimizer step"))?;
         if !skip {
             // NonFinitePolicy::Error: this step's outcome decides what `step` returns. A refused

@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::{
-    absmax_bits, encode, portable, Element, Isa, MAX_BLOCK, PARALLEL_MIN_ELEMS, TASK_ELEMS,
+    absmax_bits, encode, portable, Element, Isa, IsaKind, MAX_BLOCK, PARALLEL_MIN_ELEMS, TASK_ELEMS,
 };
 use crate::rules::{UpdateRule, MAX_STATES};
 use crate::QuantMap;
@@ -79,12 +79,12 @@ fn apply_rule<R: UpdateRule>(
     states: &mut [&mut [f32]],
 ) {
     debug_assert_eq!(states.len(), rule.signed_states().len());
-    match isa {
+    match isa.kind() {
         // AVX2 (256-bit) also on AVX-512 CPUs: the rule is divide- and sqrt-bound, where 512-bit
         // vectors gain little and cost twice on Zen 4.
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` comes from `Isa::available`; both AVX paths imply AVX2.
-        Isa::Avx2 | Isa::Avx512 => unsafe { apply_rule_avx2(rule, params, grads, states) },
+        // SAFETY: an `Isa` is only made by `Isa::available`, after detection; both AVX paths imply AVX2.
+        IsaKind::Avx2 | IsaKind::Avx512 => unsafe { apply_rule_avx2(rule, params, grads, states) },
         _ => apply_rule_body(rule, params, grads, states),
     }
 }

@@ -35,9 +35,15 @@ pub(crate) const MAX_BLOCK: usize = 4096;
 /// benchmarking one path against another. Unknown values and unavailable sets are ignored.
 pub const CPU_ISA_ENV: &str = "CANDLE_BNB_CPU_ISA";
 
-/// An instruction set the CPU kernels can use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Isa {
+/// An instruction set the CPU kernels can use, as a token: only [`Isa::available`] and
+/// [`Isa::selected`] make one, after checking that this processor has it, so code holding an
+/// `Isa` may run the kernels written for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Isa(IsaKind);
+
+/// The instruction sets the kernels are written for, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum IsaKind {
     /// Plain Rust, any target.
     Portable,
     /// x86-64 AVX2.
@@ -47,36 +53,52 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The instruction sets this CPU supports, narrowest first.
+    /// The instruction sets this CPU supports, narrowest first (the portable path is always
+    /// there).
     pub fn available() -> Vec<Isa> {
-        let mut isas = vec![Isa::Portable];
+        let mut isas = vec![Isa(IsaKind::Portable)];
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2") {
-                isas.push(Isa::Avx2);
+                isas.push(Isa(IsaKind::Avx2));
             }
             if is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
             {
-                isas.push(Isa::Avx512);
+                isas.push(Isa(IsaKind::Avx512));
             }
         }
         isas
     }
 
-    /// The instruction set the kernels use: the widest available, capped by `CANDLE_BNB_CPU_ISA`.
+    /// The set the kernels use: the widest available, capped by [`CPU_ISA_ENV`] (read once).
     pub fn selected() -> Isa {
         static SELECTED: OnceLock<Isa> = OnceLock::new();
         *SELECTED.get_or_init(|| {
-            let best = *Self::available().last().unwrap_or(&Isa::Portable);
             let cap = match std::env::var(CPU_ISA_ENV).as_deref() {
-                Ok("portable") => Isa::Portable,
-                Ok("avx2") => Isa::Avx2,
-                _ => Isa::Avx512,
+                Ok("portable") => IsaKind::Portable,
+                Ok("avx2") => IsaKind::Avx2,
+                _ => IsaKind::Avx512,
             };
-            best.min(cap)
+            Self::available()
+                .into_iter()
+                .rfind(|isa| isa.0 <= cap)
+                .unwrap_or(Isa(IsaKind::Portable))
         })
+    }
+
+    /// Its name as [`CPU_ISA_ENV`] spells it: `portable`, `avx2` or `avx512`.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            IsaKind::Portable => "portable",
+            IsaKind::Avx2 => "avx2",
+            IsaKind::Avx512 => "avx512",
+        }
+    }
+
+    pub(crate) fn kind(self) -> IsaKind {
+        self.0
     }
 }
 
@@ -190,13 +212,13 @@ pub(crate) fn dequantize<T: Element>(
 /// Bits of `max |x|` (as `|x|`'s bit pattern, which orders like the value); `>= 0x7F80_0000`
 /// when some element is infinite or NaN.
 pub(crate) fn absmax_bits(isa: Isa, xs: &[f32]) -> u32 {
-    match isa {
+    match isa.kind() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` comes from `Isa::available`, so the CPU has the features.
-        Isa::Avx512 => unsafe { x86_avx512::absmax_bits(xs) },
+        // SAFETY: an `Isa` is only made by `Isa::available`, after detection, so the CPU has the features.
+        IsaKind::Avx512 => unsafe { x86_avx512::absmax_bits(xs) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86_avx2::absmax_bits(xs) },
+        IsaKind::Avx2 => unsafe { x86_avx2::absmax_bits(xs) },
         _ => portable::absmax_bits(xs),
     }
 }
@@ -215,14 +237,14 @@ fn encode(isa: Isa, xs: &[f32], absmax: f32, lookup: &CodeLookup, codes: &mut [M
         }
         return;
     };
-    match isa {
+    match isa.kind() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` comes from `Isa::available`; lengths and absmax as checked above (the
+        // SAFETY: an `Isa` is only made by `Isa::available`, after detection; lengths and absmax as checked above (the
         // only caller, `quantize`, takes absmax from these very `xs`).
-        Isa::Avx512 => unsafe { x86_avx512::encode(xs, absmax, table, codes) },
+        IsaKind::Avx512 => unsafe { x86_avx512::encode(xs, absmax, table, codes) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86_avx2::encode(xs, absmax, table, codes) },
+        IsaKind::Avx2 => unsafe { x86_avx2::encode(xs, absmax, table, codes) },
         _ => portable::encode(xs, absmax, table, codes),
     }
 }

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{absmax_bits, Element, Isa, MAX_BLOCK, PARALLEL_MIN_ELEMS};
+use super::{absmax_bits, Element, Isa, IsaKind, MAX_BLOCK, PARALLEL_MIN_ELEMS};
 
 /// Lanes summed independently: four AVX2 vectors, so the adds pipeline and vectorise.
 const LANES: usize = 32;
@@ -30,10 +30,10 @@ unsafe fn sum_squares_f32_avx2(xs: &[f32]) -> f32 {
 }
 
 fn sum_squares_f32(isa: Isa, xs: &[f32]) -> f32 {
-    match isa {
+    match isa.kind() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` comes from `Isa::available`; both AVX paths imply AVX2.
-        Isa::Avx2 | Isa::Avx512 => unsafe { sum_squares_f32_avx2(xs) },
+        // SAFETY: an `Isa` is only made by `Isa::available`, after detection; both AVX paths imply AVX2.
+        IsaKind::Avx2 | IsaKind::Avx512 => unsafe { sum_squares_f32_avx2(xs) },
         _ => sum_squares_f32_body(xs),
     }
 }

@@ -196,8 +196,7 @@ impl CudaOptimizerState {
     /// checks every gradient for NaN/±inf (then the whole step changes nothing), clips
     /// (`max_grad_norm`, each parameter's percentile clipping) and the updates follow, without
     /// the host waiting. [`Self::take_outcome`] gives the outcome later (or at once, waiting,
-    /// which is what `NonFinitePolicy::Error` needs). `count_skipped` tells the device's own
-    /// counters whether a skip counts as a skipped step.
+    /// which is what `NonFinitePolicy::Error` needs).
     ///
     /// A previous step's outcome that was not taken is dropped: take it first.
     ///
@@ -208,9 +207,8 @@ impl CudaOptimizerState {
         &mut self,
         grads: &[Option<(&Tensor, R)>],
         max_grad_norm: Option<f64>,
-        count_skipped: bool,
     ) -> Result<()> {
-        on_device!(&mut self.0, s => s.step(grads, max_grad_norm, count_skipped))
+        on_device!(&mut self.0, s => s.step(grads, max_grad_norm))
     }
 
     /// Bytes the device state buffers hold (codes, scales and f32 values), as

@@ -152,7 +152,6 @@ pub(crate) struct StepState<B: Backend> {
     grad_scales: B::Buffer<f32>,
     /// `[skip, first_bad]`.
     flags: B::Buffer<i32>,
-    counters: B::Buffer<u64>,
     /// The flags of the last step, copied back without waiting.
     outcome: B::Pinned<i32>,
     outcome_ready: B::Event,
@@ -235,7 +234,6 @@ impl<B: Backend> StepState<B> {
             history_count: dev.alloc_zeros::<u64>(n)?,
             grad_scales: dev.alloc_zeros::<f32>(n)?,
             flags: dev.alloc_zeros::<i32>(2)?,
-            counters: dev.alloc_zeros::<u64>(2)?,
             outcome: dev.alloc_pinned::<i32>(2)?,
             outcome_ready: dev.new_event()?,
             pending: None,
@@ -502,7 +500,6 @@ impl<B: Backend> StepState<B> {
         &mut self,
         grads: &[Option<(&Tensor, R)>],
         max_grad_norm: Option<f64>,
-        count_skipped: bool,
     ) -> Result<()> {
         if grads.len() != self.params.len() {
             bail!(
@@ -558,12 +555,7 @@ impl<B: Backend> StepState<B> {
         }
         let tables =
             self.write_and_copy_tables(grads, &with_grad, &grad_address, &param_address)?;
-        self.launch_prepass(
-            with_grad.len(),
-            tables.total_chunks,
-            max_grad_norm,
-            count_skipped,
-        )?;
+        self.launch_prepass(with_grad.len(), tables.total_chunks, max_grad_norm)?;
         // From here the pre-pass has run (history, clipping scales): the outcome is pending even
         // if a later launch fails.
         self.pending = Some(with_grad);
@@ -690,7 +682,6 @@ impl<B: Backend> StepState<B> {
         n_slots: usize,
         total_chunks: u64,
         max_grad_norm: Option<f64>,
-        count_skipped: bool,
     ) -> Result<()> {
         let dev = &self.backend;
         let slots = self.table_address(0);
@@ -722,13 +713,9 @@ impl<B: Backend> StepState<B> {
             KernelArg::U64(dev.address(&self.percentile)),
             KernelArg::U64(dev.address(&self.history)),
             KernelArg::U64(dev.address(&self.history_count)),
-            // steps: null, the host keeps the step counts.
-            KernelArg::U64(0),
             KernelArg::U64(dev.address(&self.grad_scales)),
             KernelArg::U64(skip),
             KernelArg::U64(first_bad),
-            KernelArg::U64(dev.address(&self.counters)),
-            KernelArg::I32(count_skipped as i32),
         ];
         // SAFETY: the arguments of bnb_prepass_finish in kernels/norms.cu, in order; the
         // per-parameter arrays cover every parameter index the grad slots name.

@@ -105,13 +105,14 @@ impl<R: UpdateRule> UpdateRule for ScaledGrad<R> {
 }
 
 /// An update rule the CUDA kernels implement (`kernels/rules/*.cuh`): the multi-tensor step copies
-/// the rule value into the device's slot table as it is.
+/// the rule value into the device's slot table as it is. Sealed: only this crate's rules, whose
+/// layouts are checked against the kernels', implement it.
 ///
 /// # Safety
 /// The type is `#[repr(C)]`, has no padding bytes (every byte is an initialised field, so it can
 /// be read as bytes), no pointers, and the same layout as the struct of the same name in
 /// `kernels/rules/`; `KERNEL_NAME` names its kernels in `kernels/fused.cu`.
-pub unsafe trait CudaRule: UpdateRule + Copy + Send + 'static {
+pub unsafe trait CudaRule: UpdateRule + Copy + Send + 'static + sealed::Sealed {
     /// The `<rule>` of the kernels `bnb_fused_<rule>_<dtype>_<q8|f32>_s<states>`.
     const KERNEL_NAME: &'static str;
 
@@ -128,9 +129,15 @@ pub unsafe trait CudaRule: UpdateRule + Copy + Send + 'static {
     }
 }
 
+/// Keeps [`CudaRule`] to this crate's rules.
+mod sealed {
+    pub trait Sealed {}
+}
+
 /// `CudaRule` for each rule with its kernels' name.
 macro_rules! cuda_rules {
     ($($rule:ty => $name:literal),* $(,)?) => {$(
+        impl sealed::Sealed for $rule {}
         // SAFETY: a #[repr(C)] struct of f32 fields (and bools with explicit padding bytes),
         // laid out as its kernels/rules/*.cuh twin; `layout_tests` checks the sizes, which
         // equal the sum of the fields' sizes.
