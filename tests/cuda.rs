@@ -69,7 +69,15 @@ impl Target {
     /// `x` (a CPU tensor) quantized on this target.
     fn quantize(&self, x: &Tensor, map: &QuantMap, block_size: usize) -> Result<Quantized> {
         match self {
-            Self::Emulated(emu) => emulator::quantize_blockwise(emu, x, map, block_size),
+            Self::Emulated(emu) => {
+                let (codes, absmax) = emulator::quantize_blockwise(emu, x, map, block_size)?;
+                Ok(Quantized {
+                    codes,
+                    absmax,
+                    block_size,
+                    map: map.clone(),
+                })
+            }
             #[cfg(feature = "cuda")]
             Self::Gpu(dev) => quantize_blockwise(&x.to_device(dev)?, map, block_size),
         }

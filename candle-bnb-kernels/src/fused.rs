@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
 
-use crate::blockwise::check_block_size;
+use crate::checks::check_block_size;
 use crate::cpu::fused::{
     measure, step_blockwise_state, step_f32_state, BlockwiseStateMut, StateView,
 };

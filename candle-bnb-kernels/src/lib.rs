@@ -25,11 +25,13 @@
 #![deny(missing_docs)]
 
 mod blockwise;
+mod checks;
 mod cpu;
 #[cfg(any(feature = "cuda", feature = "emulator"))]
 mod cuda;
 mod fused;
 mod lookup;
+mod midpoint;
 mod norms;
 mod qmap;
 mod rules;

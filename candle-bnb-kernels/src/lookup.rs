@@ -10,7 +10,7 @@
 //! and above its boundary. Encoding is then: bucket index from the bits, one table read, one
 //! compare. Maps whose boundaries are too dense for a table of bounded size keep the binary search.
 
-use crate::qmap::{first_above_midpoint, QUANT_MAP_LEN};
+use crate::midpoint::first_above_midpoint;
 
 /// Largest bucket table (entries over both signs) worth building: 16 Ki entries, 64 KiB.
 const MAX_TABLE_ENTRIES: u32 = 1 << 14;
@@ -47,12 +47,12 @@ pub(crate) struct BucketTable {
 }
 
 impl CodeLookup {
-    pub(crate) fn new(values: &[f32; QUANT_MAP_LEN]) -> Self {
+    pub(crate) fn new(values: &[f32]) -> Self {
         // Runs of equal values ("clusters") share one distance; the lowest even index of a run wins.
         let mut clusters: Vec<(usize, usize)> = Vec::new();
         let mut start = 0;
-        for i in 1..=QUANT_MAP_LEN {
-            if i == QUANT_MAP_LEN || values[i] != values[start] {
+        for i in 1..=values.len() {
+            if i == values.len() || values[i] != values[start] {
                 clusters.push((start, i - 1));
                 start = i;
             }
@@ -207,7 +207,6 @@ impl BucketTable {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::QuantMap;
     use rand::{Rng, SeedableRng};
 
@@ -280,7 +279,7 @@ mod tests {
     fn random_maps_match_brute_force() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         for _ in 0..4 {
-            let mut values: [f32; QUANT_MAP_LEN] =
+            let mut values: [f32; crate::QUANT_MAP_LEN] =
                 std::array::from_fn(|_| rng.random_range(-1.0f32..=1.0));
             // A few duplicates exercise the run rules.
             values[17] = values[18];

@@ -42,7 +42,7 @@ use candle_bnb_kernels::{BlockwiseState, ParamState, QuantMap, QUANT_MAP_LEN};
 use candle_core::{bail, Error, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::engine::{Slots, GRAD_NORM_HISTORY};
+use crate::engine::{Slots, SlotsState, GRAD_NORM_HISTORY};
 
 /// The `format` metadata value of every checkpoint.
 pub const FORMAT: &str = "candle-bnb-optimizer";
@@ -55,11 +55,8 @@ pub const MAX_STEPS: u64 = 1 << 53;
 
 /// A checkpoint read and checked against an optimizer's parameters.
 pub(crate) struct Loaded {
-    pub(crate) states: Vec<ParamState>,
-    pub(crate) grad_norms: Vec<VecDeque<f64>>,
-    pub(crate) param_steps: Vec<u64>,
-    pub(crate) steps: u64,
-    pub(crate) skipped: u64,
+    /// What the parameters' slots get back.
+    pub(crate) slots: SlotsState,
     pub(crate) config: Vec<(String, String)>,
     /// Metadata the optimizer itself wrote (`save`'s `extra`).
     pub(crate) extra: HashMap<String, String>,
@@ -614,11 +611,13 @@ pub(crate) fn load(
         .filter_map(|(k, v)| Some((k.strip_prefix("optimizer.")?.to_string(), v.clone())))
         .collect();
     Ok(Loaded {
-        states,
-        grad_norms,
-        param_steps,
-        steps,
-        skipped,
+        slots: SlotsState {
+            states,
+            grad_norms,
+            param_steps,
+            steps,
+            skipped,
+        },
         config,
         extra,
     })

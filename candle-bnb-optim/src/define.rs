@@ -471,7 +471,7 @@ macro_rules! define_optimizer {
                         )
                     }
                 }
-                self.slots.restore(loaded)?;
+                self.slots.restore(loaded.slots)?;
                 self.config = config;
                 self.initial_lr = initial_lr;
                 self.params = params;

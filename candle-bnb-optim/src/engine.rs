@@ -86,6 +86,16 @@ pub(crate) struct Slot {
     pub(crate) grad_norms: VecDeque<f64>,
 }
 
+/// Everything [`Slots`] holds besides the parameters themselves, in parameter order: what a
+/// checkpoint restores.
+pub(crate) struct SlotsState {
+    pub(crate) states: Vec<ParamState>,
+    pub(crate) grad_norms: Vec<VecDeque<f64>>,
+    pub(crate) param_steps: Vec<u64>,
+    pub(crate) steps: u64,
+    pub(crate) skipped: u64,
+}
+
 /// The parameters of one optimizer with their state.
 ///
 /// When every parameter is on one CUDA device (the `cuda` feature), or the optimizer was moved
@@ -235,7 +245,7 @@ impl Slots {
     ///
     /// # Errors
     /// CUDA errors while uploading (the host side is then left unchanged).
-    pub(crate) fn restore(&mut self, loaded: crate::checkpoint::Loaded) -> Result<()> {
+    pub(crate) fn restore(&mut self, loaded: SlotsState) -> Result<()> {
         #[cfg(any(feature = "cuda", feature = "emulator"))]
         if self.device.is_some() {
             let states: Vec<&ParamState> = loaded.states.iter().collect();

@@ -12,7 +12,7 @@ use candle_core::{bail, CudaDevice, Device, Result, Storage, Tensor};
 
 use super::backend::{Backend, Element, KernelArg, Module};
 use super::THREADS;
-use crate::blockwise::contiguous_range;
+use crate::checks::contiguous_range;
 
 /// The PTX of `kernels/quantize.cu`.
 const QUANTIZE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quantize.ptx"));

@@ -20,7 +20,7 @@ use candle_core::{bail, CpuStorage, Result, Storage, Tensor};
 
 use super::backend::{Backend, Element, KernelArg, Module};
 use super::THREADS;
-use crate::blockwise::contiguous_range;
+use crate::checks::contiguous_range;
 
 /// Most CUDA blocks an emulated launch runs.
 pub const MAX_EMULATED_GRID: u32 = 3;

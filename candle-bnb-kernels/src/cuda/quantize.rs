@@ -111,7 +111,7 @@ pub(crate) mod storage {
     use super::super::backend::Backend;
     use super::super::driver::CudaDriver;
     use super::{dequantize_on, quantize_on};
-    use crate::blockwise::contiguous_range;
+    use crate::checks::contiguous_range;
     use crate::QuantMap;
 
     /// The device address of element `start` of a float storage.
@@ -264,15 +264,16 @@ pub mod emulated {
     use candle_core::{bail, DType, Device, Result, Tensor};
     use half::{bf16, f16};
 
-    use super::super::backend::Backend;
+    use super::super::backend::{Backend, Element};
     use super::super::emulator::Emulator;
     use super::{dequantize_on, quantize_on};
-    use crate::blockwise::{check_block_size, check_dequantize_into, check_float_dtype};
-    use crate::{QuantMap, Quantized};
+    use crate::checks::{check_block_size, check_dequantize_into, check_float_dtype};
+    use crate::QuantMap;
 
     /// [`crate::quantize_blockwise`] on the emulated device: `x` (a CPU tensor) is copied to
-    /// the device, quantized by `kernels/quantize.cu`, and the codes and scales are copied back
-    /// into CPU tensors.
+    /// the device, quantized by `kernels/quantize.cu`, and the codes and scales are copied back:
+    /// `(codes, absmax)` as CPU tensors, `U8` codes with `x`'s shape and `F32` scales of shape
+    /// `[ceil(n / block_size)]`.
     ///
     /// # Errors
     /// As [`crate::quantize_blockwise`]; a launch the emulator refuses.
@@ -281,43 +282,51 @@ pub mod emulated {
         x: &Tensor,
         map: &QuantMap,
         block_size: usize,
-    ) -> Result<Quantized> {
+    ) -> Result<(Tensor, Tensor)> {
         check_block_size(block_size)?;
         check_float_dtype("quantize_blockwise: input", x.dtype())?;
-        let n = x.elem_count();
         let flat = x.flatten_all()?;
-        let host: Vec<f32> = flat.to_dtype(DType::F32)?.to_vec1()?;
-        let (codes, absmax) = if n == 0 {
-            (Vec::new(), Vec::new())
-        } else {
-            let (address, _buffer) = match x.dtype() {
-                DType::F16 => {
-                    let b = emu.upload(&flat.to_vec1::<f16>()?)?;
-                    (b.address(), Box::new(b) as Box<dyn std::any::Any>)
-                }
-                DType::BF16 => {
-                    let b = emu.upload(&flat.to_vec1::<bf16>()?)?;
-                    (b.address(), Box::new(b) as Box<dyn std::any::Any>)
-                }
-                _ => {
-                    let b = emu.upload(&host)?;
-                    (b.address(), Box::new(b) as Box<dyn std::any::Any>)
-                }
-            };
-            let (codes, absmax) =
-                quantize_on(emu, address, n, x.dtype(), map, block_size, |i| Ok(host[i]))?;
-            (
-                emu.download_range(&codes, 0, n)?,
-                emu.download_range(&absmax, 0, n.div_ceil(block_size))?,
-            )
+        let as_f32: Vec<f32> = flat.to_dtype(DType::F32)?.to_vec1()?;
+        let (codes, absmax) = match x.dtype() {
+            DType::F16 => {
+                let values = flat.to_vec1::<f16>()?;
+                quantize_values(emu, &values, &as_f32, DType::F16, map, block_size)?
+            }
+            DType::BF16 => {
+                let values = flat.to_vec1::<bf16>()?;
+                quantize_values(emu, &values, &as_f32, DType::BF16, map, block_size)?
+            }
+            _ => quantize_values(emu, &as_f32, &as_f32, DType::F32, map, block_size)?,
         };
         let n_blocks = absmax.len();
-        Ok(Quantized {
-            codes: Tensor::from_vec(codes, x.shape(), &Device::Cpu)?,
-            absmax: Tensor::from_vec(absmax, n_blocks, &Device::Cpu)?,
-            block_size,
-            map: map.clone(),
-        })
+        Ok((
+            Tensor::from_vec(codes, x.shape(), &Device::Cpu)?,
+            Tensor::from_vec(absmax, n_blocks, &Device::Cpu)?,
+        ))
+    }
+
+    /// Uploads `values`, quantizes them and downloads `(codes, absmax)`; `as_f32` are the same
+    /// values widened, for the error message of a non-finite one.
+    fn quantize_values<T: Element>(
+        emu: &Emulator,
+        values: &[T],
+        as_f32: &[f32],
+        dtype: DType,
+        map: &QuantMap,
+        block_size: usize,
+    ) -> Result<(Vec<u8>, Vec<f32>)> {
+        let n = values.len();
+        if n == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let x = emu.upload(values)?;
+        let (codes, absmax) = quantize_on(emu, x.address(), n, dtype, map, block_size, |i| {
+            Ok(as_f32[i])
+        })?;
+        Ok((
+            emu.download_range(&codes, 0, n)?,
+            emu.download_range(&absmax, 0, n.div_ceil(block_size))?,
+        ))
     }
 
     /// [`crate::dequantize_blockwise_into`] on the emulated device: `codes` and `absmax` (CPU
