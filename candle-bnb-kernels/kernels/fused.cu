@@ -421,7 +421,7 @@ __device__ void measure(const Slot<Rule>* __restrict__ slots, int n_slots,
 // Layer-wise rules, second pass: one CUDA block per slot (grid-stride over slots) sums the slot's
 // block partials, thread t taking blocks t, t + 256, ... in order and the 256 sums combined in a
 // fixed tree, so the result depends on neither the grid nor the timing; then it fixes the slot's
-// trust ratio from the f32 norms, as fused.rs does with
+// trust ratio from the f32 norms, as cpu/fused.rs does with
 // `rule.with_norms(param_sq.sqrt() as f32, direction_sq.sqrt() as f32)`.
 template <class Rule>
 __device__ void set_trust(Slot<Rule>* slots, int n_slots, int block_size,

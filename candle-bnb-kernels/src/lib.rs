@@ -29,13 +29,13 @@ mod checks;
 mod cpu;
 #[cfg(any(feature = "cuda", feature = "emulator"))]
 mod cuda;
-mod fused;
 mod lookup;
 mod midpoint;
-mod norms;
 mod qmap;
 mod rules;
 mod slot_table;
+mod sum_squares;
+mod update;
 
 pub use blockwise::{
     dequantize_blockwise, dequantize_blockwise_into, quantize_blockwise, Quantized,
@@ -61,10 +61,10 @@ pub mod emulator {
         dequantize_blockwise, dequantize_blockwise_into, quantize_blockwise,
     };
 }
-pub use fused::{check_fused_update, fused_update, BlockwiseState, ParamState};
-pub use norms::sum_squares;
 pub use qmap::{QuantMap, QUANT_MAP_LEN};
 pub use rules::{
     AdEMAMixRule, AdagradRule, AdamRule, CudaRule, LambRule, LarsRule, LionRule, RmspropRule,
     ScaledGrad, SgdRule, UpdateRule, MAX_STATES,
 };
+pub use sum_squares::sum_squares;
+pub use update::{check_fused_update, fused_update, BlockwiseState, ParamState};

@@ -42,7 +42,7 @@ use candle_bnb_kernels::{BlockwiseState, ParamState, QuantMap, QUANT_MAP_LEN};
 use candle_core::{bail, Error, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::engine::{Slots, SlotsState, GRAD_NORM_HISTORY};
+use crate::engine::{TrackedParams, TrackedState, GRAD_NORM_HISTORY};
 
 /// The `format` metadata value of every checkpoint.
 pub const FORMAT: &str = "candle-bnb-optimizer";
@@ -56,7 +56,7 @@ pub const MAX_STEPS: u64 = 1 << 53;
 /// A checkpoint read and checked against an optimizer's parameters.
 pub(crate) struct Loaded {
     /// What the parameters' slots get back.
-    pub(crate) slots: SlotsState,
+    pub(crate) slots: TrackedState,
     pub(crate) config: Vec<(String, String)>,
     /// Metadata the optimizer itself wrote (`save`'s `extra`).
     pub(crate) extra: HashMap<String, String>,
@@ -171,7 +171,7 @@ pub(crate) fn save(
     config: &[(&'static str, String)],
     settings: &[Vec<(String, String)>],
     extra: &[(String, String)],
-    slots: &Slots,
+    slots: &TrackedParams,
 ) -> Result<()> {
     let synced = slots.synced()?;
     let mut meta: HashMap<String, String> = HashMap::new();
@@ -432,7 +432,7 @@ impl<'a> Reader<'a> {
 pub(crate) fn load(
     path: &Path,
     kind: &str,
-    slots: &Slots,
+    slots: &TrackedParams,
     settings: &[Vec<(String, String)>],
     signed: &[&[bool]],
 ) -> Result<Loaded> {
@@ -611,7 +611,7 @@ pub(crate) fn load(
         .filter_map(|(k, v)| Some((k.strip_prefix("optimizer.")?.to_string(), v.clone())))
         .collect();
     Ok(Loaded {
-        slots: SlotsState {
+        slots: TrackedState {
             states,
             grad_norms,
             param_steps,

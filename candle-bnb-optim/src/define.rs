@@ -145,7 +145,7 @@ macro_rules! define_optimizer {
         #[doc = concat!("This form keeps ", $what, " state by default. Per-parameter settings: [`", stringify!($name), "::new_with_overrides`].")]
         #[doc = concat!("Checkpoints ([`", stringify!($name), "::save`]) have kind `", $kind, "`.")]
         pub struct $name {
-            slots: $crate::engine::Slots,
+            slots: $crate::engine::TrackedParams,
             /// The base config (what `learning_rate` reports and `set_learning_rate` sets).
             config: $config,
             /// The base learning rate at construction: overridden learning rates keep their
@@ -239,7 +239,7 @@ macro_rules! define_optimizer {
                 let names = vars.iter().map(|(name, _)| name.as_str());
                 let params = Self::derive(&config, config.lr, &settings, names)?;
                 let slots =
-                    $crate::engine::Slots::new(vars, |i| {
+                    $crate::engine::TrackedParams::new(vars, |i| {
                         (params[i].layout(), params[i].rule(1), params[i].percentile_clipping)
                     })?;
                 Ok(Self {

@@ -75,7 +75,7 @@ impl GradHandling {
 
 /// One parameter with its name, state and gradient-norm history.
 #[derive(Clone)]
-pub(crate) struct Slot {
+pub(crate) struct TrackedParam {
     pub(crate) name: String,
     pub(crate) var: Var,
     pub(crate) state: ParamState,
@@ -86,9 +86,9 @@ pub(crate) struct Slot {
     pub(crate) grad_norms: VecDeque<f64>,
 }
 
-/// Everything [`Slots`] holds besides the parameters themselves, in parameter order: what a
+/// Everything [`TrackedParams`] holds besides the parameters themselves, in parameter order: what a
 /// checkpoint restores.
-pub(crate) struct SlotsState {
+pub(crate) struct TrackedState {
     pub(crate) states: Vec<ParamState>,
     pub(crate) grad_norms: Vec<VecDeque<f64>>,
     pub(crate) param_steps: Vec<u64>,
@@ -100,20 +100,21 @@ pub(crate) struct SlotsState {
 ///
 /// When every parameter is on one CUDA device (the `cuda` feature), or the optimizer was moved
 /// to the emulated CUDA device (the `emulator` feature, for tests), the state lives there
-/// (`device`), each `Slot::state` is a placeholder of length 0 that only records the state's
-/// kind (precision, count, block size), and `Slot::grad_norms` is kept on the device too;
-/// [`Slots::synced`] gives a host copy. The device reports a step's outcome (taken, or skipped
-/// for a non-finite gradient) asynchronously: `steps`, `skipped` and each `Slot::steps` count the
-/// steps whose outcome is known, the pending one is added by the accessors.
-pub(crate) struct Slots {
-    pub(crate) slots: Vec<Slot>,
+/// (`device`), each `TrackedParam::state` is a placeholder of length 0 that only records the
+/// state's kind (precision, count, block size), and `TrackedParam::grad_norms` is kept on the
+/// device too; [`TrackedParams::synced`] gives a host copy. The device reports a step's outcome
+/// (taken, or skipped for a non-finite gradient) asynchronously: `steps`, `skipped` and each
+/// `TrackedParam::steps` count the steps whose outcome is known, the pending one is added by the
+/// accessors.
+pub(crate) struct TrackedParams {
+    pub(crate) slots: Vec<TrackedParam>,
     pub(crate) steps: u64,
     pub(crate) skipped: u64,
     #[cfg(any(feature = "cuda", feature = "emulator"))]
     device: Option<candle_bnb_kernels::CudaOptimizerState>,
 }
 
-impl Slots {
+impl TrackedParams {
     /// Initial state for each var: `setup(i)` gives the i-th var's state layout (from a
     /// validated config), step-1 rule and percentile-clipping setting. `vars` come from
     /// [`float_vars`].
@@ -142,7 +143,7 @@ impl Slots {
             .map(|(i, (name, var))| {
                 let (layout, rule, _) = setup(i);
                 let state = initial_state(&var, layout, &rule)?;
-                Ok(Slot {
+                Ok(TrackedParam {
                     name,
                     var,
                     state,
@@ -245,7 +246,7 @@ impl Slots {
     ///
     /// # Errors
     /// CUDA errors while uploading (the host side is then left unchanged).
-    pub(crate) fn restore(&mut self, loaded: SlotsState) -> Result<()> {
+    pub(crate) fn restore(&mut self, loaded: TrackedState) -> Result<()> {
         #[cfg(any(feature = "cuda", feature = "emulator"))]
         if self.device.is_some() {
             let states: Vec<&ParamState> = loaded.states.iter().collect();
@@ -314,7 +315,7 @@ impl Slots {
     ///
     /// # Errors
     /// CUDA errors.
-    pub(crate) fn synced(&self) -> Result<Cow<'_, [Slot]>> {
+    pub(crate) fn synced(&self) -> Result<Cow<'_, [TrackedParam]>> {
         #[cfg(any(feature = "cuda", feature = "emulator"))]
         if let Some(device) = &self.device {
             let pending = match device.peek_outcome()? {
@@ -327,7 +328,7 @@ impl Slots {
                     .iter()
                     .zip(host)
                     .enumerate()
-                    .map(|(i, (slot, (state, grad_norms)))| Slot {
+                    .map(|(i, (slot, (state, grad_norms)))| TrackedParam {
                         name: slot.name.clone(),
                         var: slot.var.clone(),
                         state,

@@ -10,8 +10,8 @@ use super::driver::CudaDriver;
 #[cfg(feature = "emulator")]
 use super::emulator::Emulator;
 use super::step::{CudaParam, CudaStepOutcome, StepState};
-use crate::fused::ParamState;
 use crate::rules::CudaRule;
+use crate::update::ParamState;
 
 /// The state of an optimizer whose parameters are on one CUDA device, with what a step launches.
 ///

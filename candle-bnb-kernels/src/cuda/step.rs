@@ -11,9 +11,9 @@ use candle_core::{bail, DType, Result, Tensor};
 
 use super::backend::{Backend, KernelArg, Module};
 use super::{grid, quant_table_bytes, MAX_GRID, QUANT_TABLE_BYTES, THREADS};
-use crate::fused::{BlockwiseState, ParamState};
 use crate::rules::CudaRule;
 use crate::slot_table::{slot_bytes, GradSlot, Slot, TableWriter, GRAD_SLOT_BYTES};
+use crate::update::{BlockwiseState, ParamState};
 use crate::QuantMap;
 
 /// Elements per partial sum of the pre-pass (`norms.cu` kChunk, the CPU's `MAX_BLOCK`).
