@@ -26,7 +26,7 @@ pub const GRAD_NORM_HISTORY: usize = 100;
 
 /// How state is stored, shared by every optimizer config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct StateLayout {
+pub struct StateLayout {
     pub(crate) optim_bits: u32,
     pub(crate) min_8bit_size: usize,
     pub(crate) block_size: usize,
@@ -50,7 +50,7 @@ impl StateLayout {
 
 /// The gradient pre-pass settings shared by every optimizer config.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct GradHandling {
+pub struct GradHandling {
     pub(crate) non_finite: NonFinitePolicy,
     pub(crate) max_grad_norm: Option<f64>,
     pub(crate) percentile_clipping: u32,

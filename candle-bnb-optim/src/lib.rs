@@ -33,6 +33,7 @@ mod lamb;
 mod lion;
 mod marks;
 pub mod nn;
+mod optimizer;
 mod overrides;
 mod rmsprop;
 mod sgd;
@@ -48,6 +49,7 @@ pub use lamb::{
 };
 pub use lion::{Lion, Lion8bit, Lion8bitConfig, LionConfig};
 pub use marks::{keep_32bit_state, keeps_32bit_state};
+pub use optimizer::{Optim, OptimizerConfig};
 pub use overrides::{Overrides, Target};
 pub use rmsprop::{
     Adagrad, Adagrad8bit, Adagrad8bitConfig, AdagradConfig, RMSprop, RMSprop8bit,

@@ -50,47 +50,41 @@ pub trait TrainOptimizer {
     fn load(&mut self, path: &Path) -> Result<()>;
 }
 
-macro_rules! ours {
-    ($($t:ty),*) => {$(
-        impl TrainOptimizer for $t {
-            fn step(&mut self, grads: &GradStore) -> Result<()> {
-                Optimizer::step(self, grads)
-            }
-            fn set_lr(&mut self, lr: f64) {
-                self.set_learning_rate(lr)
-            }
-            fn state_bytes(&self) -> usize {
-                <$t>::state_bytes(self)
-            }
-            fn save(&self, path: &Path) -> Result<()> {
-                <$t>::save(self, path)
-            }
-            fn load(&mut self, path: &Path) -> Result<()> {
-                <$t>::load(self, path)
-            }
-        }
-    )*};
+/// Every optimizer of candle-bnb is `Optim<ItsConfig>`: one impl serves them all.
+impl<C: bnb::OptimizerConfig> TrainOptimizer for bnb::Optim<C> {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        Optimizer::step(self, grads)
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.set_learning_rate(lr)
+    }
+    fn state_bytes(&self) -> usize {
+        bnb::Optim::state_bytes(self)
+    }
+    fn save(&self, path: &Path) -> Result<()> {
+        bnb::Optim::save(self, path)
+    }
+    fn load(&mut self, path: &Path) -> Result<()> {
+        bnb::Optim::load(self, path)
+    }
 }
-ours!(
-    bnb::AdamW8bit,
-    bnb::AdamW,
-    bnb::Adam8bit,
-    bnb::Adam,
-    bnb::Lion8bit,
-    bnb::Lion,
-    bnb::SGD8bit,
-    bnb::SGD,
-    bnb::RMSprop8bit,
-    bnb::RMSprop,
-    bnb::Adagrad8bit,
-    bnb::Adagrad,
-    bnb::LAMB8bit,
-    bnb::LAMB,
-    bnb::LARS8bit,
-    bnb::LARS,
-    bnb::AdEMAMix8bit,
-    bnb::AdEMAMix
-);
+
+/// candle-bnb's optimizer with config `C` (its defaults, then `lr`, `weight_decay` and, when
+/// positive, global-norm clipping at `max_grad_norm`) over the named variables.
+fn build<C: bnb::OptimizerConfig>(
+    vars: Vec<(String, Var)>,
+    lr: f64,
+    weight_decay: f64,
+    max_grad_norm: f64,
+) -> Result<Box<dyn TrainOptimizer>> {
+    let mut c = C::default();
+    c.set_lr(lr);
+    c.set_field("weight_decay", &weight_decay.to_string())?;
+    if max_grad_norm > 0.0 {
+        c.set_field("max_grad_norm", &max_grad_norm.to_string())?;
+    }
+    Ok(Box::new(bnb::Optim::<C>::new_named(vars, c)?))
+}
 
 /// candle_nn::AdamW, with the same global-norm clipping as ours (torch's formula) done here.
 struct CandleAdamW {
@@ -149,36 +143,26 @@ pub fn make_optimizer(
     weight_decay: f64,
     max_grad_norm: f64,
 ) -> Result<Box<dyn TrainOptimizer>> {
-    macro_rules! build {
-        ($opt:ty, $cfg:ty) => {{
-            let mut c = <$cfg>::default();
-            c.set_field("lr", &lr.to_string())?;
-            c.set_field("weight_decay", &weight_decay.to_string())?;
-            if max_grad_norm > 0.0 {
-                c.set_field("max_grad_norm", &max_grad_norm.to_string())?;
-            }
-            Box::new(<$opt>::new_named(vars, c)?) as Box<dyn TrainOptimizer>
-        }};
-    }
+    let (wd, clip) = (weight_decay, max_grad_norm);
     Ok(match name {
-        "adamw8bit" => build!(bnb::AdamW8bit, bnb::AdamW8bitConfig),
-        "adamw32" => build!(bnb::AdamW, bnb::AdamWConfig),
-        "adam8bit" => build!(bnb::Adam8bit, bnb::Adam8bitConfig),
-        "adam32" => build!(bnb::Adam, bnb::AdamConfig),
-        "lion8bit" => build!(bnb::Lion8bit, bnb::Lion8bitConfig),
-        "lion32" => build!(bnb::Lion, bnb::LionConfig),
-        "sgd8bit" => build!(bnb::SGD8bit, bnb::SGD8bitConfig),
-        "sgd32" => build!(bnb::SGD, bnb::SGDConfig),
-        "rmsprop8bit" => build!(bnb::RMSprop8bit, bnb::RMSprop8bitConfig),
-        "rmsprop32" => build!(bnb::RMSprop, bnb::RMSpropConfig),
-        "adagrad8bit" => build!(bnb::Adagrad8bit, bnb::Adagrad8bitConfig),
-        "adagrad32" => build!(bnb::Adagrad, bnb::AdagradConfig),
-        "lamb8bit" => build!(bnb::LAMB8bit, bnb::LAMB8bitConfig),
-        "lamb32" => build!(bnb::LAMB, bnb::LAMBConfig),
-        "lars8bit" => build!(bnb::LARS8bit, bnb::LARS8bitConfig),
-        "lars32" => build!(bnb::LARS, bnb::LARSConfig),
-        "ademamix8bit" => build!(bnb::AdEMAMix8bit, bnb::AdEMAMix8bitConfig),
-        "ademamix32" => build!(bnb::AdEMAMix, bnb::AdEMAMixConfig),
+        "adamw8bit" => build::<bnb::AdamW8bitConfig>(vars, lr, wd, clip)?,
+        "adamw32" => build::<bnb::AdamWConfig>(vars, lr, wd, clip)?,
+        "adam8bit" => build::<bnb::Adam8bitConfig>(vars, lr, wd, clip)?,
+        "adam32" => build::<bnb::AdamConfig>(vars, lr, wd, clip)?,
+        "lion8bit" => build::<bnb::Lion8bitConfig>(vars, lr, wd, clip)?,
+        "lion32" => build::<bnb::LionConfig>(vars, lr, wd, clip)?,
+        "sgd8bit" => build::<bnb::SGD8bitConfig>(vars, lr, wd, clip)?,
+        "sgd32" => build::<bnb::SGDConfig>(vars, lr, wd, clip)?,
+        "rmsprop8bit" => build::<bnb::RMSprop8bitConfig>(vars, lr, wd, clip)?,
+        "rmsprop32" => build::<bnb::RMSpropConfig>(vars, lr, wd, clip)?,
+        "adagrad8bit" => build::<bnb::Adagrad8bitConfig>(vars, lr, wd, clip)?,
+        "adagrad32" => build::<bnb::AdagradConfig>(vars, lr, wd, clip)?,
+        "lamb8bit" => build::<bnb::LAMB8bitConfig>(vars, lr, wd, clip)?,
+        "lamb32" => build::<bnb::LAMBConfig>(vars, lr, wd, clip)?,
+        "lars8bit" => build::<bnb::LARS8bitConfig>(vars, lr, wd, clip)?,
+        "lars32" => build::<bnb::LARSConfig>(vars, lr, wd, clip)?,
+        "ademamix8bit" => build::<bnb::AdEMAMix8bitConfig>(vars, lr, wd, clip)?,
+        "ademamix32" => build::<bnb::AdEMAMixConfig>(vars, lr, wd, clip)?,
         "candle-adamw" => {
             let vars: Vec<Var> = vars.into_iter().map(|(_, v)| v).collect();
             let params = candle_nn::ParamsAdamW {
