@@ -1,0 +1,284 @@
+//! Host side of `kernels/fused.cu` and `kernels/norms.cu`: an optimizer's state on one device,
+//! and a whole step (gradient pre-pass, layer-wise norms, fused updates of every parameter) as a
+//! handful of launches, written once over [`Backend`] (a GPU or the emulated device). The order
+//! of a step's operations and what the host waits for are documented on
+//! [`CudaOptimizerState`](super::optimizer_state::CudaOptimizerState), the public face of
+//! [`StepState`].
+
+mod device_state;
+mod grouping;
+mod launch;
+mod outcome;
+mod tables;
+
+use std::collections::VecDeque;
+
+use candle_core::{bail, DType, Result, Tensor};
+
+use super::backend::Backend;
+use crate::rules::CudaRule;
+use crate::update::ParamState;
+use device_state::{state_addresses, upload_state, DeviceState};
+use grouping::{group_params, Group};
+use tables::Staging;
+
+/// Elements per partial sum of the pre-pass (`norms.cu` kChunk, the CPU's `MAX_BLOCK`).
+const NORM_CHUNK: usize = 4096;
+/// Squared norms kept per parameter (`norms.cu` kHistory; the optimizers' history length).
+pub const CUDA_GRAD_NORM_HISTORY: usize = 100;
+/// Tiling of 32-bit state: `fused.cu` needs a block size even where nothing is quantized; 256
+/// gives 16 quantization blocks per CUDA block.
+const F32_TILE_BLOCK: usize = 256;
+
+/// One parameter of a [`CudaOptimizerState`](crate::CudaOptimizerState): the parameter tensor
+/// (contiguous, `F32`, `F16` or `BF16`, on the state's CUDA device; on the CPU for the emulated
+/// device), its initial state, its percentile-clipping setting (1..=100, 100 = off) and the
+/// squared gradient norms recorded so far (at most [`CUDA_GRAD_NORM_HISTORY`], oldest first).
+pub struct CudaParam<'a> {
+    /// The parameter, updated in place by every step.
+    pub param: &'a Tensor,
+    /// Its optimizer state (host copy, uploaded).
+    pub state: &'a ParamState,
+    /// Percentile clipping, 1..=100 (100: off).
+    pub percentile_clipping: u32,
+    /// The squared gradient norms recorded so far, oldest first.
+    pub grad_norms: &'a VecDeque<f64>,
+}
+
+/// What the device decided about a step once the host reads it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudaStepOutcome {
+    /// Every gradient was finite: the parameters with a gradient were updated.
+    Taken,
+    /// The gradient of the parameter with this index (the first one) was not finite: nothing
+    /// changed on the device.
+    Skipped {
+        /// Index of the first parameter whose gradient holds NaN or ±inf.
+        first_bad: usize,
+    },
+}
+
+/// The state of an optimizer whose parameters are on one device of backend `B`, with what a
+/// step launches: the host side of every CUDA step, the same code on a GPU and on the emulator.
+pub(crate) struct StepState<B: Backend> {
+    backend: B,
+    params: Vec<Tensor>,
+    states: Vec<DeviceState<B>>,
+    /// Per parameter: the addresses of its state buffers and scales (fixed for its lifetime).
+    state_ptrs: Vec<([u64; 3], [u64; 3])>,
+    groups: Vec<Group<B>>,
+    // The pre-pass buffers (norms.cu).
+    partials: B::Buffer<f64>,
+    sq: B::Buffer<f64>,
+    percentile: B::Buffer<i32>,
+    /// What `percentile` holds, to upload only changes.
+    percentile_host: Vec<i32>,
+    history: B::Buffer<f64>,
+    history_count: B::Buffer<u64>,
+    grad_scales: B::Buffer<f32>,
+    /// `[skip, first_bad]`.
+    flags: B::Buffer<i32>,
+    /// The flags of the last step, copied back without waiting.
+    outcome: B::Pinned<i32>,
+    outcome_ready: B::Event,
+    /// The parameter indices that had a gradient in the step whose outcome is pending, in
+    /// pre-pass order (`first_bad` indexes this list).
+    pending: Option<Vec<usize>>,
+    /// Whether the host has seen `outcome_ready` complete since the last pre-pass was issued:
+    /// then everything issued before it, the last two table copies included, has run.
+    outcome_seen: bool,
+    staging: Option<Staging<B>>,
+    /// Times reading a step's outcome had to wait for the device.
+    blocking_waits: u64,
+}
+
+fn dtype_code(dtype: DType) -> Result<u32> {
+    Ok(match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        other => bail!("CUDA optimizer steps take F32, F16 or BF16 parameters, got {other:?}"),
+    })
+}
+
+impl<B: Backend> StepState<B> {
+    /// Uploads the state of `params` to `backend` and allocates every buffer a step needs.
+    ///
+    /// # Errors
+    /// A parameter not on the device, not contiguous, or not `F32`/`F16`/`BF16`; a state whose
+    /// length differs from its parameter's; a percentile outside 1..=100; more than
+    /// [`CUDA_GRAD_NORM_HISTORY`] recorded norms; more than `u32::MAX` parameters; CUDA errors.
+    pub(crate) fn new(backend: B, params: &[CudaParam<'_>]) -> Result<Self> {
+        let dev = &backend;
+        if params.len() > u32::MAX as usize {
+            bail!(
+                "{} parameters; CUDA steps take at most {}",
+                params.len(),
+                u32::MAX
+            )
+        }
+        let mut states = Vec::with_capacity(params.len());
+        let mut percentile = Vec::with_capacity(params.len());
+        let mut chunks = 0usize;
+        for (i, p) in params.iter().enumerate() {
+            let what = format!("CUDA optimizer state: parameter {i}");
+            dev.tensor_address(p.param, &what)?;
+            dtype_code(p.param.dtype())?;
+            if !(1..=100).contains(&p.percentile_clipping) {
+                bail!(
+                    "{what}: percentile_clipping must be in 1..=100, got {}",
+                    p.percentile_clipping
+                )
+            }
+            percentile.push(p.percentile_clipping as i32);
+            chunks += p.param.elem_count().div_ceil(NORM_CHUNK);
+            states.push(upload_state(dev, p.param.elem_count(), p.state, &what)?);
+        }
+        let groups = group_params(dev, params, &states)?;
+        let state_ptrs = states.iter().map(|s| state_addresses(dev, s)).collect();
+        let n = params.len().max(1);
+        // Padded to one entry: CUDA refuses empty allocations.
+        percentile.resize(n, 100);
+        let mut this = Self {
+            params: params.iter().map(|p| p.param.clone()).collect(),
+            states,
+            state_ptrs,
+            groups,
+            partials: dev.alloc_zeros::<f64>(chunks.max(1))?,
+            sq: dev.alloc_zeros::<f64>(n)?,
+            percentile: dev.upload(&percentile)?,
+            percentile_host: percentile[..params.len()].to_vec(),
+            history: dev.alloc_zeros::<f64>(n * CUDA_GRAD_NORM_HISTORY)?,
+            history_count: dev.alloc_zeros::<u64>(n)?,
+            grad_scales: dev.alloc_zeros::<f32>(n)?,
+            flags: dev.alloc_zeros::<i32>(2)?,
+            outcome: dev.alloc_pinned::<i32>(2)?,
+            outcome_ready: dev.new_event()?,
+            pending: None,
+            outcome_seen: false,
+            staging: None,
+            blocking_waits: 0,
+            backend,
+        };
+        let norms: Vec<&VecDeque<f64>> = params.iter().map(|p| p.grad_norms).collect();
+        this.upload_histories(&norms)?;
+        Ok(this)
+    }
+
+    /// As [`CudaOptimizerState::len`](crate::CudaOptimizerState::len).
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+
+    /// As [`CudaOptimizerState::is_empty`](crate::CudaOptimizerState::is_empty).
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+
+    /// The device the state is on.
+    pub(crate) fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// As [`CudaOptimizerState::blocking_waits`](crate::CudaOptimizerState::blocking_waits).
+    pub fn blocking_waits(&self) -> u64 {
+        self.blocking_waits
+    }
+
+    /// As [`CudaOptimizerState::step`](crate::CudaOptimizerState::step).
+    pub fn step<R: CudaRule>(
+        &mut self,
+        grads: &[Option<(&Tensor, R)>],
+        max_grad_norm: Option<f64>,
+    ) -> Result<()> {
+        if grads.len() != self.params.len() {
+            bail!(
+                "CUDA step: {} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            )
+        }
+        // Checks and addresses first: nothing is launched unless every gradient is usable.
+        let mut with_grad: Vec<usize> = Vec::with_capacity(self.params.len());
+        let mut grad_address = vec![0u64; self.params.len()];
+        let mut param_address = vec![0u64; self.params.len()];
+        // The gradients copied to be contiguous, and what keeps every address valid until the
+        // launches are issued.
+        let mut contiguous: Vec<Tensor> = Vec::new();
+        let mut holds: Vec<B::Hold> = Vec::with_capacity(2 * self.params.len());
+        for (i, entry) in grads.iter().enumerate() {
+            let Some((grad, rule)) = entry else { continue };
+            let param = &self.params[i];
+            let what = format!("CUDA step: gradient of parameter {i}");
+            if grad.dims() != param.dims() || grad.dtype() != param.dtype() {
+                bail!(
+                    "{what}: shape {:?} / dtype {:?}, the parameter has {:?} / {:?}",
+                    grad.dims(),
+                    grad.dtype(),
+                    param.dims(),
+                    param.dtype()
+                )
+            }
+            let n_states = self.n_states(i);
+            if rule.signed_states().len() != n_states {
+                bail!(
+                    "{what}: the rule keeps {} states per element, the state has {n_states}",
+                    rule.signed_states().len()
+                )
+            }
+            let (address, hold) = if grad.is_contiguous() {
+                self.backend.tensor_address(grad, &what)?
+            } else {
+                let g = grad.contiguous()?;
+                let a = self.backend.tensor_address(&g, &what)?;
+                contiguous.push(g);
+                a
+            };
+            grad_address[i] = address;
+            holds.push(hold);
+            let (address, hold) = self
+                .backend
+                .tensor_address(param, &format!("CUDA step: parameter {i}"))?;
+            param_address[i] = address;
+            holds.push(hold);
+            with_grad.push(i);
+        }
+        let tables =
+            self.write_and_copy_tables(grads, &with_grad, &grad_address, &param_address)?;
+        self.launch_prepass(with_grad.len(), tables.total_chunks, max_grad_norm)?;
+        // From here the pre-pass has run (history, clipping scales): the outcome is pending even
+        // if a later launch fails.
+        self.pending = Some(with_grad);
+        for (g, table) in tables.groups.iter().enumerate() {
+            self.launch_group::<R>(g, table)?;
+        }
+        // The gradients copied to be contiguous are freed in stream order, after the kernels.
+        drop((contiguous, holds));
+        Ok(())
+    }
+
+    /// As [`CudaOptimizerState::state_bytes`](crate::CudaOptimizerState::state_bytes).
+    pub fn state_bytes(&self) -> usize {
+        self.states
+            .iter()
+            .zip(&self.params)
+            .map(|(s, p)| {
+                let n = p.elem_count();
+                match s {
+                    DeviceState::F32(d) => d.len() * n * 4,
+                    DeviceState::Blockwise {
+                        codes, block_size, ..
+                    } => codes.len() * (n + n.div_ceil(*block_size) * 4),
+                }
+            })
+            .sum()
+    }
+}
+
+impl<B: Backend> Drop for StepState<B> {
+    /// Waits for the device before the pinned buffers are freed: their last copies may still be
+    /// in flight, and cudarc tracks no events for them on a single stream.
+    fn drop(&mut self) {
+        let _ = self.backend.synchronize();
+    }
+}

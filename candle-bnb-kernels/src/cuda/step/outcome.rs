@@ -1,0 +1,58 @@
+//! What the device decided about a step (taken, or skipped for a non-finite gradient), read
+//! back without waiting in a training loop.
+
+use candle_core::Result;
+
+use super::{CudaStepOutcome, StepState};
+use crate::cuda::backend::Backend;
+
+impl<B: Backend> StepState<B> {
+    /// As [`CudaOptimizerState::take_outcome`](crate::CudaOptimizerState::take_outcome).
+    pub fn take_outcome(&mut self) -> Result<Option<(CudaStepOutcome, Vec<usize>)>> {
+        let Some(with_grad) = self.pending.take() else {
+            return Ok(None);
+        };
+        let outcome = self.read_outcome(&with_grad)?;
+        Ok(Some((outcome, with_grad)))
+    }
+
+    /// As [`CudaOptimizerState::pending_params`](crate::CudaOptimizerState::pending_params).
+    pub fn pending_params(&self) -> &[usize] {
+        self.pending.as_deref().unwrap_or(&[])
+    }
+
+    /// As [`CudaOptimizerState::peek_outcome`](crate::CudaOptimizerState::peek_outcome).
+    pub fn peek_outcome(&self) -> Result<Option<CudaStepOutcome>> {
+        match &self.pending {
+            None => Ok(None),
+            Some(with_grad) => {
+                // `&self`: the wait is not remembered in `outcome_seen`, so the next step may
+                // wait for its staging buffer (at once: it is done).
+                self.backend.wait_event(&self.outcome_ready)?;
+                let flags = self.backend.pinned_ref(&self.outcome)?;
+                Ok(Some(Self::decode(flags, with_grad)))
+            }
+        }
+    }
+
+    pub(super) fn read_outcome(&mut self, with_grad: &[usize]) -> Result<CudaStepOutcome> {
+        if !self.backend.is_complete(&self.outcome_ready)? {
+            self.blocking_waits += 1;
+            self.backend.wait_event(&self.outcome_ready)?;
+        }
+        self.outcome_seen = true;
+        let flags = self.backend.pinned_ref(&self.outcome)?;
+        Ok(Self::decode(flags, with_grad))
+    }
+
+    pub(super) fn decode(flags: &[i32], with_grad: &[usize]) -> CudaStepOutcome {
+        if flags[0] == 0 {
+            CudaStepOutcome::Taken
+        } else {
+            let s = usize::try_from(flags[1]).unwrap_or(0);
+            CudaStepOutcome::Skipped {
+                first_bad: with_grad.get(s).copied().unwrap_or(0),
+            }
+        }
+    }
+}

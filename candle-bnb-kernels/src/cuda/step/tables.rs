@@ -1,0 +1,143 @@
+//! A step's device tables (`GradSlot`s, then one `Slot` table per group), written into pinned
+//! host memory and copied to the device in one transfer.
+
+use candle_core::{Result, Tensor};
+
+use super::{dtype_code, StepState, NORM_CHUNK};
+use crate::cuda::backend::Backend;
+use crate::rules::CudaRule;
+use crate::slot_table::{slot_bytes, GradSlot, Slot, TableWriter, GRAD_SLOT_BYTES};
+
+/// Where one group's slot table is in a step's tables, and what it covers this step (only
+/// parameters with a gradient are in it).
+pub(super) struct GroupTable {
+    pub(super) offset: usize,
+    pub(super) n_slots: usize,
+    pub(super) total_blocks: u64,
+}
+
+/// The layout of one step's tables.
+pub(super) struct Tables {
+    /// Pre-pass chunks over every gradient of the step.
+    pub(super) total_chunks: u64,
+    /// One entry per group, in group order.
+    pub(super) groups: Vec<GroupTable>,
+}
+
+/// The pinned host memory a step's tables are written into; two of them alternate, so writing
+/// step `t`'s tables waits at most for the copy of step `t - 2`'s.
+///
+/// cudarc records the pinned buffers' own events only when the context has several streams,
+/// and Candle's device uses one, so each buffer has an event of ours, recorded after its copy.
+pub(super) struct Staging<B: Backend> {
+    pub(super) buffers: [B::Pinned<u8>; 2],
+    pub(super) copied: [B::Event; 2],
+    pub(super) device: B::Buffer<u8>,
+    pub(super) next: usize,
+    pub(super) bytes: usize,
+}
+
+impl<B: Backend> StepState<B> {
+    /// Writes the grad-slot table and every group's slot table into the next pinned staging
+    /// buffer and copies it to the device (stream-ordered, no wait). Returns where each group's
+    /// table is and what it covers, for the launches.
+    pub(super) fn write_and_copy_tables<R: CudaRule>(
+        &mut self,
+        grads: &[Option<(&Tensor, R)>],
+        with_grad: &[usize],
+        grad_address: &[u64],
+        param_address: &[u64],
+    ) -> Result<Tables> {
+        let bytes = GRAD_SLOT_BYTES * self.params.len() + slot_bytes::<R>() * self.params.len();
+        if self.staging.as_ref().is_none_or(|s| s.bytes < bytes) {
+            // First step (or a rule with a larger struct): allocated once.
+            if let Some(old) = &self.staging {
+                // Copies from the old buffers must be done before they are freed.
+                for e in &old.copied {
+                    self.backend.wait_event(e)?;
+                }
+            }
+            let dev = &self.backend;
+            self.staging = Some(Staging {
+                buffers: [
+                    dev.alloc_pinned::<u8>(bytes)?,
+                    dev.alloc_pinned::<u8>(bytes)?,
+                ],
+                copied: [dev.new_event()?, dev.new_event()?],
+                device: dev.alloc_zeros::<u8>(bytes.max(1))?,
+                next: 0,
+                bytes: bytes.max(1),
+            });
+        }
+        let dev = &self.backend;
+        let staging = self.staging.as_mut().expect("allocated above");
+        // This buffer was last copied from by step t - 2. Once step t - 1's outcome has been
+        // seen (the optimizers read it before building step t's rules), that copy is known to be
+        // done and the host need not ask.
+        if !self.outcome_seen {
+            dev.wait_event(&staging.copied[staging.next])?;
+        }
+        let host = dev.pinned_mut(&mut staging.buffers[staging.next])?;
+        let mut w = TableWriter::new(host);
+        let mut first_chunk = 0u64;
+        for &i in with_grad {
+            let param = &self.params[i];
+            let n = param.elem_count() as u64;
+            w.grad_slot(&GradSlot {
+                grad: grad_address[i],
+                n,
+                first_chunk,
+                dtype: dtype_code(param.dtype())?,
+                index: i as u32,
+            });
+            first_chunk += n.div_ceil(NORM_CHUNK as u64);
+        }
+        w.seek(GRAD_SLOT_BYTES * self.params.len());
+        let mut groups = Vec::with_capacity(self.groups.len());
+        for group in &self.groups {
+            let offset = w.position();
+            let mut n_slots = 0;
+            let mut first_block = 0u64;
+            for &i in &group.members {
+                let Some((_, rule)) = &grads[i] else { continue };
+                let n = self.params[i].elem_count() as u64;
+                let (state, absmax) = self.state_ptrs[i];
+                w.slot(&Slot {
+                    param: param_address[i],
+                    grad: grad_address[i],
+                    state,
+                    absmax,
+                    n,
+                    first_block,
+                    scale_index: i as u64,
+                    rule,
+                });
+                n_slots += 1;
+                first_block += n.div_ceil(group.block_size as u64);
+            }
+            groups.push(GroupTable {
+                offset,
+                n_slots,
+                total_blocks: first_block,
+            });
+        }
+        let staging = self.staging.as_mut().expect("allocated above");
+        let (buffers, device) = (&staging.buffers, &mut staging.device);
+        self.outcome_seen = false;
+        dev.copy_from_pinned(&buffers[staging.next], device)?;
+        dev.record(&staging.copied[staging.next])?;
+        staging.next = 1 - staging.next;
+        Ok(Tables {
+            total_chunks: first_chunk,
+            groups,
+        })
+    }
+
+    pub(super) fn table_address(&self, offset: usize) -> u64 {
+        let staging = self
+            .staging
+            .as_ref()
+            .expect("tables written before launches");
+        self.backend.address(&staging.device) + offset as u64
+    }
+}
