@@ -50,7 +50,7 @@ pub use lamb::{
 pub use lion::{Lion, Lion8bit, Lion8bitConfig, LionConfig};
 pub use marks::{keep_32bit_state, keeps_32bit_state};
 pub use optimizer::{Optim, OptimizerConfig};
-pub use overrides::{Overrides, Target};
+pub use overrides::{Overrides, Target, TargetSettings};
 pub use rmsprop::{
     Adagrad, Adagrad8bit, Adagrad8bitConfig, AdagradConfig, RMSprop, RMSprop8bit,
     RMSprop8bitConfig, RMSpropConfig,

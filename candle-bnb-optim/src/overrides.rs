@@ -50,6 +50,59 @@ impl Target {
     }
 }
 
+/// One typed setting for the parameters of a target, made by [`Overrides::for_module`] and its
+/// siblings: each method adds the override and gives the [`Overrides`] back. The settings every
+/// optimizer of the family has are typed here; any other field of a config (e.g. `beta2`) goes
+/// through [`TargetSettings::field`] in its text form. Values are checked when the optimizer is
+/// built, and the errors name the parameter.
+#[derive(Clone, Debug)]
+#[must_use = "a setting takes effect only in the Overrides it returns"]
+pub struct TargetSettings {
+    overrides: Overrides,
+    target: Target,
+}
+
+impl TargetSettings {
+    /// The learning rate (an overridden rate keeps its ratio to the base rate when
+    /// `set_learning_rate` changes the base).
+    pub fn lr(self, lr: f64) -> Overrides {
+        self.field("lr", lr)
+    }
+
+    /// The weight decay (each optimizer applies it as its config documents: decoupled for AdamW,
+    /// added to the gradient for Adam, ...).
+    pub fn weight_decay(self, weight_decay: f64) -> Overrides {
+        self.field("weight_decay", weight_decay)
+    }
+
+    /// State precision: 8 (blockwise-quantized) or 32 bits.
+    pub fn optim_bits(self, bits: u32) -> Overrides {
+        self.field("optim_bits", bits)
+    }
+
+    /// Parameters with fewer elements keep 32-bit state even when `optim_bits` is 8.
+    pub fn min_8bit_size(self, elements: usize) -> Overrides {
+        self.field("min_8bit_size", elements)
+    }
+
+    /// Elements per quantization block of 8-bit state (one of
+    /// [`SUPPORTED_BLOCK_SIZES`](candle_bnb_kernels::SUPPORTED_BLOCK_SIZES)).
+    pub fn block_size(self, elements: usize) -> Overrides {
+        self.field("block_size", elements)
+    }
+
+    /// Percentile clipping, in `1..=100` (100: off).
+    pub fn percentile_clipping(self, percentile: u32) -> Overrides {
+        self.field("percentile_clipping", percentile)
+    }
+
+    /// Any other config field by name, with its value in the config's text form
+    /// ([`OptimizerConfig::set_field`](crate::OptimizerConfig::set_field)).
+    pub fn field(self, name: &str, value: impl ToString) -> Overrides {
+        self.overrides.set(self.target, name, value)
+    }
+}
+
 /// `*` and `?` glob matching, iterative with backtracking to the last `*`.
 fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);
@@ -82,10 +135,11 @@ struct Entry {
 
 /// Config fields set for some parameters, for any optimizer of the family.
 ///
-/// Field names and values are those of the optimizer's config (`set_field` text form: numbers,
-/// `true`/`false`, `none`); they are checked when the optimizer is built, and every override must
-/// match at least one parameter (a typo is an error naming the closest real names, never a silent
-/// no-op).
+/// The settings every optimizer has are typed ([`Overrides::for_module`] and its siblings give a
+/// [`TargetSettings`]); other fields go by name and text form ([`Overrides::set`] and its
+/// siblings, or [`TargetSettings::field`]: numbers, `true`/`false`, `none`). Everything is
+/// checked when the optimizer is built, and every override must match at least one parameter (a
+/// typo is an error naming the closest real names, never a silent no-op).
 ///
 /// Precedence, when several overrides set the same field of one parameter: a [`Target::Var`]
 /// wins over a [`Target::Name`], which wins over a [`Target::Module`] (the longest prefix winning
@@ -97,10 +151,14 @@ struct Entry {
 /// use candle_bnb_optim::Overrides;
 ///
 /// let overrides = Overrides::new()
-///     .module("model.embed_tokens", "optim_bits", 32)
-///     .name("lm_head.weight", "lr", 1e-4)
+///     .for_module("model.embed_tokens")
+///     .optim_bits(32)
+///     .for_name("lm_head.weight")
+///     .lr(1e-4)
+///     .for_pattern("*.q_proj.*")
+///     .field("beta2", 0.99)
 ///     .no_weight_decay_for_biases_and_norms();
-/// assert_eq!(overrides.len(), 4);
+/// assert_eq!(overrides.len(), 5);
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
@@ -146,8 +204,39 @@ impl Overrides {
     /// The usual parameter group: no weight decay for biases (`*.bias`) and normalisation
     /// weights (`*norm*`), as patterns (so a name or module override still wins).
     pub fn no_weight_decay_for_biases_and_norms(self) -> Self {
-        self.pattern("*.bias", "weight_decay", 0.0)
-            .pattern("*norm*", "weight_decay", 0.0)
+        self.for_pattern("*.bias")
+            .weight_decay(0.0)
+            .for_pattern("*norm*")
+            .weight_decay(0.0)
+    }
+
+    /// Typed settings for one variable: `overrides.for_var(&v).lr(1e-4)`.
+    pub fn for_var(self, var: &Var) -> TargetSettings {
+        self.for_target(Target::Var(var.clone()))
+    }
+
+    /// Typed settings for the parameter with exactly this name.
+    pub fn for_name(self, name: &str) -> TargetSettings {
+        self.for_target(Target::Name(name.to_string()))
+    }
+
+    /// Typed settings for every parameter of the module `prefix`:
+    /// `Overrides::new().for_module("lm_head").lr(1e-4)`.
+    pub fn for_module(self, prefix: &str) -> TargetSettings {
+        self.for_target(Target::Module(prefix.to_string()))
+    }
+
+    /// Typed settings for every parameter whose name matches the glob `pattern`.
+    pub fn for_pattern(self, pattern: &str) -> TargetSettings {
+        self.for_target(Target::Pattern(pattern.to_string()))
+    }
+
+    /// Typed settings for the parameters of `target`.
+    pub fn for_target(self, target: Target) -> TargetSettings {
+        TargetSettings {
+            overrides: self,
+            target,
+        }
     }
 
     /// Number of overrides.

@@ -246,3 +246,71 @@ fn checkpoints_refuse_other_overrides() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The typed settings are the text ones under another spelling: the same resolved configs, and
+/// the same refusals, naming the parameter.
+#[test]
+fn typed_overrides_resolve_as_the_text_ones() {
+    let mut rng = rng("typed_overrides_resolve_as_the_text_ones");
+    let vm = varmap(&mut rng);
+    let w = var(&vm, "model.layers.0.attn.q_proj.weight");
+    let typed = Overrides::new()
+        .for_module("model.embed_tokens")
+        .optim_bits(32)
+        .for_name("model.layers.0.attn.q_proj.weight")
+        .lr(3e-4)
+        .for_var(&w)
+        .percentile_clipping(95)
+        .for_pattern("*.bias")
+        .weight_decay(0.0)
+        .for_pattern("*layers.1*")
+        .block_size(64)
+        .for_module("model")
+        .min_8bit_size(100)
+        .for_name("model.layers.0.attn.q_proj.bias")
+        .field("beta2", 0.99);
+    let text = Overrides::new()
+        .module("model.embed_tokens", "optim_bits", 32)
+        .name("model.layers.0.attn.q_proj.weight", "lr", 3e-4)
+        .var(&w, "percentile_clipping", 95)
+        .pattern("*.bias", "weight_decay", 0.0)
+        .pattern("*layers.1*", "block_size", 64)
+        .module("model", "min_8bit_size", 100)
+        .name("model.layers.0.attn.q_proj.bias", "beta2", 0.99);
+    assert_eq!(typed.len(), text.len());
+    let base = AdamW8bitConfig {
+        weight_decay: 0.05,
+        ..Default::default()
+    };
+    let a = AdamW8bit::from_varmap_with_overrides(&vm, base.clone(), &typed).unwrap();
+    let b = AdamW8bit::from_varmap_with_overrides(&vm, base.clone(), &text).unwrap();
+    assert_eq!(a.param_configs(), b.param_configs());
+    // Each typed setting took effect where it was aimed (and only there).
+    let configs: Vec<_> = a.param_names().into_iter().zip(a.param_configs()).collect();
+    for (name, c) in &configs {
+        let q0 = *name == "model.layers.0.attn.q_proj.weight";
+        assert_eq!(
+            c.optim_bits == 32,
+            name.starts_with("model.embed_tokens"),
+            "{name}"
+        );
+        assert_eq!(c.block_size == 64, name.contains("layers.1"), "{name}");
+        assert_eq!(c.weight_decay == 0.0, name.ends_with(".bias"), "{name}");
+        assert_eq!(c.beta2 == 0.99, name.ends_with(".bias"), "{name}");
+        assert_eq!(c.lr == 3e-4, q0, "{name}");
+        assert_eq!(c.percentile_clipping == 95, q0, "{name}");
+        assert_eq!(c.min_8bit_size == 100, name.starts_with("model."), "{name}");
+    }
+    // An invalid typed value is refused when the optimizer is built, naming the parameter.
+    let bad = Overrides::new()
+        .for_name("model.layers.0.attn.q_proj.weight")
+        .optim_bits(16);
+    let err = AdamW8bit::from_varmap_with_overrides(&vm, base, &bad)
+        .err()
+        .expect("optim_bits 16 must be refused")
+        .to_string();
+    assert!(
+        err.contains("optim_bits") && err.contains("model.layers.0.attn.q_proj.weight"),
+        "{err}"
+    );
+}
