@@ -1,8 +1,8 @@
 // The optimizers' gradient pre-pass on the GPU. Mirrors src/cpu/norms.rs `sum_squares` (the same
 // f32 lanes, the same order, so each gradient's squared norm is bit-identical to the CPU's) and
-// the pre-pass of candle-bnb-optim's engine.rs `Slots::step` (skip on a non-finite gradient,
-// global norm clipping, percentile clipping), so a whole step runs without the host reading
-// anything back: the fused kernels (fused.cu) read `skip` and `grad_scales`.
+// the pre-pass of candle-bnb-optim's engine.rs `TrackedParams::step` (skip on a non-finite
+// gradient, global norm clipping, percentile clipping), so a whole step runs without the host
+// reading anything back: the fused kernels (fused.cu) read `skip` and `grad_scales`.
 //
 // The sums are the CPU's f32 lane sums, not f64 ones from the first element on (more accurate,
 // but a clipped gradient, and with it every parameter, would then differ from the CPU's by an ulp
@@ -173,7 +173,8 @@ __device__ double percentile_scale(double* ring, unsigned long long* count, doub
 
 }  // namespace bnb
 
-// From the chunk sums of every gradient of the step (bnb_sum_squares), as engine.rs `Slots::step`:
+// From the chunk sums of every gradient of the step (bnb_sum_squares), as engine.rs
+// `TrackedParams::step`:
 //  - sq[s] = the chunk sums of slot s added in chunk order (f64, the CPU's `sums.iter().sum()`);
 //  - any sq[s] not finite: *skip = 1, *first_bad = the smallest such s; nothing else changes (no
 //    history), as the CPU returns before touching anything. The host reads both back (without

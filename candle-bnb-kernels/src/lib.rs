@@ -42,9 +42,12 @@ pub use blockwise::{
     SUPPORTED_BLOCK_SIZES,
 };
 pub use cpu::{Isa, CPU_ISA_ENV};
+// Without `cuda` these exist for the emulated device only (tests): hidden from the docs.
 #[cfg(any(feature = "cuda", feature = "emulator"))]
+#[cfg_attr(not(feature = "cuda"), doc(hidden))]
 pub use cuda::optimizer_state::CudaOptimizerState;
 #[cfg(any(feature = "cuda", feature = "emulator"))]
+#[cfg_attr(not(feature = "cuda"), doc(hidden))]
 pub use cuda::step::{CudaParam, CudaStepOutcome, CUDA_GRAD_NORM_HISTORY};
 
 /// The emulated CUDA device (the `emulator` feature): the CUDA kernels compiled for the CPU and

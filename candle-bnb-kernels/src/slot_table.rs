@@ -1,6 +1,7 @@
 //! The byte layout of the device tables the CUDA step kernels read (`kernels/norms.cu`
 //! `GradSlot`, `kernels/fused.cu` `Slot<Rule>`). Plain host code, compiled and tested without
-//! CUDA, so the offsets are checked on every machine; `cuda/step.rs` fills the tables with it.
+//! CUDA, so the offsets are checked on every machine; `cuda/step/tables.rs` fills the tables
+//! with it.
 #![cfg_attr(not(any(feature = "cuda", feature = "emulator")), allow(dead_code))]
 
 use crate::rules::CudaRule;

@@ -55,8 +55,8 @@ pub const MAX_STEPS: u64 = 1 << 53;
 
 /// A checkpoint read and checked against an optimizer's parameters.
 pub(crate) struct Loaded {
-    /// What the parameters' slots get back.
-    pub(crate) slots: TrackedState,
+    /// What the tracked parameters get back.
+    pub(crate) state: TrackedState,
     pub(crate) config: Vec<(String, String)>,
     /// Metadata the optimizer itself wrote (`save`'s `extra`).
     pub(crate) extra: HashMap<String, String>,
@@ -164,22 +164,22 @@ fn shape_text(dims: &[usize]) -> String {
         .join(",")
 }
 
-/// Writes the checkpoint of `slots` to `path` atomically.
+/// Writes the checkpoint of `tracked` to `path` atomically.
 pub(crate) fn save(
     path: &Path,
     kind: &str,
     config: &[(&'static str, String)],
     settings: &[Vec<(String, String)>],
     extra: &[(String, String)],
-    slots: &TrackedParams,
+    tracked: &TrackedParams,
 ) -> Result<()> {
-    let synced = slots.synced()?;
+    let synced = tracked.synced()?;
     let mut meta: HashMap<String, String> = HashMap::new();
     meta.insert("format".into(), FORMAT.into());
     meta.insert("version".into(), VERSION.to_string());
     meta.insert("kind".into(), kind.into());
-    meta.insert("steps".into(), slots.step_count().to_string());
-    meta.insert("skipped".into(), slots.skipped_count().to_string());
+    meta.insert("steps".into(), tracked.step_count().to_string());
+    meta.insert("skipped".into(), tracked.skipped_count().to_string());
     meta.insert("params".into(), synced.len().to_string());
     for (field, value) in config {
         meta.insert(format!("config.{field}"), value.clone());
@@ -426,13 +426,13 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Reads the checkpoint at `path` and checks it against `slots` without changing them.
+/// Reads the checkpoint at `path` and checks it against `tracked` without changing them.
 /// `signed[i]` tells, per state of parameter `i`, whether it may hold negative values
 /// ([`candle_bnb_kernels::UpdateRule::signed_states`]).
 pub(crate) fn load(
     path: &Path,
     kind: &str,
-    slots: &TrackedParams,
+    tracked: &TrackedParams,
     settings: &[Vec<(String, String)>],
     signed: &[&[bool]],
 ) -> Result<Loaded> {
@@ -488,10 +488,10 @@ pub(crate) fn load(
         return r.fail(format!("kind {file_kind:?}, this optimizer is {kind:?}"));
     }
     let count: usize = r.meta_num("params")?;
-    if count != slots.slots.len() {
+    if count != tracked.params.len() {
         return r.fail(format!(
             "{count} parameters, this optimizer has {}",
-            slots.slots.len()
+            tracked.params.len()
         ));
     }
     let steps = r.meta_steps("steps")?;
@@ -499,7 +499,7 @@ pub(crate) fn load(
     let mut states = Vec::with_capacity(count);
     let mut grad_norms = Vec::with_capacity(count);
     let mut param_steps = Vec::with_capacity(count);
-    for (i, slot) in slots.slots.iter().enumerate() {
+    for (i, slot) in tracked.params.iter().enumerate() {
         let key = |field: &str| param_key(i, field);
         let name = r.meta(&key("name"))?;
         if name != slot.name {
@@ -611,7 +611,7 @@ pub(crate) fn load(
         .filter_map(|(k, v)| Some((k.strip_prefix("optimizer.")?.to_string(), v.clone())))
         .collect();
     Ok(Loaded {
-        slots: TrackedState {
+        state: TrackedState {
             states,
             grad_norms,
             param_steps,

@@ -115,12 +115,47 @@ macro_rules! define_optimizer {
             pub fn validate(&self) -> candle_core::Result<()> {
                 let $vc = self;
                 $validate
-                $crate::OptimizerConfig::layout(self).validate()?;
-                $crate::OptimizerConfig::grad_handling(self).validate()
+                $crate::optimizer::sealed::Sealed::layout(self).validate()?;
+                $crate::optimizer::sealed::Sealed::grad_handling(self).validate()
             }
         }
 
-        impl $crate::optimizer::sealed::Sealed for $config {}
+        impl $crate::optimizer::sealed::Sealed for $config {
+            fn layout(&self) -> $crate::engine::StateLayout {
+                $crate::engine::StateLayout {
+                    optim_bits: self.optim_bits,
+                    min_8bit_size: self.min_8bit_size,
+                    block_size: self.block_size,
+                }
+            }
+
+            fn grad_handling(&self) -> $crate::engine::GradHandling {
+                $crate::engine::GradHandling {
+                    non_finite: self.non_finite,
+                    max_grad_norm: self.max_grad_norm,
+                    percentile_clipping: self.percentile_clipping,
+                }
+            }
+
+            fn rule(&self, step: u64) -> impl candle_bnb_kernels::CudaRule {
+                let ($rc, $t) = (self, step);
+                $rule
+            }
+
+            fn step(
+                tracked: &mut $crate::engine::TrackedParams,
+                grads: &candle_core::backprop::GradStore,
+                base: &Self,
+                params: &[Self],
+            ) -> candle_core::Result<()> {
+                tracked.step(
+                    grads,
+                    base.grad_handling(),
+                    |i| params[i].percentile_clipping,
+                    |i, t| params[i].rule(t),
+                )
+            }
+        }
 
         impl $crate::OptimizerConfig for $config {
             const KIND: &'static str = $kind;
@@ -144,27 +179,6 @@ macro_rules! define_optimizer {
 
             fn validate(&self) -> candle_core::Result<()> {
                 <$config>::validate(self)
-            }
-
-            fn layout(&self) -> $crate::engine::StateLayout {
-                $crate::engine::StateLayout {
-                    optim_bits: self.optim_bits,
-                    min_8bit_size: self.min_8bit_size,
-                    block_size: self.block_size,
-                }
-            }
-
-            fn grad_handling(&self) -> $crate::engine::GradHandling {
-                $crate::engine::GradHandling {
-                    non_finite: self.non_finite,
-                    max_grad_norm: self.max_grad_norm,
-                    percentile_clipping: self.percentile_clipping,
-                }
-            }
-
-            fn rule(&self, step: u64) -> impl candle_bnb_kernels::CudaRule {
-                let ($rc, $t) = (self, step);
-                $rule
             }
         }
 

@@ -1,4 +1,4 @@
-//! What every optimizer of the family shares: per-parameter state slots, the step counter, the
+//! What every optimizer of the family shares: per-parameter state params, the step counter, the
 //! gradient pre-pass (norms, clipping, non-finite policy).
 
 use std::borrow::Cow;
@@ -106,8 +106,8 @@ pub(crate) struct TrackedState {
 /// (taken, or skipped for a non-finite gradient) asynchronously: `steps`, `skipped` and each
 /// `TrackedParam::steps` count the steps whose outcome is known, the pending one is added by the
 /// accessors.
-pub(crate) struct TrackedParams {
-    pub(crate) slots: Vec<TrackedParam>,
+pub struct TrackedParams {
+    pub(crate) params: Vec<TrackedParam>,
     pub(crate) steps: u64,
     pub(crate) skipped: u64,
     #[cfg(any(feature = "cuda", feature = "emulator"))]
@@ -137,7 +137,7 @@ impl TrackedParams {
                 )
             }
         }
-        let slots = vars
+        let params = vars
             .into_iter()
             .enumerate()
             .map(|(i, (name, var))| {
@@ -154,17 +154,17 @@ impl TrackedParams {
             .collect::<Result<Vec<_>>>()?;
         #[allow(unused_mut)]
         let mut this = Self {
-            slots,
+            params,
             steps: 0,
             skipped: 0,
             #[cfg(any(feature = "cuda", feature = "emulator"))]
             device: None,
         };
-        match this.slots.first().map(|s| s.var.device().clone()) {
+        match this.params.first().map(|s| s.var.device().clone()) {
             None | Some(candle_core::Device::Cpu) => {}
             #[cfg(feature = "cuda")]
             Some(candle_core::Device::Cuda(dev)) => {
-                let percentile: Vec<u32> = (0..this.slots.len()).map(|i| setup(i).2).collect();
+                let percentile: Vec<u32> = (0..this.params.len()).map(|i| setup(i).2).collect();
                 this.move_to_device(&dev, &percentile)?;
             }
             Some(other) => bail!(
@@ -193,7 +193,7 @@ impl TrackedParams {
     /// emulator. For tests; not a public promise.
     ///
     /// # Errors
-    /// The parameters are not on the CPU; a step is pending on a device already.
+    /// The parameters are not on the CPU; the state is on a device already.
     #[cfg(feature = "emulator")]
     pub(crate) fn emulate_cuda(
         &mut self,
@@ -213,7 +213,7 @@ impl TrackedParams {
     /// What the device state is built from: every parameter with its host state.
     #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn device_params(&self, percentile: &[u32]) -> Vec<candle_bnb_kernels::CudaParam<'_>> {
-        self.slots
+        self.params
             .iter()
             .zip(percentile)
             .map(|(s, &p)| candle_bnb_kernels::CudaParam {
@@ -229,11 +229,11 @@ impl TrackedParams {
     #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn adopt_device(&mut self, device: candle_bnb_kernels::CudaOptimizerState) -> Result<()> {
         let placeholders = self
-            .slots
+            .params
             .iter()
             .map(|s| placeholder(&s.state))
             .collect::<Result<Vec<_>>>()?;
-        for (slot, state) in self.slots.iter_mut().zip(placeholders) {
+        for (slot, state) in self.params.iter_mut().zip(placeholders) {
             slot.state = state;
             slot.grad_norms.clear();
         }
@@ -242,7 +242,7 @@ impl TrackedParams {
     }
 
     /// Replaces every state, history and counter by a checkpoint's (already checked against
-    /// these slots).
+    /// these params).
     ///
     /// # Errors
     /// CUDA errors while uploading (the host side is then left unchanged).
@@ -258,14 +258,14 @@ impl TrackedParams {
             self.settle_cuda_outcome(true)?;
             let device = self.device.as_mut().expect("checked");
             device.upload(&states, &norms)?;
-            for (slot, steps) in self.slots.iter_mut().zip(loaded.param_steps) {
+            for (slot, steps) in self.params.iter_mut().zip(loaded.param_steps) {
                 slot.steps = steps;
             }
             self.steps = loaded.steps;
             self.skipped = loaded.skipped;
             return Ok(());
         }
-        for (slot, (state, (steps, norms))) in self.slots.iter_mut().zip(
+        for (slot, (state, (steps, norms))) in self.params.iter_mut().zip(
             loaded
                 .states
                 .into_iter()
@@ -310,7 +310,7 @@ impl TrackedParams {
         None
     }
 
-    /// These slots with every state on the host: themselves on the CPU, a copy downloaded from
+    /// These params with every state on the host: themselves on the CPU, a copy downloaded from
     /// the device (pending step included) on CUDA.
     ///
     /// # Errors
@@ -324,7 +324,7 @@ impl TrackedParams {
             };
             let host = device.download()?;
             return Ok(Cow::Owned(
-                self.slots
+                self.params
                     .iter()
                     .zip(host)
                     .enumerate()
@@ -338,7 +338,7 @@ impl TrackedParams {
                     .collect(),
             ));
         }
-        Ok(Cow::Borrowed(&self.slots))
+        Ok(Cow::Borrowed(&self.params))
     }
 
     /// One step. First the pre-pass: every gradient is checked (shape, dtype, device) and its
@@ -366,8 +366,8 @@ impl TrackedParams {
         if self.device.is_some() {
             return self.step_cuda(grads, handling, percentile, make_rule);
         }
-        let mut norms: Vec<Option<f64>> = Vec::with_capacity(self.slots.len());
-        for (i, slot) in self.slots.iter().enumerate() {
+        let mut norms: Vec<Option<f64>> = Vec::with_capacity(self.params.len());
+        for (i, slot) in self.params.iter().enumerate() {
             let Some(grad) = grads.get(&slot.var) else {
                 norms.push(None);
                 continue;
@@ -404,7 +404,7 @@ impl TrackedParams {
             None => 1.0,
         };
         self.steps += 1;
-        for (i, (slot, sq)) in self.slots.iter_mut().zip(norms).enumerate() {
+        for (i, (slot, sq)) in self.params.iter_mut().zip(norms).enumerate() {
             let (Some(sq), Some(grad)) = (sq, grads.get(&slot.var)) else {
                 continue;
             };
@@ -434,11 +434,11 @@ impl TrackedParams {
     ) -> Result<()> {
         use candle_bnb_kernels::CudaStepOutcome;
         self.settle_cuda_outcome(true)?;
-        let percentiles: Vec<u32> = (0..self.slots.len()).map(&percentile).collect();
+        let percentiles: Vec<u32> = (0..self.params.len()).map(&percentile).collect();
         let device = self.device.as_mut().expect("checked by the caller");
         device.set_percentiles(&percentiles)?;
         let inputs: Vec<Option<(&candle_core::Tensor, R)>> = self
-            .slots
+            .params
             .iter()
             .enumerate()
             .map(|(i, slot)| {
@@ -455,7 +455,7 @@ impl TrackedParams {
             // NonFinitePolicy::Error: this step's outcome decides what `step` returns. A refused
             // step is not a skipped one.
             if let Some(CudaStepOutcome::Skipped { first_bad }) = self.settle_cuda_outcome(false)? {
-                let slot = &self.slots[first_bad];
+                let slot = &self.params[first_bad];
                 bail!(
                     "the gradient of parameter {first_bad} {:?} (shape {:?}) is not finite",
                     slot.name,
@@ -485,7 +485,7 @@ impl TrackedParams {
             CudaStepOutcome::Taken => {
                 self.steps += 1;
                 for i in with_grad {
-                    self.slots[i].steps += 1;
+                    self.params[i].steps += 1;
                 }
             }
             CudaStepOutcome::Skipped { .. } => self.skipped += count_skipped as u64,
@@ -494,7 +494,7 @@ impl TrackedParams {
     }
 
     pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
-        self.slots.iter().map(|s| s.name.as_str())
+        self.params.iter().map(|s| s.name.as_str())
     }
 
     pub(crate) fn state_bytes(&self) -> usize {
@@ -502,7 +502,7 @@ impl TrackedParams {
         if let Some(device) = &self.device {
             return device.state_bytes();
         }
-        self.slots.iter().map(|s| s.state.bytes()).sum()
+        self.params.iter().map(|s| s.state.bytes()).sum()
     }
 
     /// Each parameter with its state (downloaded from the device on CUDA).
@@ -512,14 +512,14 @@ impl TrackedParams {
     pub(crate) fn states(&self) -> Result<Vec<(&Var, Cow<'_, ParamState>)>> {
         let synced = self.synced()?;
         Ok(match synced {
-            Cow::Borrowed(slots) => slots
+            Cow::Borrowed(params) => params
                 .iter()
                 .map(|s| (&s.var, Cow::Borrowed(&s.state)))
                 .collect(),
-            Cow::Owned(slots) => self
-                .slots
+            Cow::Owned(params) => self
+                .params
                 .iter()
-                .zip(slots)
+                .zip(params)
                 .map(|(s, copy)| (&s.var, Cow::Owned(copy.state)))
                 .collect(),
         })

@@ -2,8 +2,6 @@
 //! its hyper-parameters and the shared state and gradient settings). Every named optimizer
 //! (`AdamW8bit`, `Lion`, ...) is `Optim<ItsConfig>`.
 
-use crate::engine::{GradHandling, StateLayout};
-
 /// What [`Optim`] needs of a config. Implemented by every config of this crate (sealed); the
 /// text form of the fields is what checkpoints and [`Overrides`](crate::Overrides) use.
 pub trait OptimizerConfig:
@@ -30,20 +28,33 @@ pub trait OptimizerConfig:
     /// # Errors
     /// The first field out of range.
     fn validate(&self) -> candle_core::Result<()>;
-    /// Where and in what precision the state lives.
-    #[doc(hidden)]
-    fn layout(&self) -> StateLayout;
-    /// Clipping and the non-finite policy.
-    #[doc(hidden)]
-    fn grad_handling(&self) -> GradHandling;
-    /// The update rule of a parameter's `step`-th step (1-based).
-    #[doc(hidden)]
-    fn rule(&self, step: u64) -> impl candle_bnb_kernels::CudaRule;
 }
 
-/// Keeps [`OptimizerConfig`] to this crate's configs.
+/// Keeps [`OptimizerConfig`] to this crate's configs, and holds what only the optimizer calls.
 pub(crate) mod sealed {
-    pub trait Sealed {}
+    use crate::engine::{GradHandling, StateLayout};
+
+    pub trait Sealed {
+        /// Where and in what precision the state lives.
+        fn layout(&self) -> StateLayout;
+        /// Clipping and the non-finite policy.
+        fn grad_handling(&self) -> GradHandling;
+        /// The update rule of a parameter's `step`-th step (1-based).
+        fn rule(&self, step: u64) -> impl candle_bnb_kernels::CudaRule;
+        /// One step of `tracked` with `base`'s gradient handling and each parameter's config
+        /// in `params`. Implemented per config, not generically here, so that the step (the
+        /// CPU kernels and the CUDA launches, generic over the rule) is compiled once, in this
+        /// crate with its optimisation level, instead of again in every crate that steps an
+        /// optimizer.
+        fn step(
+            tracked: &mut crate::engine::TrackedParams,
+            grads: &candle_core::backprop::GradStore,
+            base: &Self,
+            params: &[Self],
+        ) -> candle_core::Result<()>
+        where
+            Self: Sized;
+    }
 }
 
 /// An optimizer with 8-bit (blockwise-quantized) or 32-bit state, generic over its config `C`;
@@ -51,7 +62,7 @@ pub(crate) mod sealed {
 /// Per-parameter settings: [`Optim::new_with_overrides`]. Checkpoints: [`Optim::save`], with
 /// kind [`Optim::KIND`].
 pub struct Optim<C: OptimizerConfig> {
-    slots: crate::engine::TrackedParams,
+    tracked: crate::engine::TrackedParams,
     /// The base config (what `learning_rate` reports and `set_learning_rate` sets).
     config: C,
     /// The base learning rate at construction: overridden learning rates keep their
@@ -78,13 +89,7 @@ impl<C: OptimizerConfig> candle_nn::Optimizer for Optim<C> {
     }
 
     fn step(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
-        let params = &self.params;
-        self.slots.step(
-            grads,
-            self.config.grad_handling(),
-            |i| params[i].grad_handling().percentile_clipping,
-            |i, t| params[i].rule(t),
-        )
+        C::step(&mut self.tracked, grads, &self.config, &self.params)
     }
 
     fn learning_rate(&self) -> f64 {
@@ -148,7 +153,7 @@ impl<C: OptimizerConfig> Optim<C> {
         }
         let names = vars.iter().map(|(name, _)| name.as_str());
         let params = Self::derive(&config, config.lr(), &settings, names)?;
-        let slots = crate::engine::TrackedParams::new(vars, |i| {
+        let tracked = crate::engine::TrackedParams::new(vars, |i| {
             (
                 params[i].layout(),
                 params[i].rule(1),
@@ -156,7 +161,7 @@ impl<C: OptimizerConfig> Optim<C> {
             )
         })?;
         Ok(Self {
-            slots,
+            tracked,
             initial_lr: config.lr(),
             config,
             settings,
@@ -224,7 +229,12 @@ impl<C: OptimizerConfig> Optim<C> {
         let mut config = self.config.clone();
         config.set_lr(lr);
         config.validate()?;
-        self.params = Self::derive(&config, self.initial_lr, &self.settings, self.slots.names())?;
+        self.params = Self::derive(
+            &config,
+            self.initial_lr,
+            &self.settings,
+            self.tracked.names(),
+        )?;
         self.config = config;
         Ok(())
     }
@@ -242,17 +252,17 @@ impl<C: OptimizerConfig> Optim<C> {
 
     /// Steps taken (skipped steps not included).
     pub fn step_count(&self) -> u64 {
-        self.slots.step_count()
+        self.tracked.step_count()
     }
 
     /// Steps skipped because a gradient was not finite ([`NonFinitePolicy::Skip`](crate::NonFinitePolicy::Skip)).
     pub fn skipped_steps(&self) -> u64 {
-        self.slots.skipped_count()
+        self.tracked.skipped_count()
     }
 
     /// Bytes held by the optimizer state (codes, scales and f32 state).
     pub fn state_bytes(&self) -> usize {
-        self.slots.state_bytes()
+        self.tracked.state_bytes()
     }
 
     /// Moves the state to the emulated CUDA device `emu`: the parameters stay CPU
@@ -272,12 +282,12 @@ impl<C: OptimizerConfig> Optim<C> {
             .iter()
             .map(|p| p.grad_handling().percentile_clipping)
             .collect();
-        self.slots.emulate_cuda(emu, &percentile)
+        self.tracked.emulate_cuda(emu, &percentile)
     }
 
     /// The parameter names, in order (positions when built with `new`).
     pub fn param_names(&self) -> Vec<&str> {
-        self.slots.names().collect()
+        self.tracked.names().collect()
     }
 
     /// Each parameter with its state (states in the order of the rule's), in the order of
@@ -294,7 +304,7 @@ impl<C: OptimizerConfig> Optim<C> {
             std::borrow::Cow<'_, candle_bnb_kernels::ParamState>,
         )>,
     > {
-        self.slots.states()
+        self.tracked.states()
     }
 
     /// Writes the whole optimizer state to `path` as safetensors, atomically (a
@@ -310,7 +320,7 @@ impl<C: OptimizerConfig> Optim<C> {
             &self.config.fields(),
             &self.settings,
             &extra,
-            &self.slots,
+            &self.tracked,
         )
     }
 
@@ -329,7 +339,8 @@ impl<C: OptimizerConfig> Optim<C> {
             .iter()
             .map(candle_bnb_kernels::UpdateRule::signed_states)
             .collect();
-        let loaded = crate::checkpoint::load(path, C::KIND, &self.slots, &self.settings, &signed)?;
+        let loaded =
+            crate::checkpoint::load(path, C::KIND, &self.tracked, &self.settings, &signed)?;
         let mut config = self.config.clone();
         for (name, value) in &loaded.config {
             config
@@ -366,7 +377,7 @@ impl<C: OptimizerConfig> Optim<C> {
                 loaded.extra.get("initial_lr").filter(|_| other.is_some())
             ),
         };
-        let params = Self::derive(&config, initial_lr, &self.settings, self.slots.names())
+        let params = Self::derive(&config, initial_lr, &self.settings, self.tracked.names())
             .map_err(|e| e.context(format!("checkpoint {}", path.display())))?;
         // The states were checked against this optimizer's rules (their count, which
         // may be negative, their maps): the loaded config must make the same rules.
@@ -380,11 +391,11 @@ impl<C: OptimizerConfig> Optim<C> {
                 candle_core::bail!(
                     "checkpoint {}: its config gives parameter {:?} states {theirs:?} (signed or not), its saved state is {ours:?}",
                     path.display(),
-                    self.slots.names().nth(i).unwrap_or_default()
+                    self.tracked.names().nth(i).unwrap_or_default()
                 )
             }
         }
-        self.slots.restore(loaded.slots)?;
+        self.tracked.restore(loaded.state)?;
         self.config = config;
         self.initial_lr = initial_lr;
         self.params = params;

@@ -1,6 +1,7 @@
 //! The device operations the CUDA host code uses, as one small interface with two
-//! implementations: [`super::driver::CudaDriver`] (cudarc, a real GPU) and
-//! [`super::emulator::Emulator`] (host memory and the kernels compiled for the CPU). Everything
+//! implementations: `driver::CudaDriver` (cudarc, a real GPU; the `cuda` feature) and
+//! `emulator::Emulator` (host memory and the kernels compiled for the CPU; the `emulator`
+//! feature). Everything
 //! above it (slot tables, grouping, the pre-pass, the outcome protocol, uploads and downloads) is
 //! the same code for both, so the emulator executes exactly what a GPU would be given.
 //!
@@ -34,9 +35,13 @@ pub enum KernelArg {
     F64(f64),
 }
 
-/// The element types device buffers hold: plain numbers, for which every bit pattern is a value.
+/// The element types device buffers hold.
+///
+/// # Safety
+/// Plain numbers: `Copy`, no padding, no pointers, and every bit pattern is a value (device memory
+/// is filled with arbitrary bytes and read back as `Self`).
 #[cfg(feature = "cuda")]
-pub trait Element:
+pub unsafe trait Element:
     Copy
     + Default
     + Send
@@ -46,18 +51,30 @@ pub trait Element:
     + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits
 {
 }
-/// The element types device buffers hold: plain numbers, for which every bit pattern is a value.
+/// The element types device buffers hold.
+///
+/// # Safety
+/// Plain numbers: `Copy`, no padding, no pointers, and every bit pattern is a value (device memory
+/// is filled with arbitrary bytes and read back as `Self`).
 #[cfg(not(feature = "cuda"))]
-pub trait Element: Copy + Default + Send + Sync + 'static {}
+pub unsafe trait Element: Copy + Default + Send + Sync + 'static {}
 
-impl Element for u8 {}
-impl Element for i32 {}
-impl Element for u32 {}
-impl Element for u64 {}
-impl Element for f32 {}
-impl Element for f64 {}
-impl Element for f16 {}
-impl Element for bf16 {}
+// SAFETY: plain numbers; every bit pattern is a value.
+unsafe impl Element for u8 {}
+// SAFETY: as above.
+unsafe impl Element for i32 {}
+// SAFETY: as above.
+unsafe impl Element for u32 {}
+// SAFETY: as above.
+unsafe impl Element for u64 {}
+// SAFETY: as above (NaN payloads included).
+unsafe impl Element for f32 {}
+// SAFETY: as above.
+unsafe impl Element for f64 {}
+// SAFETY: as above.
+unsafe impl Element for f16 {}
+// SAFETY: as above.
+unsafe impl Element for bf16 {}
 
 /// A device the CUDA host code runs on.
 pub(crate) trait Backend {
@@ -127,8 +144,9 @@ pub(crate) trait Backend {
     /// ([`super::THREADS`]) and no dynamic shared memory.
     ///
     /// # Safety
-    /// `args` match the kernel's C signature, and every address in them (or in tables they
-    /// point to) covers what the kernel touches.
+    /// `args` match the kernel's C signature, every address in them (or in tables they point to)
+    /// covers what the kernel touches, and nothing else reads or writes that memory until the
+    /// launch is done (stream order on a GPU; the call's return on the emulated device).
     unsafe fn launch(
         &self,
         module: Module,

@@ -120,7 +120,7 @@ pub enum DeviceOp {
         bytes: usize,
     },
     /// A copy from pageable host memory into device memory.
-    CopyToDevice {
+    Upload {
         /// Bytes.
         bytes: usize,
     },
@@ -254,7 +254,12 @@ impl Emulator {
         if len == 0 {
             bail!("emulated CUDA: an allocation of 0 elements (cuMemAlloc refuses 0 bytes)")
         }
-        let bytes = len * std::mem::size_of::<T>();
+        let Some(bytes) = len.checked_mul(std::mem::size_of::<T>()) else {
+            bail!(
+                "emulated CUDA: {len} elements of {} overflow usize",
+                std::any::type_name::<T>()
+            )
+        };
         let layout = std::alloc::Layout::from_size_align(bytes, ALIGN)
             .map_err(|e| candle_core::Error::Msg(format!("emulated CUDA: {bytes} bytes: {e}")))?;
         // SAFETY: the layout has a non-zero size.
@@ -342,8 +347,10 @@ impl Emulator {
     ///
     /// # Safety
     /// `args` match the kernel's signature in meaning too (the runtime checks only their count
-    /// and sizes). The kernel can only touch live allocations of this device and held tensors:
-    /// anything else is refused by the runtime's bounds check.
+    /// and sizes), and nothing else reads or writes the memory the kernel touches during the
+    /// call (it writes through raw addresses, past Rust's borrows and Candle's storage locks).
+    /// The kernel can only touch live allocations of this device and held tensors: anything
+    /// else is refused by the runtime's bounds check.
     pub unsafe fn launch_kernel(
         &self,
         kernel: &str,
@@ -531,7 +538,7 @@ impl Backend for Emulator {
             )
         }
         dst.as_mut_slice()[..src.len()].copy_from_slice(src);
-        self.push(DeviceOp::CopyToDevice {
+        self.push(DeviceOp::Upload {
             bytes: std::mem::size_of_val(src),
         });
         Ok(())

@@ -15,7 +15,7 @@ use crate::update::ParamState;
 
 /// The state of an optimizer whose parameters are on one CUDA device, with what a step launches.
 ///
-/// Built from the host state ([`CudaOptimizerState::new`]), stepped with
+/// Built from the host state (`CudaOptimizerState::new`), stepped with
 /// [`CudaOptimizerState::step`], copied back with [`CudaOptimizerState::download`] (checkpoints,
 /// inspection) and replaced with [`CudaOptimizerState::upload`] (loading a checkpoint, wherever
 /// it was saved).
@@ -26,8 +26,9 @@ use crate::update::ParamState;
 /// block size and maps) the layer-wise passes when the rule has them and one fused launch. The
 /// host never waits for the device inside a step: the pre-pass's outcome (taken or skipped) is
 /// read at the start of the next step, when it is long known (see
-/// [`CudaOptimizerState::take_outcome`]). Every buffer is allocated by
-/// [`CudaOptimizerState::new`] or on the first step; later steps allocate nothing.
+/// [`CudaOptimizerState::take_outcome`]). Every buffer is allocated at construction or on the
+/// first step that needs it (the tables on the first step, a layer-wise group's partial sums on
+/// its first step with gradients); a step after those allocates nothing.
 ///
 /// Everything runs on the device's stream (Candle's per-thread stream) and the tables hold raw
 /// device addresses, which cudarc's cross-stream event tracking does not see: use the state from
@@ -72,11 +73,12 @@ impl CudaOptimizerState {
         )?))))
     }
 
-    /// As [`CudaOptimizerState::new`], on the emulated device `emu`: the parameters are CPU
-    /// tensors, the kernels run compiled for the CPU. For tests; not a public promise.
+    /// As `CudaOptimizerState::new` (the `cuda` feature), on the emulated device `emu`: the
+    /// parameters are CPU tensors, the kernels run compiled for the CPU. For tests; not a public
+    /// promise.
     ///
     /// # Errors
-    /// As [`CudaOptimizerState::new`], with parameters that must be on the CPU.
+    /// As `CudaOptimizerState::new`, with parameters that must be on the CPU.
     #[cfg(feature = "emulator")]
     #[doc(hidden)]
     pub fn new_emulated(emu: &Emulator, params: &[CudaParam<'_>]) -> Result<Self> {

@@ -79,7 +79,8 @@ impl<B: Backend> StepState<B> {
         // per-parameter arrays cover every parameter index the grad slots name.
         unsafe { dev.launch(Module::Norms, "bnb_prepass_finish", 1, &args) }?;
         dev.copy_to_pinned(&self.flags, &mut self.outcome)?;
-        dev.record(&self.outcome_ready)
+        self.outcome_after = self.table_copies;
+        self.backend.record(&self.outcome_ready)
     }
 
     pub(super) fn launch_group<R: CudaRule>(&mut self, g: usize, table: &GroupTable) -> Result<()> {

@@ -84,9 +84,13 @@ pub(crate) struct StepState<B: Backend> {
     /// The parameter indices that had a gradient in the step whose outcome is pending, in
     /// pre-pass order (`first_bad` indexes this list).
     pending: Option<Vec<usize>>,
-    /// Whether the host has seen `outcome_ready` complete since the last pre-pass was issued:
-    /// then everything issued before it, the last two table copies included, has run.
-    outcome_seen: bool,
+    /// Table copies issued so far (one per step that got as far as writing its tables).
+    table_copies: u64,
+    /// `table_copies` when `outcome_ready` was last recorded: everything issued before that
+    /// record, this many table copies included, has run once the event is complete.
+    outcome_after: u64,
+    /// `outcome_after` of the last record the host has seen complete.
+    seen_after: Option<u64>,
     staging: Option<Staging<B>>,
     /// Times reading a step's outcome had to wait for the device.
     blocking_waits: u64,
@@ -155,7 +159,9 @@ impl<B: Backend> StepState<B> {
             outcome: dev.alloc_pinned::<i32>(2)?,
             outcome_ready: dev.new_event()?,
             pending: None,
-            outcome_seen: false,
+            table_copies: 0,
+            outcome_after: 0,
+            seen_after: None,
             staging: None,
             blocking_waits: 0,
             backend,

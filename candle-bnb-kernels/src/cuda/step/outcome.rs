@@ -26,8 +26,8 @@ impl<B: Backend> StepState<B> {
         match &self.pending {
             None => Ok(None),
             Some(with_grad) => {
-                // `&self`: the wait is not remembered in `outcome_seen`, so the next step may
-                // wait for its staging buffer (at once: it is done).
+                // `&self`: the wait is not remembered in `seen_after`, so the next step may ask
+                // about its staging buffer (and find it done).
                 self.backend.wait_event(&self.outcome_ready)?;
                 let flags = self.backend.pinned_ref(&self.outcome)?;
                 Ok(Some(Self::decode(flags, with_grad)))
@@ -40,7 +40,7 @@ impl<B: Backend> StepState<B> {
             self.blocking_waits += 1;
             self.backend.wait_event(&self.outcome_ready)?;
         }
-        self.outcome_seen = true;
+        self.seen_after = Some(self.outcome_after);
         let flags = self.backend.pinned_ref(&self.outcome)?;
         Ok(Self::decode(flags, with_grad))
     }

@@ -60,8 +60,8 @@ impl<B: Backend> StepState<B> {
             let dev = &self.backend;
             self.staging = Some(Staging {
                 buffers: [
-                    dev.alloc_pinned::<u8>(bytes)?,
-                    dev.alloc_pinned::<u8>(bytes)?,
+                    dev.alloc_pinned::<u8>(bytes.max(1))?,
+                    dev.alloc_pinned::<u8>(bytes.max(1))?,
                 ],
                 copied: [dev.new_event()?, dev.new_event()?],
                 device: dev.alloc_zeros::<u8>(bytes.max(1))?,
@@ -71,10 +71,10 @@ impl<B: Backend> StepState<B> {
         }
         let dev = &self.backend;
         let staging = self.staging.as_mut().expect("allocated above");
-        // This buffer was last copied from by step t - 2. Once step t - 1's outcome has been
-        // seen (the optimizers read it before building step t's rules), that copy is known to be
-        // done and the host need not ask.
-        if !self.outcome_seen {
+        // This buffer was last copied from two table copies ago. When the host has seen an
+        // outcome recorded after the latest copy (the optimizers read step t - 1's outcome
+        // before building step t's rules), every copy is known to be done and it need not ask.
+        if self.seen_after != Some(self.table_copies) {
             dev.wait_event(&staging.copied[staging.next])?;
         }
         let host = dev.pinned_mut(&mut staging.buffers[staging.next])?;
@@ -123,7 +123,7 @@ impl<B: Backend> StepState<B> {
         }
         let staging = self.staging.as_mut().expect("allocated above");
         let (buffers, device) = (&staging.buffers, &mut staging.device);
-        self.outcome_seen = false;
+        self.table_copies += 1;
         dev.copy_from_pinned(&buffers[staging.next], device)?;
         dev.record(&staging.copied[staging.next])?;
         staging.next = 1 - staging.next;
