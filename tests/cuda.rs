@@ -1076,3 +1076,50 @@ fn the_emulator_reports_what_a_gpu_would_punish() {
         .to_string();
     assert!(err.contains("2048"), "{err}");
 }
+
+/// On a device that runs behind the host, reading the previous step's outcome waits (the one
+/// wait a training step may take), and nothing else changes: the same parameters as on the CPU.
+#[test]
+fn a_device_behind_the_host_makes_the_outcome_read_wait_and_changes_nothing() {
+    let mut rng = rng("a_device_behind_the_host_makes_the_outcome_read_wait_and_changes_nothing");
+    let emu = Emulator::new();
+    emu.set_lagging(true);
+    let target = Target::Emulated(emu.clone());
+    let (cpu_vars, dev_vars) = twin_params(&mut rng, &target, DType::F32);
+    let cfg = candle_bnb::optim::AdamW8bitConfig {
+        max_grad_norm: Some(1.0),
+        ..Default::default()
+    };
+    let mut cpu = AdamW8bit::new(cpu_vars.clone(), cfg.clone()).unwrap();
+    let mut dev = optimizer_on!(AdamW8bit, &target, dev_vars.clone(), cfg);
+    for step in 1..=4 {
+        let g: Vec<Tensor> = PARAM_SIZES
+            .iter()
+            .map(|&n| Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu).unwrap())
+            .collect();
+        cpu.step(&grads_for(&cpu_vars, &g, None)).unwrap();
+        let grads = grads_for(&dev_vars, &g, None);
+        emu.take_trace();
+        dev.step(&grads).unwrap();
+        let trace = emu.take_trace();
+        if step > 1 {
+            assert!(
+                matches!(
+                    trace[..2],
+                    [DeviceOp::QueryEvent { event: a }, DeviceOp::WaitEvent { event: b }] if a == b
+                ),
+                "step {step}: the outcome read waits first: {trace:?}"
+            );
+            let waits = trace.iter().filter(|op| op.waits()).count();
+            assert_eq!(waits, 1, "step {step}: one wait only: {trace:?}");
+        }
+    }
+    assert_eq!(dev.step_count(), 4);
+    compare_params(
+        &values_f32(&dev_vars),
+        &values_f32(&cpu_vars),
+        DType::F32,
+        Match::Exact,
+        "lagging device",
+    );
+}

@@ -207,6 +207,10 @@ struct State {
     events: u64,
     allocated: u64,
     kernels: HashMap<String, usize>,
+    /// Whether events report incomplete until the host waits ([`Emulator::set_lagging`]).
+    lagging: bool,
+    /// Recorded events the host has not waited for yet (only kept while lagging).
+    unwaited: std::collections::HashSet<u64>,
 }
 
 /// An emulated CUDA device: cheap to clone (clones are the same device).
@@ -237,6 +241,16 @@ impl Emulator {
 
     fn push(&self, op: DeviceOp) {
         self.lock().trace.push(op);
+    }
+
+    /// Makes the device behave as one running behind the host: every recorded event reports
+    /// incomplete until the host waits for it (or for the whole stream). The work itself still
+    /// runs at once, so results do not change; what changes is which waits the host code
+    /// takes, and those paths get exercised.
+    pub fn set_lagging(&self, lagging: bool) {
+        let mut s = self.lock();
+        s.lagging = lagging;
+        s.unwaited.clear();
     }
 
     /// The operations issued since the last [`Emulator::take_trace`] (or since creation), which
@@ -630,22 +644,31 @@ impl Backend for Emulator {
     }
 
     fn record(&self, event: &EmuEvent) -> Result<()> {
-        self.push(DeviceOp::RecordEvent { event: event.0 });
+        let mut s = self.lock();
+        s.trace.push(DeviceOp::RecordEvent { event: event.0 });
+        if s.lagging {
+            s.unwaited.insert(event.0);
+        }
         Ok(())
     }
 
     fn is_complete(&self, event: &EmuEvent) -> Result<bool> {
-        self.push(DeviceOp::QueryEvent { event: event.0 });
-        Ok(true)
+        let mut s = self.lock();
+        s.trace.push(DeviceOp::QueryEvent { event: event.0 });
+        Ok(!s.unwaited.contains(&event.0))
     }
 
     fn wait_event(&self, event: &EmuEvent) -> Result<()> {
-        self.push(DeviceOp::WaitEvent { event: event.0 });
+        let mut s = self.lock();
+        s.trace.push(DeviceOp::WaitEvent { event: event.0 });
+        s.unwaited.remove(&event.0);
         Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.push(DeviceOp::Synchronize);
+        let mut s = self.lock();
+        s.trace.push(DeviceOp::Synchronize);
+        s.unwaited.clear();
         Ok(())
     }
 
