@@ -1,5 +1,5 @@
-//! What every optimizer of the family shares: per-parameter state params, the step counter, the
-//! gradient pre-pass (norms, clipping, non-finite policy).
+//! What every optimizer of the family shares: each parameter's tracked state, the step counter,
+//! the gradient pre-pass (norms, clipping, non-finite policy).
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -242,7 +242,7 @@ impl TrackedParams {
     }
 
     /// Replaces every state, history and counter by a checkpoint's (already checked against
-    /// these params).
+    /// these parameters).
     ///
     /// # Errors
     /// CUDA errors while uploading (the host side is then left unchanged).
@@ -310,7 +310,7 @@ impl TrackedParams {
         None
     }
 
-    /// These params with every state on the host: themselves on the CPU, a copy downloaded from
+    /// These parameters with every state on the host: themselves on the CPU, a copy downloaded from
     /// the device (pending step included) on CUDA.
     ///
     /// # Errors

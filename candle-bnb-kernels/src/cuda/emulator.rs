@@ -193,7 +193,11 @@ impl DeviceOp {
 struct Region {
     bytes: usize,
     name: CString,
-    /// Holds of a host tensor (one region per address, counted).
+}
+
+/// A host tensor's memory handed to kernels, and how many holds keep it open.
+struct Held {
+    region: Region,
     holds: usize,
 }
 
@@ -202,7 +206,7 @@ struct State {
     /// Live device allocations by address.
     allocations: BTreeMap<usize, Region>,
     /// Host tensor memory handed to kernels by address.
-    held: BTreeMap<usize, Region>,
+    held: BTreeMap<usize, Held>,
     trace: Vec<DeviceOp>,
     events: u64,
     allocated: u64,
@@ -295,7 +299,6 @@ impl Emulator {
             Region {
                 bytes,
                 name: CString::new(name).expect("no NUL in the name"),
-                holds: 1,
             },
         );
         s.trace.push(DeviceOp::Alloc { bytes });
@@ -407,7 +410,7 @@ impl Emulator {
         let ranges: Vec<ffi::Range> = s
             .allocations
             .iter()
-            .chain(s.held.iter())
+            .chain(s.held.iter().map(|(start, h)| (start, &h.region)))
             .map(|(&start, r)| ffi::Range {
                 start: start as *const c_void,
                 bytes: r.bytes,
@@ -703,14 +706,16 @@ impl Backend for Emulator {
         let address = base + start * size;
         let bytes = (end - start) * size;
         let mut s = self.lock();
-        let region = s.held.entry(address).or_insert_with(|| Region {
-            bytes,
-            name: CString::new(format!("{what} ({} elements)", end - start))
-                .unwrap_or_else(|_| CString::new("host tensor").expect("no NUL")),
+        let held = s.held.entry(address).or_insert_with(|| Held {
+            region: Region {
+                bytes,
+                name: CString::new(format!("{what} ({} elements)", end - start))
+                    .unwrap_or_else(|_| CString::new("host tensor").expect("no NUL")),
+            },
             holds: 0,
         });
-        region.bytes = region.bytes.max(bytes);
-        region.holds += 1;
+        held.region.bytes = held.region.bytes.max(bytes);
+        held.holds += 1;
         Ok((
             address as u64,
             EmuHold {

@@ -48,7 +48,8 @@ impl<B: Backend> StepState<B> {
         grad_address: &[u64],
         param_address: &[u64],
     ) -> Result<Tables> {
-        let bytes = GRAD_SLOT_BYTES * self.params.len() + slot_bytes::<R>() * self.params.len();
+        // At least one byte: CUDA refuses empty allocations (a state without parameters).
+        let bytes = ((GRAD_SLOT_BYTES + slot_bytes::<R>()) * self.params.len()).max(1);
         if self.staging.as_ref().is_none_or(|s| s.bytes < bytes) {
             // First step (or a rule with a larger struct): allocated once.
             if let Some(old) = &self.staging {
@@ -60,13 +61,13 @@ impl<B: Backend> StepState<B> {
             let dev = &self.backend;
             self.staging = Some(Staging {
                 buffers: [
-                    dev.alloc_pinned::<u8>(bytes.max(1))?,
-                    dev.alloc_pinned::<u8>(bytes.max(1))?,
+                    dev.alloc_pinned::<u8>(bytes)?,
+                    dev.alloc_pinned::<u8>(bytes)?,
                 ],
                 copied: [dev.new_event()?, dev.new_event()?],
-                device: dev.alloc_zeros::<u8>(bytes.max(1))?,
+                device: dev.alloc_zeros::<u8>(bytes)?,
                 next: 0,
-                bytes: bytes.max(1),
+                bytes,
             });
         }
         let dev = &self.backend;
