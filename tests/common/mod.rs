@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a subset
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_bnb::kernels::{fused_update, BlockwiseState, ParamState, UpdateRule};
@@ -117,4 +117,43 @@ pub fn eight_bit_vs_32_bit<R: UpdateRule>(
         }
     }
     (abs / count as f64, rel / count as f64)
+}
+
+/// An optimizer's whole observable state, bit for bit (f32 Debug output round-trips): step
+/// counts, configs and states.
+pub fn optimizer_snapshot(opt: &candle_bnb::optim::AdamW8bit) -> String {
+    format!(
+        "{} {} {:?} {:?} {:?}",
+        opt.step_count(),
+        opt.skipped_steps(),
+        opt.config(),
+        opt.param_configs(),
+        opt.states()
+            .unwrap()
+            .into_iter()
+            .map(|(_, s)| format!("{s:?}"))
+            .collect::<Vec<_>>()
+    )
+}
+
+/// Loads the checkpoint at `path` into `opt`, which must refuse it: the message holds `needle`
+/// and names the file, and `opt` keeps the state `before` (its [`optimizer_snapshot`]).
+pub fn assert_load_refused(
+    opt: &mut candle_bnb::optim::AdamW8bit,
+    path: &Path,
+    needle: &str,
+    before: &str,
+) {
+    let name = path.file_name().unwrap().to_string_lossy();
+    let err = opt.load(path).unwrap_err().to_string();
+    assert!(err.contains(needle), "{name}: {err:?} lacks {needle:?}");
+    assert!(
+        err.contains(&*name),
+        "{name}: the error names the file: {err}"
+    );
+    assert_eq!(
+        optimizer_snapshot(opt),
+        before,
+        "{name}: the optimizer changed"
+    );
 }

@@ -20,7 +20,7 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use rand::Rng;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::common::{randn, rng, TestRng};
+use crate::common::{assert_load_refused, optimizer_snapshot as snapshot, randn, rng, TestRng};
 
 fn var(rng: &mut TestRng, shape: &[usize]) -> Var {
     let n = shape.iter().product();
@@ -193,22 +193,6 @@ fn item2_dequantize_into_an_empty_output_is_a_no_op() {
 
 // ---------------------------------------------------------------------------------------------
 // Item 3: a checkpoint load restores exactly what was saved or refuses.
-
-/// The optimizer's whole observable state, bit for bit (f32 Debug output round-trips).
-fn snapshot(opt: &AdamW8bit) -> String {
-    format!(
-        "{} {} {:?} {:?} {:?}",
-        opt.step_count(),
-        opt.skipped_steps(),
-        opt.config(),
-        opt.param_configs(),
-        opt.states()
-            .unwrap()
-            .into_iter()
-            .map(|(_, s)| format!("{s:?}"))
-            .collect::<Vec<_>>()
-    )
-}
 
 /// A small optimizer with 8-bit state (two blocks, the last one partial), 32-bit state, an
 /// empty parameter and a percentile-clipping history, after a few steps.
@@ -414,13 +398,7 @@ fn item3_poisoned_checkpoints_are_refused_naming_what_is_wrong() {
     let mut expect = |name: &str, needle: &str, edit: &Edit| {
         let p = dir.join(name);
         rewrite(&path, &p, edit);
-        let err = target.load(&p).unwrap_err().to_string();
-        assert!(err.contains(needle), "{name}: {err:?} lacks {needle:?}");
-        assert!(
-            err.contains(name),
-            "{name}: the error names the file: {err}"
-        );
-        assert_eq!(snapshot(&target), before, "{name}: the optimizer changed");
+        assert_load_refused(&mut target, &p, needle, &before);
     };
     let set_f32 = |k: usize, j: usize, v: f32| {
         move |_: &mut HashMap<String, String>, t: &mut HashMap<String, Raw>| {
