@@ -308,6 +308,19 @@ fn twin_params(rng: &mut common::TestRng, target: &Target, dtype: DType) -> (Vec
         .unzip()
 }
 
+/// One random gradient per parameter of `PARAM_SIZES`, from N(0, 0.1²), in `dtype`, on the CPU.
+fn random_grads(rng: &mut common::TestRng, dtype: DType) -> Vec<Tensor> {
+    PARAM_SIZES
+        .iter()
+        .map(|&n| {
+            Tensor::from_vec(randn(rng, n, 0.1), n, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        })
+        .collect()
+}
+
 /// Gradients `g` for `vars` (the loss Σ w·g), on the vars' device; parameter `skip` gets none.
 fn grads_for(vars: &[Var], g: &[Tensor], skip: Option<usize>) -> candle_core::backprop::GradStore {
     let mut loss: Option<Tensor> = None;
@@ -445,15 +458,7 @@ macro_rules! device_matches_cpu {
                 let mut cpu = <$ty>::new(cpu_vars.clone(), cfg.clone()).unwrap();
                 let mut dev = optimizer_on!($ty, &target, dev_vars.clone(), cfg.clone());
                 for step in 0..20 {
-                    let g: Vec<Tensor> = PARAM_SIZES
-                        .iter()
-                        .map(|&n| {
-                            Tensor::from_vec(randn($rng, n, 0.1), n, &Device::Cpu)
-                                .unwrap()
-                                .to_dtype(dtype)
-                                .unwrap()
-                        })
-                        .collect();
+                    let g = random_grads($rng, dtype);
                     let skip = (step % 3 == 2).then_some(3);
                     cpu.step(&grads_for(&cpu_vars, &g, skip)).unwrap();
                     dev.step(&grads_for(&dev_vars, &g, skip)).unwrap();
@@ -527,10 +532,7 @@ fn a_non_finite_gradient_on_the_device_skips_or_fails_the_whole_step() {
                 ..Default::default()
             };
             let mut opt = optimizer_on!(AdamW8bit, &target, vars.clone(), cfg);
-            let good: Vec<Tensor> = PARAM_SIZES
-                .iter()
-                .map(|&n| Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu).unwrap())
-                .collect();
+            let good = random_grads(&mut rng, DType::F32);
             opt.step(&grads_for(&vars, &good, None)).unwrap();
             let before = (values_f32(&vars), format!("{:?}", opt.states().unwrap()));
             let mut bad = good.clone();
@@ -573,17 +575,7 @@ fn checkpoints_move_between_the_device_and_the_cpu() {
     for target in targets(test) {
         let (cpu_vars, dev_vars) = twin_params(&mut rng, &target, DType::BF16);
         let grads: Vec<Vec<Tensor>> = (0..10)
-            .map(|_| {
-                PARAM_SIZES
-                    .iter()
-                    .map(|&n| {
-                        Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu)
-                            .unwrap()
-                            .to_dtype(DType::BF16)
-                            .unwrap()
-                    })
-                    .collect()
-            })
+            .map(|_| random_grads(&mut rng, DType::BF16))
             .collect();
         // Uninterrupted on the device: 10 steps.
         let start = values_f32(&dev_vars);
@@ -657,10 +649,7 @@ fn a_gradient_the_device_cannot_step_is_refused_before_anything_changes() {
     for target in targets(test) {
         let (_, vars) = twin_params(&mut rng, &target, DType::F32);
         let mut opt = optimizer_on!(AdamW8bit, &target, vars.clone(), Default::default());
-        let g: Vec<Tensor> = PARAM_SIZES
-            .iter()
-            .map(|&n| Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu).unwrap())
-            .collect();
+        let g = random_grads(&mut rng, DType::F32);
         opt.step(&grads_for(&vars, &g, None)).unwrap();
         let before = (values_f32(&vars), format!("{:?}", opt.states().unwrap()));
         // A gradient of another dtype for parameter 5 (a GradStore takes whatever it is given).
@@ -735,15 +724,7 @@ macro_rules! warm_steps_are_quiet {
         let mut opt = optimizer_on!($ty, &target, vars.clone(), $cfg);
         let mut steps: Vec<Vec<DeviceOp>> = Vec::new();
         for _ in 0..5 {
-            let g: Vec<Tensor> = PARAM_SIZES
-                .iter()
-                .map(|&n| {
-                    Tensor::from_vec(randn($rng, n, 0.1), n, &Device::Cpu)
-                        .unwrap()
-                        .to_dtype(DType::BF16)
-                        .unwrap()
-                })
-                .collect();
+            let g = random_grads($rng, DType::BF16);
             let grads = grads_for(&vars, &g, None);
             emu.take_trace();
             opt.step(&grads).unwrap();
@@ -827,10 +808,7 @@ fn the_error_policy_asks_for_the_outcome_within_the_step() {
     };
     let mut opt = optimizer_on!(AdamW8bit, &target, vars.clone(), cfg);
     for step in 1..=3 {
-        let g: Vec<Tensor> = PARAM_SIZES
-            .iter()
-            .map(|&n| Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu).unwrap())
-            .collect();
+        let g = random_grads(&mut rng, DType::F32);
         let grads = grads_for(&vars, &g, None);
         emu.take_trace();
         opt.step(&grads).unwrap();
@@ -1093,10 +1071,7 @@ fn a_device_behind_the_host_makes_the_outcome_read_wait_and_changes_nothing() {
     let mut cpu = AdamW8bit::new(cpu_vars.clone(), cfg.clone()).unwrap();
     let mut dev = optimizer_on!(AdamW8bit, &target, dev_vars.clone(), cfg);
     for step in 1..=4 {
-        let g: Vec<Tensor> = PARAM_SIZES
-            .iter()
-            .map(|&n| Tensor::from_vec(randn(&mut rng, n, 0.1), n, &Device::Cpu).unwrap())
-            .collect();
+        let g = random_grads(&mut rng, DType::F32);
         cpu.step(&grads_for(&cpu_vars, &g, None)).unwrap();
         let grads = grads_for(&dev_vars, &g, None);
         emu.take_trace();
