@@ -218,7 +218,11 @@ mod cuda_bench {
         let cfg = AdamW8bitConfig::default();
         let blocks: usize = shapes
             .iter()
-            .map(|s| s.iter().product::<usize>().div_ceil(cfg.block_size))
+            .map(|s| {
+                s.iter()
+                    .product::<usize>()
+                    .div_ceil(cfg.settings.block_size)
+            })
             .sum();
         // The minimum bytes of a fused 8-bit Adam step: read p, g, m, v; write p, m, v; each
         // state's absmax read and written. (Our step reads each gradient twice: once in the

@@ -281,7 +281,7 @@ fn bad_input_is_refused_and_names_the_value() {
 
 use candle_bnb::optim::{
     AdEMAMix8bit, Adagrad8bit, AdamW, AdamW8bit, LAMB8bit, LARS8bit, Lion8bit, NonFinitePolicy,
-    RMSprop8bit, SGD8bit,
+    RMSprop8bit, SGD8bit, Settings,
 };
 use candle_core::Var;
 use candle_nn::Optimizer;
@@ -489,31 +489,44 @@ fn every_optimizer_steps_on_the_device_as_on_the_cpu() {
     let mut rng = rng("every_optimizer_steps_on_the_device_as_on_the_cpu");
     let rng = &mut rng;
     let mut adamw = candle_bnb::optim::AdamW8bitConfig {
-        max_grad_norm: Some(5.0),
-        percentile_clipping: 90,
+        settings: Settings {
+            max_grad_norm: Some(5.0),
+            percentile_clipping: 90,
+            ..Default::default()
+        },
         ..Default::default()
     };
     device_matches_cpu!(AdamW8bit, adamw.clone(), Match::Exact, rng);
-    adamw.block_size = 64;
+    adamw.settings.block_size = 64;
     device_matches_cpu!(AdamW8bit, adamw, Match::Exact, rng);
     let adamw32 = candle_bnb::optim::AdamWConfig {
-        max_grad_norm: Some(1.0),
+        settings: Settings {
+            max_grad_norm: Some(1.0),
+            ..Default::default()
+        },
         ..Default::default()
     };
     device_matches_cpu!(AdamW, adamw32, Match::Exact, rng);
     device_matches_cpu!(Lion8bit, Default::default(), Match::Exact, rng);
     device_matches_cpu!(LAMB8bit, Default::default(), Match::LayerwiseNorms, rng);
     device_matches_cpu!(LARS8bit, Default::default(), Match::LayerwiseNorms, rng);
-    let mut sgd = candle_bnb::optim::SGD8bitConfig::default();
-    sgd.set_field("momentum", "0.9").unwrap();
+    let sgd = candle_bnb::optim::SGD8bitConfig {
+        momentum: 0.9,
+        ..Default::default()
+    };
     device_matches_cpu!(SGD8bit, sgd, Match::Exact, rng);
-    let mut rms = candle_bnb::optim::RMSprop8bitConfig::default();
-    rms.set_field("momentum", "0.9").unwrap();
-    rms.set_field("centered", "true").unwrap();
+    let rms = candle_bnb::optim::RMSprop8bitConfig {
+        momentum: 0.9,
+        centered: true,
+        ..Default::default()
+    };
     device_matches_cpu!(RMSprop8bit, rms, Match::Exact, rng);
     device_matches_cpu!(Adagrad8bit, Default::default(), Match::Exact, rng);
     let ademamix = candle_bnb::optim::AdEMAMix8bitConfig {
-        block_size: 4096,
+        settings: Settings {
+            block_size: 4096,
+            ..Default::default()
+        },
         ..Default::default()
     };
     device_matches_cpu!(AdEMAMix8bit, ademamix, Match::Exact, rng);
@@ -528,7 +541,10 @@ fn a_non_finite_gradient_on_the_device_skips_or_fails_the_whole_step() {
         for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Error] {
             let (_, vars) = twin_params(&mut rng, &target, DType::F32);
             let cfg = candle_bnb::optim::AdamW8bitConfig {
-                non_finite: policy,
+                settings: Settings {
+                    non_finite: policy,
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             let mut opt = optimizer_on!(AdamW8bit, &target, vars.clone(), cfg);
@@ -569,7 +585,10 @@ fn checkpoints_move_between_the_device_and_the_cpu() {
     let mut rng = rng(test);
     let dir = common::temp_dir(test);
     let cfg = candle_bnb::optim::AdamW8bitConfig {
-        percentile_clipping: 80,
+        settings: Settings {
+            percentile_clipping: 80,
+            ..Default::default()
+        },
         ..Default::default()
     };
     for target in targets(test) {
@@ -786,8 +805,11 @@ fn a_warm_step_allocates_nothing_waits_for_nothing_and_repeats_itself() {
     let mut rng = rng("a_warm_step_allocates_nothing_waits_for_nothing_and_repeats_itself");
     let rng = &mut rng;
     let adamw = candle_bnb::optim::AdamW8bitConfig {
-        max_grad_norm: Some(1.0),
-        percentile_clipping: 90,
+        settings: Settings {
+            max_grad_norm: Some(1.0),
+            percentile_clipping: 90,
+            ..Default::default()
+        },
         ..Default::default()
     };
     warm_steps_are_quiet!(AdamW8bit, adamw, rng);
@@ -803,7 +825,10 @@ fn the_error_policy_asks_for_the_outcome_within_the_step() {
     let target = Target::Emulated(emu.clone());
     let (_, vars) = twin_params(&mut rng, &target, DType::F32);
     let cfg = candle_bnb::optim::AdamW8bitConfig {
-        non_finite: NonFinitePolicy::Error,
+        settings: Settings {
+            non_finite: NonFinitePolicy::Error,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut opt = optimizer_on!(AdamW8bit, &target, vars.clone(), cfg);
@@ -1065,7 +1090,10 @@ fn a_device_behind_the_host_makes_the_outcome_read_wait_and_changes_nothing() {
     let target = Target::Emulated(emu.clone());
     let (cpu_vars, dev_vars) = twin_params(&mut rng, &target, DType::F32);
     let cfg = candle_bnb::optim::AdamW8bitConfig {
-        max_grad_norm: Some(1.0),
+        settings: Settings {
+            max_grad_norm: Some(1.0),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut cpu = AdamW8bit::new(cpu_vars.clone(), cfg.clone()).unwrap();

@@ -42,7 +42,8 @@ use candle_bnb_kernels::{BlockwiseState, ParamState, QuantMap, QUANT_MAP_LEN};
 use candle_core::{bail, Error, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::engine::{TrackedParams, TrackedState, GRAD_NORM_HISTORY};
+use crate::engine::{TrackedParams, TrackedState};
+use crate::GRAD_NORM_HISTORY;
 
 /// The `format` metadata value of every checkpoint.
 pub const FORMAT: &str = "candle-bnb-optimizer";

@@ -10,68 +10,8 @@ use candle_bnb_kernels::{
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Result, Var};
 
-/// What a step does when some gradient holds NaN or ±inf.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum NonFinitePolicy {
-    /// Skip the whole step: every parameter and state stays bit-identical, and the step is
-    /// counted in `skipped_steps()` instead of the step count.
-    #[default]
-    Skip,
-    /// Return an error naming the first offending parameter (nothing is changed).
-    Error,
-}
-
-/// Squared gradient norms kept per parameter for percentile clipping (as bitsandbytes does).
-pub const GRAD_NORM_HISTORY: usize = 100;
-
-/// How state is stored, shared by every optimizer config.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StateLayout {
-    pub(crate) optim_bits: u32,
-    pub(crate) min_8bit_size: usize,
-    pub(crate) block_size: usize,
-}
-
-impl StateLayout {
-    pub(crate) fn validate(&self) -> Result<()> {
-        if self.optim_bits != 8 && self.optim_bits != 32 {
-            bail!("optim_bits must be 8 or 32, got {}", self.optim_bits)
-        }
-        if !candle_bnb_kernels::SUPPORTED_BLOCK_SIZES.contains(&self.block_size) {
-            bail!(
-                "block_size {} is not supported; use one of {:?}",
-                self.block_size,
-                candle_bnb_kernels::SUPPORTED_BLOCK_SIZES
-            )
-        }
-        Ok(())
-    }
-}
-
-/// The gradient pre-pass settings shared by every optimizer config.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GradHandling {
-    pub(crate) non_finite: NonFinitePolicy,
-    pub(crate) max_grad_norm: Option<f64>,
-    pub(crate) percentile_clipping: u32,
-}
-
-impl GradHandling {
-    pub(crate) fn validate(&self) -> Result<()> {
-        if let Some(max) = self.max_grad_norm {
-            if !(max.is_finite() && max > 0.0) {
-                bail!("max_grad_norm must be finite and > 0, got {max}")
-            }
-        }
-        if !(1..=100).contains(&self.percentile_clipping) {
-            bail!(
-                "percentile_clipping must be in 1..=100 (100: off), got {}",
-                self.percentile_clipping
-            )
-        }
-        Ok(())
-    }
-}
+use crate::settings::StateLayout;
+use crate::{NonFinitePolicy, OptimizerConfig, Settings, GRAD_NORM_HISTORY};
 
 /// One parameter with its name, state and gradient-norm history.
 #[derive(Clone)]
@@ -341,6 +281,22 @@ impl TrackedParams {
         Ok(Cow::Borrowed(&self.params))
     }
 
+    /// One step of parameters whose configs are `params` (one per parameter), with `base`'s
+    /// gradient handling (`non_finite`, `max_grad_norm`): [`Self::step`] with their rules.
+    pub(crate) fn step_with<C: OptimizerConfig>(
+        &mut self,
+        grads: &GradStore,
+        base: &C,
+        params: &[C],
+    ) -> Result<()> {
+        self.step(
+            grads,
+            base.settings(),
+            |i| params[i].settings().percentile_clipping,
+            |i, t| params[i].rule(t),
+        )
+    }
+
     /// One step. First the pre-pass: every gradient is checked (shape, dtype, device) and its
     /// squared norm taken, which also detects NaN/inf; nothing is changed until all pass. Then
     /// each parameter `i` with a gradient is updated by `make_rule(i, step)` on its clipped
@@ -349,7 +305,7 @@ impl TrackedParams {
     pub(crate) fn step<R: CudaRule>(
         &mut self,
         grads: &GradStore,
-        handling: GradHandling,
+        handling: &Settings,
         percentile: impl Fn(usize) -> u32,
         make_rule: impl Fn(usize, u64) -> R,
     ) -> Result<()> {
@@ -428,7 +384,7 @@ impl TrackedParams {
     fn step_cuda<R: CudaRule>(
         &mut self,
         grads: &GradStore,
-        handling: GradHandling,
+        handling: &Settings,
         percentile: impl Fn(usize) -> u32,
         make_rule: impl Fn(usize, u64) -> R,
     ) -> Result<()> {

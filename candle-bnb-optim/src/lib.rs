@@ -16,43 +16,39 @@
 //!
 //! The family: [`Adam`], [`AdamW`], [`SGD`], [`Lion`], [`RMSprop`], [`Adagrad`], [`LAMB`],
 //! [`LARS`], [`AdEMAMix`] (32-bit state by default) and their `...8bit` forms (8-bit state by
-//! default); every config has `optim_bits` to choose. Each optimizer clips gradients
-//! (`max_grad_norm`, `percentile_clipping`), skips steps with NaN/inf gradients (or errors, see
-//! [`NonFinitePolicy`]), and saves and loads its whole state ([`checkpoint`]). CPU for now.
+//! default). Each is one generic optimizer, [`Optim`], over its algorithm's config (e.g.
+//! [`AdamWConfig`]: `AdamW` is `Optim<AdamWConfig>`, `AdamW8bit` is `Optim<AdamWConfig, 8>`).
+//! Every config holds the shared [`Settings`]: state precision (`optim_bits`) and block size,
+//! gradient clipping (`max_grad_norm`, `percentile_clipping`) and what a step does with NaN/inf
+//! gradients ([`NonFinitePolicy`]). Every optimizer saves and loads its whole state
+//! ([`checkpoint`]), on the CPU or on CUDA (the `cuda` feature).
 //!
 //! Per-parameter settings are a value, [`Overrides`]; embeddings built with [`nn::Embedding`] or
 //! [`nn::StableEmbedding`] keep 32-bit state without one ([`keep_32bit_state`]).
 #![deny(missing_docs)]
 
-mod adam;
-mod ademamix;
+mod algorithms;
+mod check;
 pub mod checkpoint;
-mod define;
 mod engine;
-mod lamb;
-mod lion;
+mod field;
 mod marks;
 pub mod nn;
 mod optimizer;
 mod overrides;
-mod rmsprop;
-mod sgd;
+mod settings;
 
-pub use adam::{
-    Adam, Adam8bit, Adam8bitConfig, AdamConfig, AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig,
-};
-pub use ademamix::{AdEMAMix, AdEMAMix8bit, AdEMAMix8bitConfig, AdEMAMixConfig};
+pub use algorithms::adagrad::{Adagrad, Adagrad8bit, Adagrad8bitConfig, AdagradConfig};
+pub use algorithms::adam::{Adam, Adam8bit, Adam8bitConfig, AdamConfig};
+pub use algorithms::adamw::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig};
+pub use algorithms::ademamix::{AdEMAMix, AdEMAMix8bit, AdEMAMix8bitConfig, AdEMAMixConfig};
+pub use algorithms::lamb::{LAMB8bit, LAMB8bitConfig, LAMBConfig, LAMB};
+pub use algorithms::lars::{LARS8bit, LARS8bitConfig, LARSConfig, LARS};
+pub use algorithms::lion::{Lion, Lion8bit, Lion8bitConfig, LionConfig};
+pub use algorithms::rmsprop::{RMSprop, RMSprop8bit, RMSprop8bitConfig, RMSpropConfig};
+pub use algorithms::sgd::{SGD8bit, SGD8bitConfig, SGDConfig, SGD};
 pub use candle_bnb_kernels as kernels;
-pub use engine::{NonFinitePolicy, GRAD_NORM_HISTORY};
-pub use lamb::{
-    LAMB8bit, LAMB8bitConfig, LAMBConfig, LARS8bit, LARS8bitConfig, LARSConfig, LAMB, LARS,
-};
-pub use lion::{Lion, Lion8bit, Lion8bitConfig, LionConfig};
 pub use marks::{keep_32bit_state, keeps_32bit_state};
 pub use optimizer::{Optim, OptimizerConfig};
 pub use overrides::{Overrides, Target, TargetSettings};
-pub use rmsprop::{
-    Adagrad, Adagrad8bit, Adagrad8bitConfig, AdagradConfig, RMSprop, RMSprop8bit,
-    RMSprop8bitConfig, RMSpropConfig,
-};
-pub use sgd::{SGD8bit, SGD8bitConfig, SGDConfig, SGD};
+pub use settings::{NonFinitePolicy, Settings, GRAD_NORM_HISTORY};

@@ -1,80 +1,144 @@
 //! [`Optim`]: the optimizer of this crate, one generic type over its config (the algorithm with
-//! its hyper-parameters and the shared state and gradient settings). Every named optimizer
-//! (`AdamW8bit`, `Lion`, ...) is `Optim<ItsConfig>`.
+//! its hyper-parameters and the shared [`Settings`]) and its default state precision. Every
+//! named optimizer is one: `AdamW` is `Optim<AdamWConfig>`, `AdamW8bit` is
+//! `Optim<AdamWConfig, 8>`.
 
-/// What [`Optim`] needs of a config. Implemented by every config of this crate (sealed); the
-/// text form of the fields is what checkpoints and [`Overrides`](crate::Overrides) use.
+use candle_core::Result;
+
+use crate::Settings;
+
+/// The config of an optimizer of this crate: an algorithm's typed hyper-parameters plus the
+/// shared [`Settings`]. Implemented by every config of the family (sealed: an algorithm is a
+/// config here plus an update rule in `candle_bnb_kernels`, for the CPU and for CUDA). The text
+/// form of the fields is what checkpoints store.
 pub trait OptimizerConfig:
     Clone + std::fmt::Debug + PartialEq + Default + 'static + sealed::Sealed
 {
-    /// The kind written into and checked in checkpoints.
+    /// The kind written into and checked in checkpoints (`"AdamW"` for `AdamW` and
+    /// `AdamW8bit`: both are the same algorithm).
     const KIND: &'static str;
-    /// The name of every field, in declaration order.
-    const FIELD_NAMES: &'static [&'static str];
 
     /// The learning rate.
     fn lr(&self) -> f64;
     /// Sets the learning rate (not validated: [`OptimizerConfig::validate`] is).
     fn set_lr(&mut self, lr: f64);
-    /// Every field with its value as text, in the order of [`OptimizerConfig::FIELD_NAMES`].
-    fn fields(&self) -> Vec<(&'static str, String)>;
-    /// Sets the field `name` from its text form.
-    ///
-    /// # Errors
-    /// An unknown name or a value that does not parse.
-    fn set_field(&mut self, name: &str, value: &str) -> candle_core::Result<()>;
+    /// The state storage and gradient handling settings.
+    fn settings(&self) -> &Settings;
+    /// The state storage and gradient handling settings, to change.
+    fn settings_mut(&mut self) -> &mut Settings;
+
     /// Checks every field's range; errors name the field and its value.
     ///
     /// # Errors
-    /// The first field out of range.
-    fn validate(&self) -> candle_core::Result<()>;
+    /// The first hyper-parameter or setting out of range.
+    fn validate(&self) -> Result<()> {
+        self.check()?;
+        self.settings().validate()
+    }
+
+    /// Every field with its value as text (`f64` values round-trip exactly, `None` is
+    /// `none`): the algorithm's hyper-parameters in declaration order, then the settings.
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut copy = self.clone();
+        let mut fields: Vec<(&'static str, String)> = copy
+            .hyper_parameters()
+            .into_iter()
+            .map(|(name, value)| (name, value.to_text()))
+            .collect();
+        fields.extend(
+            copy.settings_mut()
+                .fields_mut()
+                .into_iter()
+                .map(|(name, value)| (name, value.to_text())),
+        );
+        fields
+    }
+
+    /// Sets the field `name` from its text form (as [`OptimizerConfig::fields`] writes it).
+    ///
+    /// # Errors
+    /// An unknown name (the message lists the fields) or a value that does not parse as the
+    /// field's type. Values are range-checked by [`OptimizerConfig::validate`].
+    fn set_field(&mut self, name: &str, value: &str) -> Result<()> {
+        if let Some((_, field)) = self
+            .hyper_parameters()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+        {
+            return field.set_text(name, value);
+        }
+        if let Some((_, field)) = self
+            .settings_mut()
+            .fields_mut()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+        {
+            return field.set_text(name, value);
+        }
+        let names: Vec<&str> = self.fields().into_iter().map(|(n, _)| n).collect();
+        candle_core::bail!(
+            "{} has no field {name:?}; its fields are {names:?}",
+            Self::KIND
+        )
+    }
 }
 
-/// Keeps [`OptimizerConfig`] to this crate's configs, and holds what only the optimizer calls.
+/// Keeps [`OptimizerConfig`] to this crate's configs, and holds what only the optimizer calls:
+/// what an algorithm file implements besides its accessors.
 pub(crate) mod sealed {
-    use crate::engine::{GradHandling, StateLayout};
+    use candle_core::backprop::GradStore;
+    use candle_core::Result;
+
+    use crate::engine::TrackedParams;
+    use crate::field::FieldText;
 
     pub trait Sealed {
-        /// Where and in what precision the state lives.
-        fn layout(&self) -> StateLayout;
-        /// Clipping and the non-finite policy.
-        fn grad_handling(&self) -> GradHandling;
+        /// The update rule the config makes.
+        type Rule: candle_bnb_kernels::CudaRule;
+        /// The algorithm's hyper-parameters by name, in declaration order (the shared
+        /// settings not included).
+        fn hyper_parameters(&mut self) -> Vec<(&'static str, &mut dyn FieldText)>;
+        /// Checks the hyper-parameters' ranges; errors name the field and its value.
+        fn check(&self) -> Result<()>;
         /// The update rule of a parameter's `step`-th step (1-based).
-        fn rule(&self, step: u64) -> impl candle_bnb_kernels::CudaRule;
+        fn rule(&self, step: u64) -> Self::Rule;
         /// One step of `tracked` with `base`'s gradient handling and each parameter's config
-        /// in `params`. Implemented per config, not generically here, so that the step (the
-        /// CPU kernels and the CUDA launches, generic over the rule) is compiled once, in this
-        /// crate with its optimisation level, instead of again in every crate that steps an
-        /// optimizer.
+        /// in `params`: [`TrackedParams::step_with`]. Each config calls it from its own
+        /// (non-generic) impl so that the step (the CPU kernels and the CUDA launches, generic
+        /// over the rule) is compiled once, in this crate with its optimisation level, instead
+        /// of again in every crate that steps an optimizer.
         fn step(
-            tracked: &mut crate::engine::TrackedParams,
-            grads: &candle_core::backprop::GradStore,
+            tracked: &mut TrackedParams,
+            grads: &GradStore,
             base: &Self,
             params: &[Self],
-        ) -> candle_core::Result<()>
+        ) -> Result<()>
         where
             Self: Sized;
     }
 }
 
-/// An optimizer with 8-bit (blockwise-quantized) or 32-bit state, generic over its config `C`;
-/// see the named forms ([`AdamW8bit`](crate::AdamW8bit) = `Optim<AdamW8bitConfig>`, ...).
+/// An optimizer with 8-bit (blockwise-quantized) or 32-bit state, generic over its config `C`
+/// and its state precision `BITS` (8 or 32), which applies where the config's
+/// [`Settings::optim_bits`] is `None`; see the named forms ([`AdamW`](crate::AdamW) =
+/// `Optim<AdamWConfig>`, [`AdamW8bit`](crate::AdamW8bit) = `Optim<AdamWConfig, 8>`, ...).
 /// Per-parameter settings: [`Optim::new_with_overrides`]. Checkpoints: [`Optim::save`], with
 /// kind [`Optim::KIND`].
-pub struct Optim<C: OptimizerConfig> {
+pub struct Optim<C: OptimizerConfig, const BITS: u32 = 32> {
     tracked: crate::engine::TrackedParams,
     /// The base config (what `learning_rate` reports and `set_learning_rate` sets).
     config: C,
     /// The base learning rate at construction: overridden learning rates keep their
     /// ratio to it when the base changes.
     initial_lr: f64,
-    /// Per parameter: the override settings that apply, in application order.
-    settings: Vec<Vec<(String, String)>>,
+    /// Per parameter: the overrides that apply (field and value as text), in application
+    /// order.
+    overridden: Vec<Vec<(String, String)>>,
     /// Per parameter: the resolved config.
     params: Vec<C>,
 }
 
-impl<C: OptimizerConfig> candle_nn::Optimizer for Optim<C> {
+impl<C: OptimizerConfig, const BITS: u32> candle_nn::Optimizer for Optim<C, BITS> {
     type Config = C;
 
     /// Parameters are named by position (`"0"`, `"1"`, ...) in checkpoints.
@@ -108,7 +172,7 @@ impl<C: OptimizerConfig> candle_nn::Optimizer for Optim<C> {
     }
 }
 
-impl<C: OptimizerConfig> Optim<C> {
+impl<C: OptimizerConfig, const BITS: u32> Optim<C, BITS> {
     /// The kind written into and checked in checkpoints.
     pub const KIND: &'static str = C::KIND;
 
@@ -138,10 +202,16 @@ impl<C: OptimizerConfig> Optim<C> {
         config: C,
         overrides: &crate::Overrides,
     ) -> candle_core::Result<Self> {
+        let mut config = config;
         config.validate()?;
+        // A constant check (BITS is 8 or 32 in every name of the family).
+        if BITS != 8 && BITS != 32 {
+            candle_core::bail!("Optim's state precision must be 8 or 32, got {BITS}")
+        }
+        config.settings_mut().optim_bits.get_or_insert(BITS);
         let vars = crate::engine::float_vars(vars)?;
-        let settings = overrides.resolve(&vars)?;
-        for ((name, _), set) in vars.iter().zip(&settings) {
+        let overridden = overrides.resolve(&vars)?;
+        for ((name, _), set) in vars.iter().zip(&overridden) {
             if let Some((field, _)) = set
                 .iter()
                 .find(|(f, _)| f == "non_finite" || f == "max_grad_norm")
@@ -152,19 +222,19 @@ impl<C: OptimizerConfig> Optim<C> {
             }
         }
         let names = vars.iter().map(|(name, _)| name.as_str());
-        let params = Self::derive(&config, config.lr(), &settings, names)?;
+        let params = Self::derive(&config, config.lr(), &overridden, names)?;
         let tracked = crate::engine::TrackedParams::new(vars, |i| {
             (
-                params[i].layout(),
+                params[i].settings().layout(BITS),
                 params[i].rule(1),
-                params[i].grad_handling().percentile_clipping,
+                params[i].settings().percentile_clipping,
             )
         })?;
         Ok(Self {
             tracked,
             initial_lr: config.lr(),
             config,
-            settings,
+            overridden,
             params,
         })
     }
@@ -196,11 +266,11 @@ impl<C: OptimizerConfig> Optim<C> {
     fn derive<'a>(
         base: &C,
         initial_lr: f64,
-        settings: &[Vec<(String, String)>],
+        overridden: &[Vec<(String, String)>],
         names: impl Iterator<Item = &'a str>,
     ) -> candle_core::Result<Vec<C>> {
-        let mut params = Vec::with_capacity(settings.len());
-        for (name, set) in names.zip(settings) {
+        let mut params = Vec::with_capacity(overridden.len());
+        for (name, set) in names.zip(overridden) {
             let resolve = || -> candle_core::Result<C> {
                 let mut c = base.clone();
                 for (field, value) in set {
@@ -232,7 +302,7 @@ impl<C: OptimizerConfig> Optim<C> {
         self.params = Self::derive(
             &config,
             self.initial_lr,
-            &self.settings,
+            &self.overridden,
             self.tracked.names(),
         )?;
         self.config = config;
@@ -280,7 +350,7 @@ impl<C: OptimizerConfig> Optim<C> {
         let percentile: Vec<u32> = self
             .params
             .iter()
-            .map(|p| p.grad_handling().percentile_clipping)
+            .map(|p| p.settings().percentile_clipping)
             .collect();
         self.tracked.emulate_cuda(emu, &percentile)
     }
@@ -318,7 +388,7 @@ impl<C: OptimizerConfig> Optim<C> {
             path.as_ref(),
             C::KIND,
             &self.config.fields(),
-            &self.settings,
+            &self.overridden,
             &extra,
             &self.tracked,
         )
@@ -340,7 +410,7 @@ impl<C: OptimizerConfig> Optim<C> {
             .map(candle_bnb_kernels::UpdateRule::signed_states)
             .collect();
         let loaded =
-            crate::checkpoint::load(path, C::KIND, &self.tracked, &self.settings, &signed)?;
+            crate::checkpoint::load(path, C::KIND, &self.tracked, &self.overridden, &signed)?;
         let mut config = self.config.clone();
         for (name, value) in &loaded.config {
             config
@@ -349,21 +419,24 @@ impl<C: OptimizerConfig> Optim<C> {
         }
         // Every field must come from the file: a missing one would silently keep this
         // optimizer's value, and the run would not resume as it was saved.
-        if let Some(missing) = C::FIELD_NAMES
-            .iter()
-            .find(|f| !loaded.config.iter().any(|(name, _)| name == *f))
+        if let Some((missing, _)) = C::default()
+            .fields()
+            .into_iter()
+            .find(|(f, _)| !loaded.config.iter().any(|(name, _)| name == f))
         {
             candle_core::bail!(
                 "checkpoint {}: config field {missing:?} is missing",
                 path.display()
             )
         }
-        if config.layout() != self.config.layout() {
+        let (theirs, ours) = (
+            config.settings().layout(BITS),
+            self.config.settings().layout(BITS),
+        );
+        if theirs != ours {
             candle_core::bail!(
-                "checkpoint {}: state layout {:?} differs from this optimizer's {:?}",
+                "checkpoint {}: state layout {theirs:?} differs from this optimizer's {ours:?}",
                 path.display(),
-                config.layout(),
-                self.config.layout()
             )
         }
         config
@@ -377,7 +450,7 @@ impl<C: OptimizerConfig> Optim<C> {
                 loaded.extra.get("initial_lr").filter(|_| other.is_some())
             ),
         };
-        let params = Self::derive(&config, initial_lr, &self.settings, self.tracked.names())
+        let params = Self::derive(&config, initial_lr, &self.overridden, self.tracked.names())
             .map_err(|e| e.context(format!("checkpoint {}", path.display())))?;
         // The states were checked against this optimizer's rules (their count, which
         // may be negative, their maps): the loaded config must make the same rules.

@@ -50,7 +50,8 @@ pub trait TrainOptimizer {
     fn load(&mut self, path: &Path) -> Result<()>;
 }
 
-/// Every optimizer of candle-bnb is `Optim<ItsConfig>`: one impl serves them all.
+/// Every optimizer of candle-bnb is `Optim<ItsConfig>` (its state precision a setting): one impl
+/// serves them all.
 impl<C: bnb::OptimizerConfig> TrainOptimizer for bnb::Optim<C> {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         Optimizer::step(self, grads)
@@ -69,9 +70,11 @@ impl<C: bnb::OptimizerConfig> TrainOptimizer for bnb::Optim<C> {
     }
 }
 
-/// candle-bnb's optimizer with config `C` (its defaults, then `lr`, `weight_decay` and, when
-/// positive, global-norm clipping at `max_grad_norm`) over the named variables.
+/// candle-bnb's optimizer with config `C` (its defaults, then `bits` of state, `lr`,
+/// `weight_decay` and, when positive, global-norm clipping at `max_grad_norm`) over the named
+/// variables.
 fn build<C: bnb::OptimizerConfig>(
+    bits: u32,
     vars: Vec<(String, Var)>,
     lr: f64,
     weight_decay: f64,
@@ -79,10 +82,11 @@ fn build<C: bnb::OptimizerConfig>(
 ) -> Result<Box<dyn TrainOptimizer>> {
     let mut c = C::default();
     c.set_lr(lr);
+    // Every algorithm of the family has a weight decay; the shared settings are typed.
     c.set_field("weight_decay", &weight_decay.to_string())?;
-    if max_grad_norm > 0.0 {
-        c.set_field("max_grad_norm", &max_grad_norm.to_string())?;
-    }
+    let settings = c.settings_mut();
+    settings.optim_bits = Some(bits);
+    settings.max_grad_norm = (max_grad_norm > 0.0).then_some(max_grad_norm);
     Ok(Box::new(bnb::Optim::<C>::new_named(vars, c)?))
 }
 
@@ -145,24 +149,24 @@ pub fn make_optimizer(
 ) -> Result<Box<dyn TrainOptimizer>> {
     let (wd, clip) = (weight_decay, max_grad_norm);
     Ok(match name {
-        "adamw8bit" => build::<bnb::AdamW8bitConfig>(vars, lr, wd, clip)?,
-        "adamw32" => build::<bnb::AdamWConfig>(vars, lr, wd, clip)?,
-        "adam8bit" => build::<bnb::Adam8bitConfig>(vars, lr, wd, clip)?,
-        "adam32" => build::<bnb::AdamConfig>(vars, lr, wd, clip)?,
-        "lion8bit" => build::<bnb::Lion8bitConfig>(vars, lr, wd, clip)?,
-        "lion32" => build::<bnb::LionConfig>(vars, lr, wd, clip)?,
-        "sgd8bit" => build::<bnb::SGD8bitConfig>(vars, lr, wd, clip)?,
-        "sgd32" => build::<bnb::SGDConfig>(vars, lr, wd, clip)?,
-        "rmsprop8bit" => build::<bnb::RMSprop8bitConfig>(vars, lr, wd, clip)?,
-        "rmsprop32" => build::<bnb::RMSpropConfig>(vars, lr, wd, clip)?,
-        "adagrad8bit" => build::<bnb::Adagrad8bitConfig>(vars, lr, wd, clip)?,
-        "adagrad32" => build::<bnb::AdagradConfig>(vars, lr, wd, clip)?,
-        "lamb8bit" => build::<bnb::LAMB8bitConfig>(vars, lr, wd, clip)?,
-        "lamb32" => build::<bnb::LAMBConfig>(vars, lr, wd, clip)?,
-        "lars8bit" => build::<bnb::LARS8bitConfig>(vars, lr, wd, clip)?,
-        "lars32" => build::<bnb::LARSConfig>(vars, lr, wd, clip)?,
-        "ademamix8bit" => build::<bnb::AdEMAMix8bitConfig>(vars, lr, wd, clip)?,
-        "ademamix32" => build::<bnb::AdEMAMixConfig>(vars, lr, wd, clip)?,
+        "adamw8bit" => build::<bnb::AdamWConfig>(8, vars, lr, wd, clip)?,
+        "adamw32" => build::<bnb::AdamWConfig>(32, vars, lr, wd, clip)?,
+        "adam8bit" => build::<bnb::AdamConfig>(8, vars, lr, wd, clip)?,
+        "adam32" => build::<bnb::AdamConfig>(32, vars, lr, wd, clip)?,
+        "lion8bit" => build::<bnb::LionConfig>(8, vars, lr, wd, clip)?,
+        "lion32" => build::<bnb::LionConfig>(32, vars, lr, wd, clip)?,
+        "sgd8bit" => build::<bnb::SGDConfig>(8, vars, lr, wd, clip)?,
+        "sgd32" => build::<bnb::SGDConfig>(32, vars, lr, wd, clip)?,
+        "rmsprop8bit" => build::<bnb::RMSpropConfig>(8, vars, lr, wd, clip)?,
+        "rmsprop32" => build::<bnb::RMSpropConfig>(32, vars, lr, wd, clip)?,
+        "adagrad8bit" => build::<bnb::AdagradConfig>(8, vars, lr, wd, clip)?,
+        "adagrad32" => build::<bnb::AdagradConfig>(32, vars, lr, wd, clip)?,
+        "lamb8bit" => build::<bnb::LAMBConfig>(8, vars, lr, wd, clip)?,
+        "lamb32" => build::<bnb::LAMBConfig>(32, vars, lr, wd, clip)?,
+        "lars8bit" => build::<bnb::LARSConfig>(8, vars, lr, wd, clip)?,
+        "lars32" => build::<bnb::LARSConfig>(32, vars, lr, wd, clip)?,
+        "ademamix8bit" => build::<bnb::AdEMAMixConfig>(8, vars, lr, wd, clip)?,
+        "ademamix32" => build::<bnb::AdEMAMixConfig>(32, vars, lr, wd, clip)?,
         "candle-adamw" => {
             let vars: Vec<Var> = vars.into_iter().map(|(_, v)| v).collect();
             let params = candle_nn::ParamsAdamW {

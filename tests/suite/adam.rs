@@ -1,7 +1,9 @@
 //! Adam/AdamW against candle_nn::AdamW, the paper's formulas and the 32-bit path.
 
 use candle_bnb::kernels::{fused_update, AdamRule, ParamState, QuantMap, UpdateRule};
-use candle_bnb::optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, NonFinitePolicy};
+use candle_bnb::optim::{
+    AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, NonFinitePolicy, Settings,
+};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 use half::{bf16, f16};
@@ -243,7 +245,10 @@ fn non_finite_gradient_skips_the_step_bit_for_bit() {
     assert_eq!((opt.step_count(), opt.skipped_steps()), (1, 1));
 
     let cfg = AdamW8bitConfig {
-        non_finite: NonFinitePolicy::Error,
+        settings: Settings {
+            non_finite: NonFinitePolicy::Error,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut strict = AdamW8bit::new(vec![b.clone()], cfg).unwrap();
@@ -306,12 +311,18 @@ fn bad_configs_are_refused() {
     let w = || vec![Var::zeros(10, DType::F32, &Device::Cpu).unwrap()];
     let err = |cfg: AdamWConfig| AdamW::new(w(), cfg).err().unwrap().to_string();
     assert!(err(AdamWConfig {
-        optim_bits: 16,
+        settings: Settings {
+            optim_bits: Some(16),
+            ..Default::default()
+        },
         ..Default::default()
     })
     .contains("optim_bits must be 8 or 32, got 16"));
     assert!(err(AdamWConfig {
-        block_size: 100,
+        settings: Settings {
+            block_size: 100,
+            ..Default::default()
+        },
         ..Default::default()
     })
     .contains("block_size 100"));

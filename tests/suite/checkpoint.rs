@@ -3,7 +3,7 @@
 
 use candle_bnb::optim::{
     AdEMAMix8bit, AdEMAMix8bitConfig, AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, LAMB8bit,
-    LAMB8bitConfig, Lion8bit, Lion8bitConfig, RMSprop, RMSpropConfig,
+    LAMB8bitConfig, Lion8bit, Lion8bitConfig, RMSprop, RMSpropConfig, Settings,
 };
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
@@ -143,9 +143,12 @@ fn resume_is_bit_exact_for_every_kind_of_state() {
         dir,
         AdamW8bit,
         AdamW8bitConfig {
-            percentile_clipping: 20,
-            max_grad_norm: Some(50.0),
-            block_size: 128,
+            settings: Settings {
+                percentile_clipping: 20,
+                max_grad_norm: Some(50.0),
+                block_size: 128,
+                ..Default::default()
+            },
             ..Default::default()
         }
     );
@@ -269,7 +272,10 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
     AdamW8bit::from_varmap(
         &vm,
         AdamW8bitConfig {
-            block_size: 64,
+            settings: Settings {
+                block_size: 64,
+                ..Default::default()
+            },
             ..Default::default()
         },
     )
@@ -335,8 +341,11 @@ fn fixture_run() -> (VarMap, AdamW8bit, TestRng) {
 
 fn fixture_config() -> AdamW8bitConfig {
     AdamW8bitConfig {
-        max_grad_norm: Some(2.0),
-        percentile_clipping: 90,
+        settings: Settings {
+            max_grad_norm: Some(2.0),
+            percentile_clipping: 90,
+            ..Default::default()
+        },
         ..Default::default()
     }
 }

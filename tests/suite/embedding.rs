@@ -178,11 +178,11 @@ fn embedding_weights_keep_32bit_state_unless_overridden() {
         let weight = vm.data().lock().unwrap()["emb.weight"].clone();
         assert!(keeps_32bit_state(&weight));
         let opt = AdamW8bit::from_varmap(&vm, AdamW8bitConfig::default()).unwrap();
-        let bits: Vec<(&str, u32)> = opt
+        let bits: Vec<(&str, Option<u32>)> = opt
             .param_names()
             .into_iter()
             .zip(opt.param_configs())
-            .map(|(n, c)| (n, c.optim_bits))
+            .map(|(n, c)| (n, c.settings.optim_bits))
             .collect();
         let norms = if stable { 8 * 2 * 32 } else { 0 };
         // 32-bit embedding (8 B/param), 8-bit head weight, small bias (and norm) 32-bit.

@@ -8,7 +8,7 @@ use candle_bnb::optim::{
     AdEMAMix, AdEMAMix8bit, AdEMAMix8bitConfig, AdEMAMixConfig, Adagrad, Adagrad8bit,
     Adagrad8bitConfig, AdagradConfig, LAMB8bit, LAMB8bitConfig, LAMBConfig, LARS8bit,
     LARS8bitConfig, LARSConfig, Lion, Lion8bit, Lion8bitConfig, LionConfig, RMSprop, RMSprop8bit,
-    RMSprop8bitConfig, RMSpropConfig, SGD8bit, SGD8bitConfig, SGDConfig, LAMB, LARS, SGD,
+    RMSprop8bitConfig, RMSpropConfig, SGD8bit, SGD8bitConfig, SGDConfig, Settings, LAMB, LARS, SGD,
 };
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
@@ -677,7 +677,10 @@ fn bad_hyper_parameters_of_the_new_optimizers_are_refused() {
     assert!(msg(LAMB::new(
         w(),
         LAMBConfig {
-            percentile_clipping: 0,
+            settings: Settings {
+                percentile_clipping: 0,
+                ..Default::default()
+            },
             ..Default::default()
         }
     )
@@ -686,7 +689,10 @@ fn bad_hyper_parameters_of_the_new_optimizers_are_refused() {
     assert!(msg(LAMB::new(
         w(),
         LAMBConfig {
-            max_grad_norm: Some(0.0),
+            settings: Settings {
+                max_grad_norm: Some(0.0),
+                ..Default::default()
+            },
             ..Default::default()
         }
     )

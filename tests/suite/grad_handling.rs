@@ -33,7 +33,10 @@ fn global_norm_clipping_scales_every_gradient_like_torch() {
     let max = 3.0;
     let config = SGDConfig {
         lr: 1.0,
-        max_grad_norm: Some(max),
+        settings: Settings {
+            max_grad_norm: Some(max),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut opt = SGD::new(vec![a.clone(), b.clone()], config).unwrap();
@@ -76,7 +79,10 @@ fn percentile_clipping_follows_the_history_of_each_parameter() {
     let percentile = 80;
     let config = SGDConfig {
         lr: 1.0,
-        percentile_clipping: percentile,
+        settings: Settings {
+            percentile_clipping: percentile,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut opt = SGD::new(vec![w.clone()], config).unwrap();
@@ -153,9 +159,13 @@ macro_rules! check_non_finite {
         }
         assert_eq!((opt.step_count(), opt.skipped_steps()), (1, 3), "{}", stringify!($ty));
         type Config = <$ty as Optimizer>::Config;
+        let base: Config = $config;
         let strict_config = Config {
-            non_finite: NonFinitePolicy::Error,
-            ..$config
+            settings: Settings {
+                non_finite: NonFinitePolicy::Error,
+                ..base.settings.clone()
+            },
+            ..base
         };
         let mut strict = $ty::new(vec![b.clone()], strict_config).unwrap();
         let mut g = vec![grads[1].clone()];
@@ -173,7 +183,7 @@ fn non_finite_gradients_change_nothing_in_any_optimizer() {
         &mut rng,
         Adam8bit: Adam8bitConfig::default(),
         AdamW: AdamWConfig::default(),
-        AdamW8bit: AdamW8bitConfig { max_grad_norm: Some(1.0), percentile_clipping: 50, ..Default::default() },
+        AdamW8bit: AdamW8bitConfig { settings: Settings { max_grad_norm: Some(1.0), percentile_clipping: 50, ..Default::default() }, ..Default::default() },
         SGD8bit: SGD8bitConfig { momentum: 0.9, ..Default::default() },
         Lion8bit: Lion8bitConfig::default(),
         RMSprop8bit: RMSprop8bitConfig { momentum: 0.5, centered: true, ..Default::default() },

@@ -12,7 +12,7 @@ use candle_bnb::optim::{
     AdEMAMix, AdEMAMixConfig, Adagrad, AdagradConfig, Adam, Adam8bit, Adam8bitConfig, AdamConfig,
     AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, LAMB8bit, LAMB8bitConfig, LAMBConfig, Lion,
     LionConfig, Overrides, RMSprop8bit, RMSprop8bitConfig, RMSpropConfig, SGD8bit, SGD8bitConfig,
-    LAMB,
+    Settings, LAMB,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
@@ -121,8 +121,11 @@ fn item2_zero_element_params_are_a_no_op_in_every_step() {
         }};
     }
     let small_blocks = AdamW8bitConfig {
-        min_8bit_size: 64,
-        block_size: 64,
+        settings: Settings {
+            min_8bit_size: 64,
+            block_size: 64,
+            ..Default::default()
+        },
         ..Default::default()
     };
     check!(AdamW8bit, small_blocks.clone(), DType::F32);
@@ -145,7 +148,10 @@ fn item2_a_gradient_aliasing_its_parameter_steps_like_a_copy() {
         Var::from_tensor(&other.copy().unwrap()).unwrap(),
     );
     let config = AdamW8bitConfig {
-        min_8bit_size: 64,
+        settings: Settings {
+            min_8bit_size: 64,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut opt = AdamW8bit::new(vec![other.clone(), p.clone()], config.clone()).unwrap();
@@ -206,9 +212,12 @@ fn small_trained(rng: &mut TestRng) -> (Vec<(String, Var)>, AdamW8bit) {
         ),
     ];
     let config = AdamW8bitConfig {
-        min_8bit_size: 64,
-        block_size: 64,
-        percentile_clipping: 90,
+        settings: Settings {
+            min_8bit_size: 64,
+            block_size: 64,
+            percentile_clipping: 90,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut opt = AdamW8bit::new_named(vars.clone(), config).unwrap();
@@ -522,8 +531,11 @@ fn item3e_any_parameter_name_round_trips() {
         .map(|n| (n.to_string(), var(&mut rng, &[80])))
         .collect();
     let config = AdamW8bitConfig {
-        min_8bit_size: 64,
-        block_size: 64,
+        settings: Settings {
+            min_8bit_size: 64,
+            block_size: 64,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut opt = AdamW8bit::new_named(vars.clone(), config.clone()).unwrap();

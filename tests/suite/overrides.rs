@@ -1,7 +1,7 @@
 //! Per-parameter overrides: every kind of target, the precedence order, the behaviour they cause,
 //! parameter groups, learning-rate ratios, checkpoints and typos.
 
-use candle_bnb::optim::{AdamW8bit, AdamW8bitConfig, Overrides};
+use candle_bnb::optim::{AdamW8bit, AdamW8bitConfig, OptimizerConfig, Overrides};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 
@@ -290,16 +290,24 @@ fn typed_overrides_resolve_as_the_text_ones() {
     for (name, c) in &configs {
         let q0 = *name == "model.layers.0.attn.q_proj.weight";
         assert_eq!(
-            c.optim_bits == 32,
+            c.settings.optim_bits == Some(32),
             name.starts_with("model.embed_tokens"),
             "{name}"
         );
-        assert_eq!(c.block_size == 64, name.contains("layers.1"), "{name}");
+        assert_eq!(
+            c.settings.block_size == 64,
+            name.contains("layers.1"),
+            "{name}"
+        );
         assert_eq!(c.weight_decay == 0.0, name.ends_with(".bias"), "{name}");
         assert_eq!(c.beta2 == 0.99, name.ends_with(".bias"), "{name}");
         assert_eq!(c.lr == 3e-4, q0, "{name}");
-        assert_eq!(c.percentile_clipping == 95, q0, "{name}");
-        assert_eq!(c.min_8bit_size == 100, name.starts_with("model."), "{name}");
+        assert_eq!(c.settings.percentile_clipping == 95, q0, "{name}");
+        assert_eq!(
+            c.settings.min_8bit_size == 100,
+            name.starts_with("model."),
+            "{name}"
+        );
     }
     // An invalid typed value is refused when the optimizer is built, naming the parameter.
     let bad = Overrides::new()

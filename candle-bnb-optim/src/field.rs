@@ -1,0 +1,118 @@
+//! The text form of config fields, as checkpoints store them and
+//! [`OptimizerConfig::set_field`](crate::OptimizerConfig::set_field) reads them.
+
+use std::fmt::Display;
+use std::str::FromStr;
+
+use candle_core::{bail, Result};
+
+use crate::NonFinitePolicy;
+
+/// A config field that reads and writes its value as text; `f64` values round-trip exactly.
+pub trait FieldText {
+    /// The value as text (read back exactly by [`FieldText::set_text`]).
+    fn to_text(&self) -> String;
+    /// Sets the value of the field `name` from `value`.
+    ///
+    /// # Errors
+    /// `value` does not parse as the field's type (the message names the field).
+    fn set_text(&mut self, name: &str, value: &str) -> Result<()>;
+}
+
+/// Parses `value` for the field `name`.
+fn parse<T: FromStr>(name: &str, value: &str) -> Result<T>
+where
+    T::Err: Display,
+{
+    value.trim().parse().map_err(|e| {
+        candle_core::Error::Msg(format!(
+            "field {name}: cannot parse {value:?} as {}: {e}",
+            std::any::type_name::<T>()
+        ))
+    })
+}
+
+/// The numbers and flags of configs: their `Display` and `FromStr` forms.
+trait Plain: Display + FromStr<Err: Display> {}
+
+impl Plain for f64 {}
+impl Plain for bool {}
+impl Plain for u32 {}
+impl Plain for u64 {}
+impl Plain for usize {}
+
+impl<T: Plain> FieldText for T {
+    fn to_text(&self) -> String {
+        self.to_string()
+    }
+
+    fn set_text(&mut self, name: &str, value: &str) -> Result<()> {
+        *self = parse(name, value)?;
+        Ok(())
+    }
+}
+
+/// `none` or the value.
+impl<T: Plain> FieldText for Option<T> {
+    fn to_text(&self) -> String {
+        match self {
+            Some(v) => v.to_string(),
+            None => "none".to_string(),
+        }
+    }
+
+    fn set_text(&mut self, name: &str, value: &str) -> Result<()> {
+        *self = match value.trim() {
+            "none" => None,
+            v => Some(parse(name, v)?),
+        };
+        Ok(())
+    }
+}
+
+impl FieldText for NonFinitePolicy {
+    fn to_text(&self) -> String {
+        match self {
+            Self::Skip => "skip",
+            Self::Error => "error",
+        }
+        .to_string()
+    }
+
+    fn set_text(&mut self, name: &str, value: &str) -> Result<()> {
+        *self = match value.trim() {
+            "skip" => Self::Skip,
+            "error" => Self::Error,
+            v => bail!("field {name}: expected \"skip\" or \"error\", got {v:?}"),
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_of_field_round_trips_its_text() {
+        let mut x = 0.1f64 + 0.2;
+        let text = x.to_text();
+        x.set_text("x", "1").unwrap();
+        x.set_text("x", &text).unwrap();
+        assert_eq!(x, 0.1 + 0.2);
+        let mut steps: Option<u64> = Some(7);
+        steps.set_text("t", "none").unwrap();
+        assert_eq!(steps, None);
+        steps.set_text("t", " 12 ").unwrap();
+        assert_eq!((steps, steps.to_text()), (Some(12), "12".to_string()));
+        let mut policy = NonFinitePolicy::Skip;
+        policy.set_text("non_finite", "error").unwrap();
+        assert_eq!(policy.to_text(), "error");
+        let err = policy.set_text("non_finite", "ignore").unwrap_err();
+        assert!(err.to_string().contains("\"ignore\""), "{err}");
+        let mut flag = false;
+        let err = flag.set_text("nesterov", "yes").unwrap_err().to_string();
+        assert!(err.contains("nesterov") && err.contains("\"yes\""), "{err}");
+        assert!(!flag);
+    }
+}
