@@ -28,12 +28,13 @@ mod blockwise;
 mod checks;
 mod cpu;
 #[cfg(any(feature = "cuda", feature = "emulator"))]
-mod cuda;
+#[cfg_attr(not(feature = "cuda"), doc(hidden))]
+pub mod cuda;
 mod lookup;
 mod midpoint;
 mod qmap;
 mod rules;
-mod slot_table;
+pub mod slot_table;
 mod sum_squares;
 mod update;
 
@@ -42,13 +43,6 @@ pub use blockwise::{
     SUPPORTED_BLOCK_SIZES,
 };
 pub use cpu::{Isa, CPU_ISA_ENV};
-// Without `cuda` these exist for the emulated device only (tests): hidden from the docs.
-#[cfg(any(feature = "cuda", feature = "emulator"))]
-#[cfg_attr(not(feature = "cuda"), doc(hidden))]
-pub use cuda::optimizer_state::CudaOptimizerState;
-#[cfg(any(feature = "cuda", feature = "emulator"))]
-#[cfg_attr(not(feature = "cuda"), doc(hidden))]
-pub use cuda::step::{CudaParam, CudaStepOutcome, CUDA_GRAD_NORM_HISTORY};
 
 /// The emulated CUDA device (the `emulator` feature): the CUDA kernels compiled for the CPU and
 /// run with the GPU's execution model, behind the same host code as on a GPU. For tests; not a

@@ -1,62 +1,97 @@
-//! The byte layout of the device tables the CUDA step kernels read (`kernels/norms.cu`
-//! `GradSlot`, `kernels/fused.cu` `Slot<Rule>`). Plain host code, compiled and tested without
-//! CUDA, so the offsets are checked on every machine; `cuda/step/tables.rs` fills the tables
-//! with it.
-#![cfg_attr(not(any(feature = "cuda", feature = "emulator")), allow(dead_code))]
+//! The table ABI of the CUDA step kernels: the byte layout of the device tables they read
+//! (`kernels/norms.cu` `GradSlot`, `kernels/fused.cu` `Slot<Rule>`) and the constants they are
+//! compiled with. Plain host code, compiled and tested without CUDA, so the offsets are checked
+//! on every machine; the optimizers' device state (`candle-bnb-optim`) fills its tables with it.
+
+use candle_core::{bail, DType, Result};
 
 use crate::rules::CudaRule;
 
+/// Elements per partial sum of the gradient pre-pass (`norms.cu` kChunk, the CPU's block of
+/// [`sum_squares`](crate::sum_squares)).
+pub const NORM_CHUNK: usize = 4096;
+/// Squared gradient norms kept per parameter for percentile clipping (`norms.cu` kHistory).
+pub const CUDA_GRAD_NORM_HISTORY: usize = 100;
+/// The block size `fused.cu` tiles 32-bit state with (it needs one where nothing is quantized):
+/// 16 quantization-sized blocks per CUDA block.
+pub const F32_TILE_BLOCK: usize = 256;
+
+/// The `dtype` code of a [`GradSlot`]: 0 f32, 1 f16, 2 bf16.
+///
+/// # Errors
+/// Any other dtype (naming it).
+pub fn dtype_code(dtype: DType) -> Result<u32> {
+    Ok(match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        other => bail!("CUDA optimizer steps take F32, F16 or BF16 parameters, got {other:?}"),
+    })
+}
+
 /// Bytes of `norms.cu`'s `GradSlot`.
-pub(crate) const GRAD_SLOT_BYTES: usize = 32;
+pub const GRAD_SLOT_BYTES: usize = 32;
 /// Bytes of `fused.cu`'s `Slot<Rule>` before the rule.
-pub(crate) const SLOT_HEADER_BYTES: usize = 88;
+pub const SLOT_HEADER_BYTES: usize = 88;
 
 /// Bytes of one `Slot<R>`: the header and the rule, rounded up to 8 (the struct's alignment).
-pub(crate) fn slot_bytes<R: CudaRule>() -> usize {
+pub fn slot_bytes<R: CudaRule>() -> usize {
     (SLOT_HEADER_BYTES + std::mem::size_of::<R>()).div_ceil(8) * 8
 }
 
 /// One gradient of the pre-pass (`GradSlot`).
-pub(crate) struct GradSlot {
-    pub(crate) grad: u64,
-    pub(crate) n: u64,
-    pub(crate) first_chunk: u64,
-    /// 0 f32, 1 f16, 2 bf16.
-    pub(crate) dtype: u32,
+pub struct GradSlot {
+    /// Device address of the gradient.
+    pub grad: u64,
+    /// Its elements.
+    pub n: u64,
+    /// Its first chunk among the step's partial sums.
+    pub first_chunk: u64,
+    /// [`dtype_code`] of the gradient.
+    pub dtype: u32,
     /// The optimizer's parameter index.
-    pub(crate) index: u32,
+    pub index: u32,
 }
 
 /// One parameter of a fused launch (`Slot<Rule>`).
-pub(crate) struct Slot<'a, R> {
-    pub(crate) param: u64,
-    pub(crate) grad: u64,
-    pub(crate) state: [u64; 3],
-    pub(crate) absmax: [u64; 3],
-    pub(crate) n: u64,
-    pub(crate) first_block: u64,
-    pub(crate) scale_index: u64,
-    pub(crate) rule: &'a R,
+pub struct Slot<'a, R> {
+    /// Device address of the parameter.
+    pub param: u64,
+    /// Device address of its gradient.
+    pub grad: u64,
+    /// Device addresses of its states (f32 values or 8-bit codes; 0 past the rule's count).
+    pub state: [u64; 3],
+    /// Device addresses of its states' per-block scales (8-bit state; 0 otherwise).
+    pub absmax: [u64; 3],
+    /// Its elements.
+    pub n: u64,
+    /// Its first block among the group's blocks.
+    pub first_block: u64,
+    /// Its index into the pre-pass's gradient scales.
+    pub scale_index: u64,
+    /// Its update rule.
+    pub rule: &'a R,
 }
 
 /// Little-endian fields written one after the other into a table.
-pub(crate) struct TableWriter<'a> {
+pub struct TableWriter<'a> {
     buf: &'a mut [u8],
     at: usize,
 }
 
 impl<'a> TableWriter<'a> {
-    pub(crate) fn new(buf: &'a mut [u8]) -> Self {
+    /// A writer at the start of `buf`.
+    pub fn new(buf: &'a mut [u8]) -> Self {
         Self { buf, at: 0 }
     }
 
     /// Where the next entry goes.
-    pub(crate) fn position(&self) -> usize {
+    pub fn position(&self) -> usize {
         self.at
     }
 
     /// Moves to byte `at` (the start of the slot tables after the grad slots).
-    pub(crate) fn seek(&mut self, at: usize) {
+    pub fn seek(&mut self, at: usize) {
         self.at = at;
     }
 
@@ -73,7 +108,11 @@ impl<'a> TableWriter<'a> {
         self.bytes(&v.to_le_bytes());
     }
 
-    pub(crate) fn grad_slot(&mut self, s: &GradSlot) {
+    /// Writes `s` as a `GradSlot`.
+    ///
+    /// # Panics
+    /// The buffer has less than [`GRAD_SLOT_BYTES`] left.
+    pub fn grad_slot(&mut self, s: &GradSlot) {
         let start = self.at;
         self.u64(s.grad);
         self.u64(s.n);
@@ -83,7 +122,11 @@ impl<'a> TableWriter<'a> {
         debug_assert_eq!(self.at - start, GRAD_SLOT_BYTES);
     }
 
-    pub(crate) fn slot<R: CudaRule>(&mut self, s: &Slot<'_, R>) {
+    /// Writes `s` as a `Slot<R>` ([`slot_bytes`] bytes, padding zeroed).
+    ///
+    /// # Panics
+    /// The buffer has less than [`slot_bytes`] left.
+    pub fn slot<R: CudaRule>(&mut self, s: &Slot<'_, R>) {
         let start = self.at;
         self.u64(s.param);
         self.u64(s.grad);

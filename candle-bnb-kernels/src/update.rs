@@ -250,8 +250,8 @@ impl ParamState {
 /// # Errors
 /// A dtype, shape or device mismatch, a non-contiguous `param`, a state with another element
 /// count or number of buffers than the rule keeps, or a tensor not on the CPU (this host-state
-/// form is CPU-only; CUDA parameters are stepped with their state on the device by
-/// `CudaOptimizerState`, which the optimizers use). Nothing is changed on error.
+/// form is CPU-only; the optimizers of `candle-bnb-optim` step CUDA parameters with their state
+/// on the device). Nothing is changed on error.
 pub fn fused_update<R: UpdateRule>(
     rule: &R,
     param: &Tensor,
@@ -319,7 +319,7 @@ pub fn check_fused_update<R: UpdateRule>(
     }
     if !param.device().is_cpu() || !grad.device().is_cpu() {
         bail!(
-            "fused_update: takes CPU tensors (parameter on {:?}, gradient on {:?}); CUDA parameters step through CudaOptimizerState (the optimizers do this)",
+            "fused_update: takes CPU tensors (parameter on {:?}, gradient on {:?}); the optimizers of candle-bnb-optim step CUDA parameters with their state on the device",
             param.device().location(),
             grad.device().location()
         )

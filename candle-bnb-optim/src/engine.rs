@@ -51,7 +51,7 @@ pub struct TrackedParams {
     pub(crate) steps: u64,
     pub(crate) skipped: u64,
     #[cfg(any(feature = "cuda", feature = "emulator"))]
-    device: Option<candle_bnb_kernels::CudaOptimizerState>,
+    device: Option<crate::cuda::CudaOptimizerState>,
 }
 
 impl TrackedParams {
@@ -123,8 +123,7 @@ impl TrackedParams {
     /// Moves the state to `dev`, leaving placeholders on the host.
     #[cfg(feature = "cuda")]
     fn move_to_device(&mut self, dev: &candle_core::CudaDevice, percentile: &[u32]) -> Result<()> {
-        let device =
-            candle_bnb_kernels::CudaOptimizerState::new(dev, &self.device_params(percentile))?;
+        let device = crate::cuda::CudaOptimizerState::new(dev, &self.device_params(percentile))?;
         self.adopt_device(device)
     }
 
@@ -143,20 +142,18 @@ impl TrackedParams {
         if self.device.is_some() {
             bail!("the optimizer state is on a device already")
         }
-        let device = candle_bnb_kernels::CudaOptimizerState::new_emulated(
-            emu,
-            &self.device_params(percentile),
-        )?;
+        let device =
+            crate::cuda::CudaOptimizerState::new_emulated(emu, &self.device_params(percentile))?;
         self.adopt_device(device)
     }
 
     /// What the device state is built from: every parameter with its host state.
     #[cfg(any(feature = "cuda", feature = "emulator"))]
-    fn device_params(&self, percentile: &[u32]) -> Vec<candle_bnb_kernels::CudaParam<'_>> {
+    fn device_params(&self, percentile: &[u32]) -> Vec<crate::cuda::CudaParam<'_>> {
         self.params
             .iter()
             .zip(percentile)
-            .map(|(s, &p)| candle_bnb_kernels::CudaParam {
+            .map(|(s, &p)| crate::cuda::CudaParam {
                 param: s.var.as_tensor(),
                 state: &s.state,
                 percentile_clipping: p,
@@ -167,7 +164,7 @@ impl TrackedParams {
 
     /// Keeps `device` as the state, leaving placeholders on the host.
     #[cfg(any(feature = "cuda", feature = "emulator"))]
-    fn adopt_device(&mut self, device: candle_bnb_kernels::CudaOptimizerState) -> Result<()> {
+    fn adopt_device(&mut self, device: crate::cuda::CudaOptimizerState) -> Result<()> {
         let placeholders = self
             .params
             .iter()
@@ -242,8 +239,8 @@ impl TrackedParams {
         #[cfg(any(feature = "cuda", feature = "emulator"))]
         if let Some(device) = &self.device {
             return match device.peek_outcome() {
-                Ok(Some(candle_bnb_kernels::CudaStepOutcome::Taken)) => Some(true),
-                Ok(Some(candle_bnb_kernels::CudaStepOutcome::Skipped { .. })) => Some(false),
+                Ok(Some(crate::cuda::CudaStepOutcome::Taken)) => Some(true),
+                Ok(Some(crate::cuda::CudaStepOutcome::Skipped { .. })) => Some(false),
                 _ => None,
             };
         }
@@ -259,7 +256,7 @@ impl TrackedParams {
         #[cfg(any(feature = "cuda", feature = "emulator"))]
         if let Some(device) = &self.device {
             let pending = match device.peek_outcome()? {
-                Some(candle_bnb_kernels::CudaStepOutcome::Taken) => device.pending_params(),
+                Some(crate::cuda::CudaStepOutcome::Taken) => device.pending_params(),
                 _ => &[],
             };
             let host = device.download()?;
@@ -377,7 +374,7 @@ impl TrackedParams {
     }
 
     /// The CUDA step: the pre-pass, clipping and every update run on the device (see
-    /// `candle_bnb_kernels::CudaOptimizerState`). The last step's outcome is read first, so the
+    /// `crate::cuda::CudaOptimizerState`). The last step's outcome is read first, so the
     /// rules are built from exact step counts; that read finds the device long done in a
     /// training loop. `NonFinitePolicy::Error` waits for this step's pre-pass to report.
     #[cfg(any(feature = "cuda", feature = "emulator"))]
@@ -388,7 +385,7 @@ impl TrackedParams {
         percentile: impl Fn(usize) -> u32,
         make_rule: impl Fn(usize, u64) -> R,
     ) -> Result<()> {
-        use candle_bnb_kernels::CudaStepOutcome;
+        use crate::cuda::CudaStepOutcome;
         self.settle_cuda_outcome(true)?;
         let percentiles: Vec<u32> = (0..self.params.len()).map(&percentile).collect();
         let device = self.device.as_mut().expect("checked by the caller");
@@ -429,8 +426,8 @@ impl TrackedParams {
     fn settle_cuda_outcome(
         &mut self,
         count_skipped: bool,
-    ) -> Result<Option<candle_bnb_kernels::CudaStepOutcome>> {
-        use candle_bnb_kernels::CudaStepOutcome;
+    ) -> Result<Option<crate::cuda::CudaStepOutcome>> {
+        use crate::cuda::CudaStepOutcome;
         let Some(device) = self.device.as_mut() else {
             return Ok(None);
         };

@@ -30,6 +30,8 @@
 mod algorithms;
 mod check;
 pub mod checkpoint;
+#[cfg(any(feature = "cuda", feature = "emulator"))]
+mod cuda;
 mod engine;
 mod field;
 mod marks;

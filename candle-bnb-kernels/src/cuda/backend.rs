@@ -14,7 +14,7 @@ use half::{bf16, f16};
 
 /// The kernel files, one module each (`kernels/<name>.cu`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Module {
+pub enum Module {
     /// `kernels/quantize.cu`.
     Quantize,
     /// `kernels/fused.cu`.
@@ -76,8 +76,9 @@ unsafe impl Element for f16 {}
 // SAFETY: as above.
 unsafe impl Element for bf16 {}
 
-/// A device the CUDA host code runs on.
-pub(crate) trait Backend {
+/// A device the CUDA host code runs on: a GPU (`CudaDriver`) or the emulated device
+/// (`Emulator`); sealed, those are the two.
+pub trait Backend: sealed::Sealed {
     /// `len` elements of `T` in device memory.
     type Buffer<T: Element>;
     /// `len` elements of `T` in page-locked host memory (the source or target of stream-ordered
@@ -159,4 +160,13 @@ pub(crate) trait Backend {
     /// this device; `what` names it in errors), and a hold that keeps that memory usable by
     /// launches until dropped: drop it after the last launch that reads the address.
     fn tensor_address(&self, t: &Tensor, what: &str) -> Result<(u64, Self::Hold)>;
+}
+
+/// Keeps [`Backend`] to this crate's devices.
+mod sealed {
+    pub trait Sealed {}
+    #[cfg(feature = "cuda")]
+    impl Sealed for super::super::driver::CudaDriver {}
+    #[cfg(feature = "emulator")]
+    impl Sealed for super::super::emulator::Emulator {}
 }

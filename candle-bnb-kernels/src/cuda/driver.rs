@@ -24,20 +24,22 @@ const NORMS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norms.ptx"));
 /// A CUDA device and its stream (Candle's per-thread stream: the tables hold raw addresses, which
 /// cudarc's cross-stream event tracking does not see, so everything stays on this one).
 #[derive(Clone)]
-pub(crate) struct CudaDriver {
+pub struct CudaDriver {
     dev: CudaDevice,
     stream: Arc<CudaStream>,
 }
 
 impl CudaDriver {
-    pub(crate) fn new(dev: &CudaDevice) -> Self {
+    /// The device `dev` on its current stream.
+    pub fn new(dev: &CudaDevice) -> Self {
         Self {
             dev: dev.clone(),
             stream: dev.cuda_stream(),
         }
     }
 
-    pub(crate) fn device(&self) -> &CudaDevice {
+    /// The Candle device.
+    pub fn device(&self) -> &CudaDevice {
         &self.dev
     }
 }

@@ -1,17 +1,24 @@
-//! The CUDA kernels' host side. The `cuda` feature runs it on a GPU: PTX compiled from
-//! `kernels/*.cu` by the build script, embedded here and loaded through Candle's `CudaDevice` on
-//! first use. The `emulator` feature runs the same host code on an emulated device that executes
-//! the same kernel files compiled for the CPU (`emu/`). Each `.cu` file mirrors a CPU module (see
-//! `kernels/README.md`).
+//! The CUDA kernels' host side, stateless: one device interface ([`Backend`]) with a GPU
+//! implementation ([`CudaDriver`], the `cuda` feature: PTX compiled from `kernels/*.cu` by the
+//! build script, embedded here and loaded through Candle's `CudaDevice` on first use) and an
+//! emulated one (`emulator` feature: the same kernel files compiled for the CPU, `emu/`); the
+//! blockwise quantization launches; the optimizer-step launches with typed arguments
+//! ([`launch_prepass`], [`launch_update`]), whose tables [`crate::slot_table`] lays out. The
+//! state those launches step lives in `candle-bnb-optim`. Each `.cu` file mirrors a CPU module
+//! (see `kernels/README.md`).
+
+pub use backend::{Backend, Element, KernelArg, Module};
+#[cfg(feature = "cuda")]
+pub use driver::CudaDriver;
+pub use launch::{launch_prepass, launch_update, PrepassLaunch, UpdateLaunch};
 
 pub(crate) mod backend;
 #[cfg(feature = "cuda")]
 pub(crate) mod driver;
 #[cfg(feature = "emulator")]
 pub(crate) mod emulator;
-pub(crate) mod optimizer_state;
+pub(crate) mod launch;
 pub(crate) mod quantize;
-pub(crate) mod step;
 
 use crate::QuantMap;
 
@@ -21,11 +28,11 @@ pub(crate) const THREADS: u32 = 256;
 pub(crate) const MAX_GRID: u64 = 8192;
 
 /// Bytes of one `QuantTable` (`kernels/lookup.cuh`).
-pub(crate) const QUANT_TABLE_BYTES: usize = 2304;
+pub const QUANT_TABLE_BYTES: usize = 2304;
 
 /// `map` in the layout of `kernels/lookup.cuh`'s `QuantTable`: the 256 values, the code
 /// boundaries padded with +inf to 256, and the region codes padded with the last one.
-pub(crate) fn quant_table_bytes(map: &QuantMap) -> Vec<u8> {
+pub fn quant_table_bytes(map: &QuantMap) -> Vec<u8> {
     let lookup = map.lookup();
     let (thresholds, region_codes) = (lookup.thresholds(), lookup.region_codes());
     let mut bytes = Vec::with_capacity(QUANT_TABLE_BYTES);

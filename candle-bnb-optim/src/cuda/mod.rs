@@ -1,17 +1,21 @@
-//! [`CudaOptimizerState`]: the public face of [`StepState`], one variant per device kind (a
-//! CUDA GPU; the emulated device of the `emulator` feature, for tests).
+//! An optimizer's state on a CUDA device: [`CudaOptimizerState`], one variant per device kind (a
+//! CUDA GPU; the emulated device of the `emulator` feature, for tests) over the one host code
+//! of a step, [`StepState`] (`step/`), which launches `candle_bnb_kernels`' CUDA kernels.
 
 use std::collections::VecDeque;
 
 use candle_core::{Result, Tensor};
 
 #[cfg(feature = "cuda")]
-use super::driver::CudaDriver;
+use candle_bnb_kernels::cuda::CudaDriver;
 #[cfg(feature = "emulator")]
-use super::emulator::Emulator;
-use super::step::{CudaParam, CudaStepOutcome, StepState};
-use crate::rules::CudaRule;
-use crate::update::ParamState;
+use candle_bnb_kernels::emulator::Emulator;
+use candle_bnb_kernels::{CudaRule, ParamState};
+
+mod step;
+
+use step::StepState;
+pub(crate) use step::{CudaParam, CudaStepOutcome};
 
 /// The state of an optimizer whose parameters are on one CUDA device, with what a step launches.
 ///
@@ -35,7 +39,7 @@ use crate::update::ParamState;
 /// the thread that runs the model, or synchronize other streams yourself. A gradient that is not
 /// contiguous is copied to a contiguous one first (an allocation in that step). The math is the
 /// CPU's, rule for rule (`kernels/README.md` lists where the bits may differ).
-pub struct CudaOptimizerState(Inner);
+pub(crate) struct CudaOptimizerState(Inner);
 
 /// Boxed: the two states differ in size by the size of their device handles and buffers.
 enum Inner {
@@ -63,10 +67,10 @@ impl CudaOptimizerState {
     /// # Errors
     /// A parameter not on `dev`, not contiguous, or not `F32`/`F16`/`BF16`; a state whose length
     /// differs from its parameter's; a percentile outside 1..=100; more than
-    /// [`CUDA_GRAD_NORM_HISTORY`](crate::CUDA_GRAD_NORM_HISTORY) recorded norms; more than
+    /// [`CUDA_GRAD_NORM_HISTORY`](candle_bnb_kernels::slot_table::CUDA_GRAD_NORM_HISTORY) recorded norms; more than
     /// `u32::MAX` parameters; CUDA errors.
     #[cfg(feature = "cuda")]
-    pub fn new(dev: &candle_core::CudaDevice, params: &[CudaParam<'_>]) -> Result<Self> {
+    pub(crate) fn new(dev: &candle_core::CudaDevice, params: &[CudaParam<'_>]) -> Result<Self> {
         Ok(Self(Inner::Cuda(Box::new(StepState::new(
             CudaDriver::new(dev),
             params,
@@ -80,50 +84,11 @@ impl CudaOptimizerState {
     /// # Errors
     /// As `CudaOptimizerState::new`, with parameters that must be on the CPU.
     #[cfg(feature = "emulator")]
-    #[doc(hidden)]
-    pub fn new_emulated(emu: &Emulator, params: &[CudaParam<'_>]) -> Result<Self> {
+    pub(crate) fn new_emulated(emu: &Emulator, params: &[CudaParam<'_>]) -> Result<Self> {
         Ok(Self(Inner::Emulated(Box::new(StepState::new(
             emu.clone(),
             params,
         )?))))
-    }
-
-    /// The CUDA device the state is on (`None` on the emulated device).
-    #[cfg(feature = "cuda")]
-    pub fn device(&self) -> Option<&candle_core::CudaDevice> {
-        match &self.0 {
-            Inner::Cuda(s) => Some(s.backend().device()),
-            #[cfg(feature = "emulator")]
-            Inner::Emulated(_) => None,
-        }
-    }
-
-    /// The emulated device the state is on, if it is on one.
-    #[cfg(feature = "emulator")]
-    #[doc(hidden)]
-    pub fn emulator(&self) -> Option<&Emulator> {
-        match &self.0 {
-            #[cfg(feature = "cuda")]
-            Inner::Cuda(_) => None,
-            Inner::Emulated(s) => Some(s.backend()),
-        }
-    }
-
-    /// Number of parameters.
-    pub fn len(&self) -> usize {
-        on_device!(&self.0, s => s.len())
-    }
-
-    /// Whether there are no parameters.
-    pub fn is_empty(&self) -> bool {
-        on_device!(&self.0, s => s.is_empty())
-    }
-
-    /// How many times reading a step's outcome found the device not yet done and waited (a
-    /// figure for benchmarks: in a training loop the previous step's pre-pass is long finished
-    /// when the next step starts).
-    pub fn blocking_waits(&self) -> u64 {
-        on_device!(&self.0, s => s.blocking_waits())
     }
 
     /// Sets each parameter's percentile-clipping setting (1..=100, 100 = off), copying only when
@@ -131,7 +96,7 @@ impl CudaOptimizerState {
     ///
     /// # Errors
     /// Not one value per parameter, a value outside 1..=100, CUDA errors.
-    pub fn set_percentiles(&mut self, percentiles: &[u32]) -> Result<()> {
+    pub(crate) fn set_percentiles(&mut self, percentiles: &[u32]) -> Result<()> {
         on_device!(&mut self.0, s => s.set_percentiles(percentiles))
     }
 
@@ -140,7 +105,11 @@ impl CudaOptimizerState {
     ///
     /// # Errors
     /// Those of [`Self::check_upload`]; CUDA errors.
-    pub fn upload(&mut self, states: &[&ParamState], grad_norms: &[&VecDeque<f64>]) -> Result<()> {
+    pub(crate) fn upload(
+        &mut self,
+        states: &[&ParamState],
+        grad_norms: &[&VecDeque<f64>],
+    ) -> Result<()> {
         on_device!(&mut self.0, s => s.upload(states, grad_norms))
     }
 
@@ -149,8 +118,8 @@ impl CudaOptimizerState {
     /// # Errors
     /// A count, length, precision, state count, block size or map that differs from the state
     /// this was built with (naming the parameter), or more than
-    /// [`CUDA_GRAD_NORM_HISTORY`](crate::CUDA_GRAD_NORM_HISTORY) norms.
-    pub fn check_upload(
+    /// [`CUDA_GRAD_NORM_HISTORY`](candle_bnb_kernels::slot_table::CUDA_GRAD_NORM_HISTORY) norms.
+    pub(crate) fn check_upload(
         &self,
         states: &[&ParamState],
         grad_norms: &[&VecDeque<f64>],
@@ -162,7 +131,7 @@ impl CudaOptimizerState {
     ///
     /// # Errors
     /// CUDA errors.
-    pub fn download(&self) -> Result<Vec<(ParamState, VecDeque<f64>)>> {
+    pub(crate) fn download(&self) -> Result<Vec<(ParamState, VecDeque<f64>)>> {
         on_device!(&self.0, s => s.download())
     }
 
@@ -175,12 +144,12 @@ impl CudaOptimizerState {
     ///
     /// # Errors
     /// CUDA errors.
-    pub fn take_outcome(&mut self) -> Result<Option<(CudaStepOutcome, Vec<usize>)>> {
+    pub(crate) fn take_outcome(&mut self) -> Result<Option<(CudaStepOutcome, Vec<usize>)>> {
         on_device!(&mut self.0, s => s.take_outcome())
     }
 
     /// The parameters that had a gradient in the pending step (empty when none is pending).
-    pub fn pending_params(&self) -> &[usize] {
+    pub(crate) fn pending_params(&self) -> &[usize] {
         on_device!(&self.0, s => s.pending_params())
     }
 
@@ -189,7 +158,7 @@ impl CudaOptimizerState {
     ///
     /// # Errors
     /// CUDA errors.
-    pub fn peek_outcome(&self) -> Result<Option<CudaStepOutcome>> {
+    pub(crate) fn peek_outcome(&self) -> Result<Option<CudaStepOutcome>> {
         on_device!(&self.0, s => s.peek_outcome())
     }
 
@@ -205,7 +174,7 @@ impl CudaOptimizerState {
     /// # Errors
     /// `grads` not holding one entry per parameter; a gradient whose shape, dtype or device
     /// differs from its parameter's (naming the parameter; nothing is launched); CUDA errors.
-    pub fn step<R: CudaRule>(
+    pub(crate) fn step<R: CudaRule>(
         &mut self,
         grads: &[Option<(&Tensor, R)>],
         max_grad_norm: Option<f64>,
@@ -215,7 +184,7 @@ impl CudaOptimizerState {
 
     /// Bytes the device state buffers hold (codes, scales and f32 values), as
     /// [`ParamState::bytes`] counts them on the host.
-    pub fn state_bytes(&self) -> usize {
+    pub(crate) fn state_bytes(&self) -> usize {
         on_device!(&self.0, s => s.state_bytes())
     }
 }

@@ -3,9 +3,9 @@
 use candle_core::{DType, Result};
 
 use super::device_state::DeviceState;
-use super::{CudaParam, F32_TILE_BLOCK};
-use crate::cuda::backend::Backend;
-use crate::cuda::{quant_table_bytes, QUANT_TABLE_BYTES};
+use super::CudaParam;
+use candle_bnb_kernels::cuda::{quant_table_bytes, Backend, QUANT_TABLE_BYTES};
+use candle_bnb_kernels::slot_table::F32_TILE_BLOCK;
 
 /// Parameters stepped by one launch: same dtype, state precision, state count, block size and
 /// maps.

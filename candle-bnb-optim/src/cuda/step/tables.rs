@@ -3,10 +3,12 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{dtype_code, StepState, NORM_CHUNK};
-use crate::cuda::backend::Backend;
-use crate::rules::CudaRule;
-use crate::slot_table::{slot_bytes, GradSlot, Slot, TableWriter, GRAD_SLOT_BYTES};
+use super::StepState;
+use candle_bnb_kernels::cuda::Backend;
+use candle_bnb_kernels::slot_table::{
+    dtype_code, slot_bytes, GradSlot, Slot, TableWriter, GRAD_SLOT_BYTES, NORM_CHUNK,
+};
+use candle_bnb_kernels::CudaRule;
 
 /// Where one group's slot table is in a step's tables, and what it covers this step (only
 /// parameters with a gradient are in it).

@@ -1,9 +1,9 @@
-//! Host side of `kernels/fused.cu` and `kernels/norms.cu`: an optimizer's state on one device,
-//! and a whole step (gradient pre-pass, layer-wise norms, fused updates of every parameter) as a
-//! handful of launches, written once over [`Backend`] (a GPU or the emulated device). The order
-//! of a step's operations and what the host waits for are documented on
-//! [`CudaOptimizerState`](super::optimizer_state::CudaOptimizerState), the public face of
-//! [`StepState`].
+//! Host side of `candle_bnb_kernels`' `fused.cu` and `norms.cu`: an optimizer's state on one
+//! device, and a whole step (gradient pre-pass, layer-wise norms, fused updates of every
+//! parameter) as a handful of launches, written once over [`Backend`] (a GPU or the emulated
+//! device). The order of a step's operations and what the host waits for are documented on
+//! [`CudaOptimizerState`](super::CudaOptimizerState), which holds a [`StepState`] per device
+//! kind.
 
 mod device_state;
 mod grouping;
@@ -13,41 +13,33 @@ mod tables;
 
 use std::collections::VecDeque;
 
-use candle_core::{bail, DType, Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 
-use super::backend::Backend;
-use crate::rules::CudaRule;
-use crate::update::ParamState;
+use candle_bnb_kernels::cuda::Backend;
+use candle_bnb_kernels::slot_table::{dtype_code, CUDA_GRAD_NORM_HISTORY, NORM_CHUNK};
+use candle_bnb_kernels::{CudaRule, ParamState};
 use device_state::{state_addresses, upload_state, DeviceState};
 use grouping::{group_params, Group};
 use tables::Staging;
 
-/// Elements per partial sum of the pre-pass (`norms.cu` kChunk, the CPU's `MAX_BLOCK`).
-const NORM_CHUNK: usize = 4096;
-/// Squared norms kept per parameter (`norms.cu` kHistory; the optimizers' history length).
-pub const CUDA_GRAD_NORM_HISTORY: usize = 100;
-/// Tiling of 32-bit state: `fused.cu` needs a block size even where nothing is quantized; 256
-/// gives 16 quantization blocks per CUDA block.
-const F32_TILE_BLOCK: usize = 256;
-
-/// One parameter of a [`CudaOptimizerState`](crate::CudaOptimizerState): the parameter tensor
+/// One parameter of a [`CudaOptimizerState`](super::CudaOptimizerState): the parameter tensor
 /// (contiguous, `F32`, `F16` or `BF16`, on the state's CUDA device; on the CPU for the emulated
 /// device), its initial state, its percentile-clipping setting (1..=100, 100 = off) and the
 /// squared gradient norms recorded so far (at most [`CUDA_GRAD_NORM_HISTORY`], oldest first).
-pub struct CudaParam<'a> {
+pub(crate) struct CudaParam<'a> {
     /// The parameter, updated in place by every step.
-    pub param: &'a Tensor,
+    pub(crate) param: &'a Tensor,
     /// Its optimizer state (host copy, uploaded).
-    pub state: &'a ParamState,
+    pub(crate) state: &'a ParamState,
     /// Percentile clipping, 1..=100 (100: off).
-    pub percentile_clipping: u32,
+    pub(crate) percentile_clipping: u32,
     /// The squared gradient norms recorded so far, oldest first.
-    pub grad_norms: &'a VecDeque<f64>,
+    pub(crate) grad_norms: &'a VecDeque<f64>,
 }
 
 /// What the device decided about a step once the host reads it back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CudaStepOutcome {
+pub(crate) enum CudaStepOutcome {
     /// Every gradient was finite: the parameters with a gradient were updated.
     Taken,
     /// The gradient of the parameter with this index (the first one) was not finite: nothing
@@ -92,17 +84,6 @@ pub(crate) struct StepState<B: Backend> {
     /// `outcome_after` of the last record the host has seen complete.
     seen_after: Option<u64>,
     staging: Option<Staging<B>>,
-    /// Times reading a step's outcome had to wait for the device.
-    blocking_waits: u64,
-}
-
-fn dtype_code(dtype: DType) -> Result<u32> {
-    Ok(match dtype {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::BF16 => 2,
-        other => bail!("CUDA optimizer steps take F32, F16 or BF16 parameters, got {other:?}"),
-    })
 }
 
 impl<B: Backend> StepState<B> {
@@ -163,7 +144,6 @@ impl<B: Backend> StepState<B> {
             outcome_after: 0,
             seen_after: None,
             staging: None,
-            blocking_waits: 0,
             backend,
         };
         let norms: Vec<&VecDeque<f64>> = params.iter().map(|p| p.grad_norms).collect();
@@ -171,28 +151,8 @@ impl<B: Backend> StepState<B> {
         Ok(this)
     }
 
-    /// As [`CudaOptimizerState::len`](crate::CudaOptimizerState::len).
-    pub fn len(&self) -> usize {
-        self.params.len()
-    }
-
-    /// As [`CudaOptimizerState::is_empty`](crate::CudaOptimizerState::is_empty).
-    pub fn is_empty(&self) -> bool {
-        self.params.is_empty()
-    }
-
-    /// The device the state is on.
-    pub(crate) fn backend(&self) -> &B {
-        &self.backend
-    }
-
-    /// As [`CudaOptimizerState::blocking_waits`](crate::CudaOptimizerState::blocking_waits).
-    pub fn blocking_waits(&self) -> u64 {
-        self.blocking_waits
-    }
-
-    /// As [`CudaOptimizerState::step`](crate::CudaOptimizerState::step).
-    pub fn step<R: CudaRule>(
+    /// As [`CudaOptimizerState::step`](super::CudaOptimizerState::step).
+    pub(crate) fn step<R: CudaRule>(
         &mut self,
         grads: &[Option<(&Tensor, R)>],
         max_grad_norm: Option<f64>,
@@ -263,8 +223,8 @@ impl<B: Backend> StepState<B> {
         Ok(())
     }
 
-    /// As [`CudaOptimizerState::state_bytes`](crate::CudaOptimizerState::state_bytes).
-    pub fn state_bytes(&self) -> usize {
+    /// As [`CudaOptimizerState::state_bytes`](super::CudaOptimizerState::state_bytes).
+    pub(crate) fn state_bytes(&self) -> usize {
         self.states
             .iter()
             .zip(&self.params)

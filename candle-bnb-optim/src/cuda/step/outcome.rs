@@ -4,11 +4,11 @@
 use candle_core::Result;
 
 use super::{CudaStepOutcome, StepState};
-use crate::cuda::backend::Backend;
+use candle_bnb_kernels::cuda::Backend;
 
 impl<B: Backend> StepState<B> {
-    /// As [`CudaOptimizerState::take_outcome`](crate::CudaOptimizerState::take_outcome).
-    pub fn take_outcome(&mut self) -> Result<Option<(CudaStepOutcome, Vec<usize>)>> {
+    /// As [`CudaOptimizerState::take_outcome`](super::super::CudaOptimizerState::take_outcome).
+    pub(crate) fn take_outcome(&mut self) -> Result<Option<(CudaStepOutcome, Vec<usize>)>> {
         let Some(with_grad) = self.pending.take() else {
             return Ok(None);
         };
@@ -16,13 +16,13 @@ impl<B: Backend> StepState<B> {
         Ok(Some((outcome, with_grad)))
     }
 
-    /// As [`CudaOptimizerState::pending_params`](crate::CudaOptimizerState::pending_params).
-    pub fn pending_params(&self) -> &[usize] {
+    /// As [`CudaOptimizerState::pending_params`](super::super::CudaOptimizerState::pending_params).
+    pub(crate) fn pending_params(&self) -> &[usize] {
         self.pending.as_deref().unwrap_or(&[])
     }
 
-    /// As [`CudaOptimizerState::peek_outcome`](crate::CudaOptimizerState::peek_outcome).
-    pub fn peek_outcome(&self) -> Result<Option<CudaStepOutcome>> {
+    /// As [`CudaOptimizerState::peek_outcome`](super::super::CudaOptimizerState::peek_outcome).
+    pub(crate) fn peek_outcome(&self) -> Result<Option<CudaStepOutcome>> {
         match &self.pending {
             None => Ok(None),
             Some(with_grad) => {
@@ -36,8 +36,9 @@ impl<B: Backend> StepState<B> {
     }
 
     pub(super) fn read_outcome(&mut self, with_grad: &[usize]) -> Result<CudaStepOutcome> {
+        // A query first: in a training loop the pre-pass is long done and the host does not
+        // block (a wait is a synchronisation point a CUDA graph could not hold).
         if !self.backend.is_complete(&self.outcome_ready)? {
-            self.blocking_waits += 1;
             self.backend.wait_event(&self.outcome_ready)?;
         }
         self.seen_after = Some(self.outcome_after);

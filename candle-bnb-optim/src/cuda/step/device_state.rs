@@ -6,10 +6,9 @@ use std::collections::VecDeque;
 use candle_core::{bail, Result};
 
 use super::StepState;
-use super::CUDA_GRAD_NORM_HISTORY;
-use crate::cuda::backend::Backend;
-use crate::update::{BlockwiseState, ParamState};
-use crate::QuantMap;
+use candle_bnb_kernels::cuda::Backend;
+use candle_bnb_kernels::slot_table::CUDA_GRAD_NORM_HISTORY;
+use candle_bnb_kernels::{BlockwiseState, ParamState, QuantMap};
 
 /// A parameter's state buffers on the device.
 pub(super) enum DeviceState<B: Backend> {
@@ -43,8 +42,8 @@ impl<B: Backend> StepState<B> {
         self.backend.copy_to_device(&count, &mut self.history_count)
     }
 
-    /// As [`CudaOptimizerState::set_percentiles`](crate::CudaOptimizerState::set_percentiles).
-    pub fn set_percentiles(&mut self, percentiles: &[u32]) -> Result<()> {
+    /// As [`CudaOptimizerState::set_percentiles`](super::super::CudaOptimizerState::set_percentiles).
+    pub(crate) fn set_percentiles(&mut self, percentiles: &[u32]) -> Result<()> {
         if percentiles.len() != self.params.len() {
             bail!(
                 "{} percentile settings for {} parameters",
@@ -67,8 +66,12 @@ impl<B: Backend> StepState<B> {
         Ok(())
     }
 
-    /// As [`CudaOptimizerState::upload`](crate::CudaOptimizerState::upload).
-    pub fn upload(&mut self, states: &[&ParamState], grad_norms: &[&VecDeque<f64>]) -> Result<()> {
+    /// As [`CudaOptimizerState::upload`](super::super::CudaOptimizerState::upload).
+    pub(crate) fn upload(
+        &mut self,
+        states: &[&ParamState],
+        grad_norms: &[&VecDeque<f64>],
+    ) -> Result<()> {
         self.check_upload(states, grad_norms)?;
         for (new, old) in states.iter().zip(self.states.iter_mut()) {
             match (new, old) {
@@ -93,8 +96,8 @@ impl<B: Backend> StepState<B> {
         self.upload_histories(grad_norms)
     }
 
-    /// As [`CudaOptimizerState::check_upload`](crate::CudaOptimizerState::check_upload).
-    pub fn check_upload(
+    /// As [`CudaOptimizerState::check_upload`](super::super::CudaOptimizerState::check_upload).
+    pub(crate) fn check_upload(
         &self,
         states: &[&ParamState],
         grad_norms: &[&VecDeque<f64>],
@@ -147,8 +150,8 @@ impl<B: Backend> StepState<B> {
         Ok(())
     }
 
-    /// As [`CudaOptimizerState::download`](crate::CudaOptimizerState::download).
-    pub fn download(&self) -> Result<Vec<(ParamState, VecDeque<f64>)>> {
+    /// As [`CudaOptimizerState::download`](super::super::CudaOptimizerState::download).
+    pub(crate) fn download(&self) -> Result<Vec<(ParamState, VecDeque<f64>)>> {
         let ring = self.backend.download(&self.history)?;
         let count = self.backend.download(&self.history_count)?;
         let mut out = Vec::with_capacity(self.params.len());
