@@ -30,6 +30,7 @@
 mod algorithms;
 mod check;
 pub mod checkpoint;
+mod config;
 #[cfg(any(feature = "cuda", feature = "emulator"))]
 mod cuda;
 mod engine;
@@ -50,7 +51,8 @@ pub use algorithms::lion::{Lion, Lion8bit, Lion8bitConfig, LionConfig};
 pub use algorithms::rmsprop::{RMSprop, RMSprop8bit, RMSprop8bitConfig, RMSpropConfig};
 pub use algorithms::sgd::{SGD8bit, SGD8bitConfig, SGDConfig, SGD};
 pub use candle_bnb_kernels as kernels;
+pub use config::OptimizerConfig;
 pub use marks::{keep_32bit_state, keeps_32bit_state};
-pub use optimizer::{Optim, OptimizerConfig};
+pub use optimizer::Optim;
 pub use overrides::{Overrides, Target, TargetSettings};
 pub use settings::{NonFinitePolicy, Settings, GRAD_NORM_HISTORY};

@@ -4,9 +4,9 @@ use candle_bnb_kernels::AdagradRule;
 use candle_core::backprop::GradStore;
 use candle_core::Result;
 
+use crate::config::sealed::Sealed;
 use crate::engine::TrackedParams;
 use crate::field::FieldText;
-use crate::optimizer::sealed::Sealed;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
 /// Adagrad as `torch.optim.Adagrad` defines it, with `lr_decay` and `initial_accumulator_value`

@@ -4,9 +4,9 @@ use candle_bnb_kernels::AdamRule;
 use candle_core::backprop::GradStore;
 use candle_core::Result;
 
+use crate::config::sealed::Sealed;
 use crate::engine::TrackedParams;
 use crate::field::FieldText;
-use crate::optimizer::sealed::Sealed;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
 /// AdamW: Adam with decoupled weight decay, in `candle_nn::AdamW`'s order (decay, then the Adam

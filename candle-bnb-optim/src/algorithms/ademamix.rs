@@ -4,9 +4,9 @@ use candle_bnb_kernels::AdEMAMixRule;
 use candle_core::backprop::GradStore;
 use candle_core::Result;
 
+use crate::config::sealed::Sealed;
 use crate::engine::TrackedParams;
 use crate::field::FieldText;
-use crate::optimizer::sealed::Sealed;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
 /// AdEMAMix (Pagliardini et al. 2024): Adam with a slow second momentum mixed into the

@@ -4,9 +4,9 @@ use candle_bnb_kernels::LambRule;
 use candle_core::backprop::GradStore;
 use candle_core::Result;
 
+use crate::config::sealed::Sealed;
 use crate::engine::TrackedParams;
 use crate::field::FieldText;
-use crate::optimizer::sealed::Sealed;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
 /// LAMB (You et al. 2019): the Adam direction plus weight decay, scaled per parameter by the

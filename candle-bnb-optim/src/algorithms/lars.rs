@@ -4,9 +4,9 @@ use candle_bnb_kernels::LarsRule;
 use candle_core::backprop::GradStore;
 use candle_core::Result;
 
+use crate::config::sealed::Sealed;
 use crate::engine::TrackedParams;
 use crate::field::FieldText;
-use crate::optimizer::sealed::Sealed;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
 /// LARS (You et al. 2017) as bitsandbytes defines it: the SGD direction (L2 weight decay,

@@ -4,9 +4,9 @@ use candle_bnb_kernels::LionRule;
 use candle_core::backprop::GradStore;
 use candle_core::Result;
 
+use crate::config::sealed::Sealed;
 use crate::engine::TrackedParams;
 use crate::field::FieldText;
-use crate::optimizer::sealed::Sealed;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
 /// Lion (Chen et al. 2023): the sign of an interpolated momentum, with decoupled weight decay as

@@ -4,9 +4,9 @@ use candle_bnb_kernels::RmspropRule;
 use candle_core::backprop::GradStore;
 use candle_core::Result;
 
+use crate::config::sealed::Sealed;
 use crate::engine::TrackedParams;
 use crate::field::FieldText;
-use crate::optimizer::sealed::Sealed;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
 /// RMSprop as `torch.optim.RMSprop` defines it, momentum and centered variants included

@@ -4,9 +4,9 @@ use candle_bnb_kernels::SgdRule;
 use candle_core::backprop::GradStore;
 use candle_core::Result;
 
+use crate::config::sealed::Sealed;
 use crate::engine::TrackedParams;
 use crate::field::FieldText;
-use crate::optimizer::sealed::Sealed;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
 /// Stochastic gradient descent as `torch.optim.SGD` defines it: L2 weight decay, momentum with
