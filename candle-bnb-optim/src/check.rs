@@ -47,3 +47,10 @@ pub(crate) fn momentum(momentum: f64, dampening: f64, nesterov: bool) -> Result<
     }
     Ok(())
 }
+
+/// The moment averages of the Adam family: `beta1` and `beta2` in `[0, 1)`, `eps` > 0.
+pub(crate) fn moments(beta1: f64, beta2: f64, eps: f64) -> Result<()> {
+    unit_interval("beta1", beta1)?;
+    unit_interval("beta2", beta2)?;
+    positive_eps(eps)
+}

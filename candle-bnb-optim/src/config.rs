@@ -102,7 +102,7 @@ pub(crate) mod sealed {
         /// The update rule of a parameter's `step`-th step (1-based).
         fn rule(&self, step: u64) -> Self::Rule;
         /// One step of `tracked` with `base`'s gradient handling and each parameter's config
-        /// in `params`: [`TrackedParams::step_with`]. Each config calls it from its own
+        /// in `params`: [`TrackedParams::step`]. Each config calls it from its own
         /// (non-generic) impl so that the step (the CPU kernels and the CUDA launches, generic
         /// over the rule) is compiled once, in this crate with its optimisation level, instead
         /// of again in every crate that steps an optimizer.

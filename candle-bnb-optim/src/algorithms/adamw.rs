@@ -84,9 +84,7 @@ impl Sealed for AdamWConfig {
 
     fn check(&self) -> Result<()> {
         check::non_negative("lr", self.lr)?;
-        check::unit_interval("beta1", self.beta1)?;
-        check::unit_interval("beta2", self.beta2)?;
-        check::positive_eps(self.eps)?;
+        check::moments(self.beta1, self.beta2, self.eps)?;
         check::non_negative("weight_decay", self.weight_decay)
     }
 
@@ -96,6 +94,6 @@ impl Sealed for AdamWConfig {
     }
 
     fn step(t: &mut TrackedParams, g: &GradStore, base: &Self, params: &[Self]) -> Result<()> {
-        t.step_with(g, base, params)
+        t.step(g, base, params)
     }
 }

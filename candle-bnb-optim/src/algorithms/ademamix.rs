@@ -126,6 +126,6 @@ impl Sealed for AdEMAMixConfig {
     }
 
     fn step(t: &mut TrackedParams, g: &GradStore, base: &Self, params: &[Self]) -> Result<()> {
-        t.step_with(g, base, params)
+        t.step(g, base, params)
     }
 }

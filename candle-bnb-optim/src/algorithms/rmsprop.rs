@@ -102,6 +102,6 @@ impl Sealed for RMSpropConfig {
     }
 
     fn step(t: &mut TrackedParams, g: &GradStore, base: &Self, params: &[Self]) -> Result<()> {
-        t.step_with(g, base, params)
+        t.step(g, base, params)
     }
 }

@@ -101,6 +101,6 @@ impl Sealed for SGDConfig {
     }
 
     fn step(t: &mut TrackedParams, g: &GradStore, base: &Self, params: &[Self]) -> Result<()> {
-        t.step_with(g, base, params)
+        t.step(g, base, params)
     }
 }

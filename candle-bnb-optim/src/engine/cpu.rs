@@ -3,22 +3,21 @@
 
 use std::collections::VecDeque;
 
-use candle_bnb_kernels::{check_fused_update, fused_update, sum_squares, CudaRule, ScaledGrad};
+use candle_bnb_kernels::{check_fused_update, fused_update, sum_squares, ScaledGrad};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result};
 
 use super::TrackedParams;
-use crate::{NonFinitePolicy, Settings, GRAD_NORM_HISTORY};
+use crate::{NonFinitePolicy, OptimizerConfig, Settings, GRAD_NORM_HISTORY};
 
 impl TrackedParams {
     /// The CPU step of [`TrackedParams::step`]: the pre-pass (checks, squared norms, the
     /// non-finite policy), clipping, then each update by the CPU kernels.
-    pub(super) fn step_cpu<R: CudaRule>(
+    pub(super) fn step_cpu<C: OptimizerConfig>(
         &mut self,
         grads: &GradStore,
         handling: &Settings,
-        percentile: impl Fn(usize) -> u32,
-        make_rule: impl Fn(usize, u64) -> R,
+        params: &[C],
     ) -> Result<()> {
         let mut norms: Vec<Option<f64>> = Vec::with_capacity(self.params.len());
         for (i, slot) in self.params.iter().enumerate() {
@@ -26,7 +25,7 @@ impl TrackedParams {
                 norms.push(None);
                 continue;
             };
-            let rule = make_rule(i, slot.steps + 1);
+            let rule = params[i].rule(slot.steps + 1);
             check_fused_update(&rule, slot.var.as_tensor(), grad, &slot.state).map_err(|e| {
                 e.context(format!(
                     "parameter {i} {:?} (shape {:?})",
@@ -62,9 +61,14 @@ impl TrackedParams {
             let (Some(sq), Some(grad)) = (sq, grads.get(&slot.var)) else {
                 continue;
             };
-            let scale = global_scale * percentile_scale(&mut slot.grad_norms, sq, percentile(i));
+            let scale = global_scale
+                * percentile_scale(
+                    &mut slot.grad_norms,
+                    sq,
+                    params[i].settings().percentile_clipping,
+                );
             fused_update(
-                &ScaledGrad::new(make_rule(i, slot.steps + 1), scale as f32),
+                &ScaledGrad::new(params[i].rule(slot.steps + 1), scale as f32),
                 slot.var.as_tensor(),
                 grad,
                 &mut slot.state,

@@ -4,13 +4,13 @@
 
 use std::collections::VecDeque;
 
-use candle_bnb_kernels::{CudaRule, ParamState};
+use candle_bnb_kernels::ParamState;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result};
 
 use super::{Placement, TrackedParams, TrackedState};
 use crate::cuda::CudaOptimizerState;
-use crate::{NonFinitePolicy, Settings};
+use crate::{NonFinitePolicy, OptimizerConfig, Settings};
 
 impl TrackedParams {
     /// The device state (the caller checked the placement).
@@ -87,29 +87,31 @@ impl TrackedParams {
     /// rules are built from exact step counts; that read finds the device long done in a
     /// training loop. `NonFinitePolicy::Error` waits for this step's pre-pass to report.
     #[cfg(any(feature = "cuda", feature = "emulator"))]
-    pub(super) fn step_cuda<R: CudaRule>(
+    pub(super) fn step_cuda<C: OptimizerConfig>(
         &mut self,
         grads: &GradStore,
         handling: &Settings,
-        percentile: impl Fn(usize) -> u32,
-        make_rule: impl Fn(usize, u64) -> R,
+        params: &[C],
     ) -> Result<()> {
         use crate::cuda::CudaStepOutcome;
         self.settle_cuda_outcome(true)?;
-        let percentiles: Vec<u32> = (0..self.params.len()).map(&percentile).collect();
+        let percentiles: Vec<u32> = params
+            .iter()
+            .map(|p| p.settings().percentile_clipping)
+            .collect();
         // The placement alone is borrowed: the parameters are read below.
         let Placement::Cuda(device) = &mut self.placement else {
             unreachable!("the caller checked the placement")
         };
         device.set_percentiles(&percentiles)?;
-        let inputs: Vec<Option<(&candle_core::Tensor, R)>> = self
+        let inputs: Vec<Option<(&candle_core::Tensor, C::Rule)>> = self
             .params
             .iter()
             .enumerate()
             .map(|(i, slot)| {
                 grads
                     .get(&slot.var)
-                    .map(|g| (g, make_rule(i, slot.steps + 1)))
+                    .map(|g| (g, params[i].rule(slot.steps + 1)))
             })
             .collect();
         let skip = handling.non_finite == NonFinitePolicy::Skip;

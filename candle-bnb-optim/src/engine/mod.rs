@@ -12,12 +12,12 @@ pub(crate) use vars::{float_vars, sorted_vars};
 use std::borrow::Cow;
 use std::collections::VecDeque;
 
-use candle_bnb_kernels::{CudaRule, ParamState, UpdateRule};
+use candle_bnb_kernels::{ParamState, UpdateRule};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Var};
 
 use crate::settings::StateLayout;
-use crate::{OptimizerConfig, Settings};
+use crate::OptimizerConfig;
 
 /// One parameter with its name, state and gradient-norm history.
 #[derive(Clone)]
@@ -221,32 +221,16 @@ impl TrackedParams {
     }
 
     /// One step of parameters whose configs are `params` (one per parameter), with `base`'s
-    /// gradient handling (`non_finite`, `max_grad_norm`): [`Self::step`] with their rules.
-    pub(crate) fn step_with<C: OptimizerConfig>(
+    /// gradient handling (`non_finite`, `max_grad_norm`). First the pre-pass: every gradient is
+    /// checked (shape, dtype, device) and its squared norm taken, which also detects NaN/inf;
+    /// nothing is changed until all pass. Then each parameter `i` with a gradient is updated by
+    /// `params[i].rule(step)` on its clipped gradient, `step` being that parameter's own
+    /// 1-based step count.
+    pub(crate) fn step<C: OptimizerConfig>(
         &mut self,
         grads: &GradStore,
         base: &C,
         params: &[C],
-    ) -> Result<()> {
-        self.step(
-            grads,
-            base.settings(),
-            |i| params[i].settings().percentile_clipping,
-            |i, t| params[i].rule(t),
-        )
-    }
-
-    /// One step. First the pre-pass: every gradient is checked (shape, dtype, device) and its
-    /// squared norm taken, which also detects NaN/inf; nothing is changed until all pass. Then
-    /// each parameter `i` with a gradient is updated by `make_rule(i, step)` on its clipped
-    /// gradient, `step` being that parameter's own 1-based step count; `percentile(i)` is its
-    /// percentile-clipping setting.
-    pub(crate) fn step<R: CudaRule>(
-        &mut self,
-        grads: &GradStore,
-        handling: &Settings,
-        percentile: impl Fn(usize) -> u32,
-        make_rule: impl Fn(usize, u64) -> R,
     ) -> Result<()> {
         // Counters that cannot grow are refused before anything changes (checkpoints refuse
         // such counts, so this takes 2^64 steps to reach).
@@ -258,9 +242,9 @@ impl TrackedParams {
             )
         }
         match &self.placement {
-            Placement::Cpu => self.step_cpu(grads, handling, percentile, make_rule),
+            Placement::Cpu => self.step_cpu(grads, base.settings(), params),
             #[cfg(any(feature = "cuda", feature = "emulator"))]
-            Placement::Cuda(_) => self.step_cuda(grads, handling, percentile, make_rule),
+            Placement::Cuda(_) => self.step_cuda(grads, base.settings(), params),
         }
     }
 
