@@ -7,6 +7,11 @@
 //! variable, set once when the variable is created and never changed or removed, so it has none
 //! of the order problems of a settings registry: configuration stays a value
 //! ([`crate::Overrides`]), and any override of `optim_bits` wins over the mark.
+//!
+//! Why a process-wide set: a Candle variable carries no metadata of its own, and an optimizer
+//! built `from_varmap` sees nothing but the map's variables, so the mark lives beside them, keyed
+//! by the tensor id (bitsandbytes' `StableEmbedding` records the same in its global
+//! `GlobalOptimManager`).
 
 use candle_core::{Tensor, TensorId, Var};
 use std::collections::HashSet;

@@ -1,5 +1,8 @@
 //! Per-parameter configuration: [`Overrides`], a plain value handed to an optimizer's
-//! constructor (no global registry), that sets config fields for some parameters.
+//! constructor, that sets config fields for some parameters. Settings are never read from
+//! process-wide state; the one thing the crate records per variable is the embedding mark
+//! ([`keep_32bit_state`](crate::keep_32bit_state)), a fixed property of a variable that any
+//! override wins over.
 
 use candle_core::{bail, Result, Var};
 
