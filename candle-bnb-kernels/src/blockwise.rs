@@ -15,9 +15,6 @@ use crate::checks::{
 use crate::cpu::{self, Element, Isa};
 use crate::QuantMap;
 
-/// Block sizes the kernels support (elements per block).
-pub const SUPPORTED_BLOCK_SIZES: [usize; 7] = [64, 128, 256, 512, 1024, 2048, 4096];
-
 /// A tensor quantized blockwise to 8-bit codes.
 ///
 /// The flattened (row-major) tensor is cut into blocks of `block_size` consecutive elements, the
@@ -29,7 +26,7 @@ pub struct Quantized {
     pub codes: Tensor,
     /// `F32` per-block scales, shape `[n_blocks]` with `n_blocks = ceil(elem_count / block_size)`.
     pub absmax: Tensor,
-    /// Elements per block; one of [`SUPPORTED_BLOCK_SIZES`].
+    /// Elements per block; one of [`SUPPORTED_BLOCK_SIZES`](crate::SUPPORTED_BLOCK_SIZES).
     pub block_size: usize,
     /// The map the codes index.
     pub map: QuantMap,
@@ -73,7 +70,7 @@ impl Quantized {
 /// `absmax = 0` and the code of `0.0`, so it dequantizes to exact zeros.
 ///
 /// # Errors
-/// An integer `x`, a `block_size` not in [`SUPPORTED_BLOCK_SIZES`], or a non-finite element of
+/// An integer `x`, a `block_size` not in [`SUPPORTED_BLOCK_SIZES`](crate::SUPPORTED_BLOCK_SIZES), or a non-finite element of
 /// `x` (the message names its flat index). Nothing is allocated or returned on error.
 pub fn quantize_blockwise(x: &Tensor, map: &QuantMap, block_size: usize) -> Result<Quantized> {
     check_block_size(block_size)?;

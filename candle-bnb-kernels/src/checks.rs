@@ -3,7 +3,8 @@
 
 use candle_core::{bail, DType, Layout, Result, Tensor};
 
-use crate::SUPPORTED_BLOCK_SIZES;
+/// Block sizes the kernels support (elements per block).
+pub const SUPPORTED_BLOCK_SIZES: [usize; 7] = [64, 128, 256, 512, 1024, 2048, 4096];
 
 /// Validates the arguments of [`crate::dequantize_blockwise_into`].
 pub(crate) fn check_dequantize_into(

@@ -27,21 +27,27 @@
 mod blockwise;
 mod checks;
 mod cpu;
+/// The CUDA host side (the `cuda` feature; `emulator` for tests): the device interface and the
+/// step launches that `candle-bnb-optim`'s device state drives. Not a public promise: hidden
+/// from the docs.
 #[cfg(any(feature = "cuda", feature = "emulator"))]
-#[cfg_attr(not(feature = "cuda"), doc(hidden))]
+#[doc(hidden)]
 pub mod cuda;
 mod lookup;
 mod midpoint;
 mod qmap;
 mod rules;
+/// The byte layout of the CUDA step tables, for `candle-bnb-optim`'s device state. Not a public
+/// promise: hidden from the docs.
+#[doc(hidden)]
 pub mod slot_table;
 mod sum_squares;
 mod update;
 
 pub use blockwise::{
     dequantize_blockwise, dequantize_blockwise_into, quantize_blockwise, Quantized,
-    SUPPORTED_BLOCK_SIZES,
 };
+pub use checks::SUPPORTED_BLOCK_SIZES;
 pub use cpu::{Isa, CPU_ISA_ENV};
 
 /// The emulated CUDA device (the `emulator` feature): the CUDA kernels compiled for the CPU and

@@ -116,3 +116,15 @@ pub(crate) mod sealed {
             Self: Sized;
     }
 }
+
+impl<C: OptimizerConfig> crate::engine::StepConfig for C {
+    type Rule = <C as sealed::Sealed>::Rule;
+
+    fn rule(&self, step: u64) -> Self::Rule {
+        sealed::Sealed::rule(self, step)
+    }
+
+    fn step_settings(&self) -> &Settings {
+        self.settings()
+    }
+}

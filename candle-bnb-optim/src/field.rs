@@ -4,9 +4,7 @@
 use std::fmt::Display;
 use std::str::FromStr;
 
-use candle_core::{bail, Result};
-
-use crate::NonFinitePolicy;
+use candle_core::Result;
 
 /// A config field that reads and writes its value as text; `f64` values round-trip exactly.
 pub trait FieldText {
@@ -70,28 +68,10 @@ impl<T: Plain> FieldText for Option<T> {
     }
 }
 
-impl FieldText for NonFinitePolicy {
-    fn to_text(&self) -> String {
-        match self {
-            Self::Skip => "skip",
-            Self::Error => "error",
-        }
-        .to_string()
-    }
-
-    fn set_text(&mut self, name: &str, value: &str) -> Result<()> {
-        *self = match value.trim() {
-            "skip" => Self::Skip,
-            "error" => Self::Error,
-            v => bail!("field {name}: expected \"skip\" or \"error\", got {v:?}"),
-        };
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::NonFinitePolicy;
 
     #[test]
     fn every_kind_of_field_round_trips_its_text() {

@@ -131,3 +131,23 @@ pub(crate) struct StateLayout {
     pub(crate) min_8bit_size: usize,
     pub(crate) block_size: usize,
 }
+
+/// `skip` or `error`.
+impl FieldText for NonFinitePolicy {
+    fn to_text(&self) -> String {
+        match self {
+            Self::Skip => "skip",
+            Self::Error => "error",
+        }
+        .to_string()
+    }
+
+    fn set_text(&mut self, name: &str, value: &str) -> Result<()> {
+        *self = match value.trim() {
+            "skip" => Self::Skip,
+            "error" => Self::Error,
+            v => bail!("field {name}: expected \"skip\" or \"error\", got {v:?}"),
+        };
+        Ok(())
+    }
+}

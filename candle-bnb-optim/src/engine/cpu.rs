@@ -7,13 +7,13 @@ use candle_bnb_kernels::{check_fused_update, fused_update, sum_squares, ScaledGr
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result};
 
-use super::TrackedParams;
-use crate::{NonFinitePolicy, OptimizerConfig, Settings, GRAD_NORM_HISTORY};
+use super::{StepConfig, TrackedParams};
+use crate::{NonFinitePolicy, Settings, GRAD_NORM_HISTORY};
 
 impl TrackedParams {
     /// The CPU step of [`TrackedParams::step`]: the pre-pass (checks, squared norms, the
     /// non-finite policy), clipping, then each update by the CPU kernels.
-    pub(super) fn step_cpu<C: OptimizerConfig>(
+    pub(super) fn step_cpu<C: StepConfig>(
         &mut self,
         grads: &GradStore,
         handling: &Settings,
@@ -65,7 +65,7 @@ impl TrackedParams {
                 * percentile_scale(
                     &mut slot.grad_norms,
                     sq,
-                    params[i].settings().percentile_clipping,
+                    params[i].step_settings().percentile_clipping,
                 );
             fused_update(
                 &ScaledGrad::new(params[i].rule(slot.steps + 1), scale as f32),

@@ -8,9 +8,9 @@ use candle_bnb_kernels::ParamState;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result};
 
-use super::{Placement, TrackedParams, TrackedState};
+use super::{Placement, StepConfig, TrackedParams, TrackedState};
 use crate::cuda::CudaOptimizerState;
-use crate::{NonFinitePolicy, OptimizerConfig, Settings};
+use crate::{NonFinitePolicy, Settings};
 
 impl TrackedParams {
     /// The device state (the caller checked the placement).
@@ -87,7 +87,7 @@ impl TrackedParams {
     /// rules are built from exact step counts; that read finds the device long done in a
     /// training loop. `NonFinitePolicy::Error` waits for this step's pre-pass to report.
     #[cfg(any(feature = "cuda", feature = "emulator"))]
-    pub(super) fn step_cuda<C: OptimizerConfig>(
+    pub(super) fn step_cuda<C: StepConfig>(
         &mut self,
         grads: &GradStore,
         handling: &Settings,
@@ -97,7 +97,7 @@ impl TrackedParams {
         self.settle_cuda_outcome(true)?;
         let percentiles: Vec<u32> = params
             .iter()
-            .map(|p| p.settings().percentile_clipping)
+            .map(|p| p.step_settings().percentile_clipping)
             .collect();
         // The placement alone is borrowed: the parameters are read below.
         let Placement::Cuda(device) = &mut self.placement else {

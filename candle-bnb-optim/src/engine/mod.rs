@@ -12,12 +12,12 @@ pub(crate) use vars::{float_vars, sorted_vars};
 use std::borrow::Cow;
 use std::collections::VecDeque;
 
-use candle_bnb_kernels::{ParamState, UpdateRule};
+use candle_bnb_kernels::{CudaRule, ParamState, UpdateRule};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Var};
 
 use crate::settings::StateLayout;
-use crate::OptimizerConfig;
+use crate::Settings;
 
 /// One parameter with its name, state and gradient-norm history.
 #[derive(Clone)]
@@ -30,6 +30,18 @@ pub(crate) struct TrackedParam {
     pub(crate) steps: u64,
     /// The last (up to [`GRAD_NORM_HISTORY`]) squared gradient norms, oldest first.
     pub(crate) grad_norms: VecDeque<f64>,
+}
+
+/// What a step needs of each parameter's config: its update rule and its settings. Every
+/// optimizer config has it (`config.rs` implements it for each
+/// [`OptimizerConfig`](crate::OptimizerConfig)).
+pub trait StepConfig {
+    /// The update rule the config makes.
+    type Rule: CudaRule;
+    /// The update rule of a parameter's `step`-th step (1-based).
+    fn rule(&self, step: u64) -> Self::Rule;
+    /// Its state and gradient settings.
+    fn step_settings(&self) -> &Settings;
 }
 
 /// Everything [`TrackedParams`] holds besides the parameters themselves, in parameter order: what a
@@ -226,7 +238,7 @@ impl TrackedParams {
     /// nothing is changed until all pass. Then each parameter `i` with a gradient is updated by
     /// `params[i].rule(step)` on its clipped gradient, `step` being that parameter's own
     /// 1-based step count.
-    pub(crate) fn step<C: OptimizerConfig>(
+    pub(crate) fn step<C: StepConfig>(
         &mut self,
         grads: &GradStore,
         base: &C,
@@ -242,9 +254,9 @@ impl TrackedParams {
             )
         }
         match &self.placement {
-            Placement::Cpu => self.step_cpu(grads, base.settings(), params),
+            Placement::Cpu => self.step_cpu(grads, base.step_settings(), params),
             #[cfg(any(feature = "cuda", feature = "emulator"))]
-            Placement::Cuda(_) => self.step_cuda(grads, base.settings(), params),
+            Placement::Cuda(_) => self.step_cuda(grads, base.step_settings(), params),
         }
     }
 
