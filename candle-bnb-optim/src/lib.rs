@@ -39,6 +39,7 @@ mod marks;
 pub mod nn;
 mod optimizer;
 mod overrides;
+pub mod plan;
 mod settings;
 
 pub use algorithms::adagrad::{Adagrad, Adagrad8bit, Adagrad8bitConfig, AdagradConfig};

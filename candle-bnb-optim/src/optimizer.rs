@@ -89,27 +89,12 @@ impl<C: OptimizerConfig, const BITS: u32> Optim<C, BITS> {
         config: C,
         overrides: &crate::Overrides,
     ) -> candle_core::Result<Self> {
-        let mut config = config;
+        // The config first: its errors come before those of the parameters.
         config.validate()?;
-        // A constant check (BITS is 8 or 32 in every name of the family).
-        if BITS != 8 && BITS != 32 {
-            candle_core::bail!("Optim's state precision must be 8 or 32, got {BITS}")
-        }
-        config.settings_mut().optim_bits.get_or_insert(BITS);
         let vars = crate::engine::float_vars(vars)?;
         let overridden = overrides.resolve(&vars)?;
-        for ((name, _), set) in vars.iter().zip(&overridden) {
-            if let Some((field, _)) = set
-                .iter()
-                .find(|(f, _)| f == "non_finite" || f == "max_grad_norm")
-            {
-                candle_core::bail!(
-                    "{field} applies to the whole step and cannot be overridden per parameter (override for {name:?})"
-                )
-            }
-        }
-        let names = vars.iter().map(|(name, _)| name.as_str());
-        let params = Self::derive(&config, config.lr(), &overridden, names)?;
+        let names: Vec<&str> = vars.iter().map(|(name, _)| name.as_str()).collect();
+        let (config, params) = Self::resolve_configs(config, &names, &overridden)?;
         let tracked = crate::engine::TrackedParams::new(vars, |i| {
             (
                 params[i].settings().layout(BITS),
@@ -145,6 +130,78 @@ impl<C: OptimizerConfig, const BITS: u32> Optim<C, BITS> {
         overrides: &crate::Overrides,
     ) -> candle_core::Result<Self> {
         Self::new_with_overrides(crate::engine::sorted_vars(varmap), config, overrides)
+    }
+
+    /// The base config with this optimizer's precision filled in where it is `None`, and each
+    /// parameter's config (`overridden[i]` applied to the base, checked), as construction and
+    /// [`Self::plan`] resolve them.
+    ///
+    /// # Errors
+    /// An invalid config; a per-parameter override of a whole-step setting; an override naming
+    /// an unknown field or an invalid value (naming the parameter).
+    fn resolve_configs(
+        mut config: C,
+        names: &[&str],
+        overridden: &[Vec<(String, String)>],
+    ) -> candle_core::Result<(C, Vec<C>)> {
+        config.validate()?;
+        // A constant check (BITS is 8 or 32 in every name of the family).
+        if BITS != 8 && BITS != 32 {
+            candle_core::bail!("Optim's state precision must be 8 or 32, got {BITS}")
+        }
+        config.settings_mut().optim_bits.get_or_insert(BITS);
+        for (name, set) in names.iter().zip(overridden) {
+            if let Some((field, _)) = set
+                .iter()
+                .find(|(f, _)| f == "non_finite" || f == "max_grad_norm")
+            {
+                candle_core::bail!(
+                    "{field} applies to the whole step and cannot be overridden per parameter (override for {name:?})"
+                )
+            }
+        }
+        let params = Self::derive(&config, config.lr(), overridden, names.iter().copied())?;
+        Ok((config, params))
+    }
+
+    /// The optimizer state this optimizer would allocate for the trainable float tensors of
+    /// `tensors` with `config` and `overrides`, one entry per tensor in their order, without
+    /// allocating anything: the same precision, fallback (`min_8bit_size`), block scales,
+    /// overrides and embedding mark (`TensorSpec::keep_32bit`) as construction, so the sum of
+    /// the bytes equals [`Self::state_bytes`] of the optimizer built over such tensors.
+    ///
+    /// # Errors
+    /// As [`Self::new_with_overrides`]; an override for a `Target::Var` (a plan knows tensors
+    /// by name only).
+    pub fn plan(
+        tensors: &[crate::plan::TensorSpec],
+        config: C,
+        overrides: &crate::Overrides,
+    ) -> candle_core::Result<Vec<crate::plan::StatePlan>> {
+        let trainable = crate::plan::trainable_float(tensors)?;
+        let named: Vec<(&str, bool)> = trainable
+            .iter()
+            .map(|t| (t.name.as_str(), t.keep_32bit))
+            .collect();
+        let overridden = overrides.resolve_names(&named)?;
+        let names: Vec<&str> = named.iter().map(|(name, _)| *name).collect();
+        let (_, params) = Self::resolve_configs(config, &names, &overridden)?;
+        Ok(trainable
+            .iter()
+            .zip(&params)
+            .map(|(t, c)| {
+                let layout = c.settings().layout(BITS);
+                let n = t.elem_count();
+                let states = candle_bnb_kernels::UpdateRule::signed_states(&c.rule(1)).len();
+                crate::plan::StatePlan {
+                    name: t.name.clone(),
+                    elements: n,
+                    quantized: layout.quantizes(n) && states > 0,
+                    states,
+                    bytes: layout.state_bytes(n, states),
+                }
+            })
+            .collect())
     }
 
     /// Per-parameter configs: `base` with each parameter's settings applied (an

@@ -32,9 +32,10 @@ impl Target {
         }
     }
 
-    fn matches(&self, name: &str, var: &Var) -> bool {
+    /// Whether the parameter `name` (with its Var, when known) is a target.
+    fn matches(&self, name: &str, var: Option<&Var>) -> bool {
         match self {
-            Target::Var(v) => v.as_tensor().id() == var.as_tensor().id(),
+            Target::Var(v) => var.is_some_and(|var| v.as_tensor().id() == var.as_tensor().id()),
             Target::Name(n) => n == name,
             Target::Module(m) => {
                 name == m || (name.starts_with(m.as_str()) && name[m.len()..].starts_with('.'))
@@ -51,6 +52,15 @@ impl Target {
             Target::Pattern(p) => format!("pattern {p:?}"),
         }
     }
+}
+
+/// A parameter overrides may apply to.
+struct Candidate<'a> {
+    name: &'a str,
+    /// `None` when planning by name.
+    var: Option<&'a Var>,
+    /// Marked (or planned) to keep 32-bit state.
+    keep_32bit: bool,
 }
 
 /// One typed setting for the parameters of a target, made by [`Overrides::for_module`] and its
@@ -258,32 +268,69 @@ impl Overrides {
     /// # Errors
     /// An override that matches no parameter, naming the closest names.
     pub(crate) fn resolve(&self, params: &[(String, Var)]) -> Result<Vec<Vec<(String, String)>>> {
+        let candidates: Vec<Candidate<'_>> = params
+            .iter()
+            .map(|(name, var)| Candidate {
+                name,
+                var: Some(var),
+                keep_32bit: crate::marks::keeps_32bit_state(var),
+            })
+            .collect();
+        self.resolve_candidates(&candidates)
+    }
+
+    /// [`Self::resolve`] for parameters known by name only (a plan): `keep_32bit` stands for
+    /// the embedding mark.
+    ///
+    /// # Errors
+    /// As [`Self::resolve`]; an override for a [`Target::Var`], which no name can match.
+    pub(crate) fn resolve_names(
+        &self,
+        params: &[(&str, bool)],
+    ) -> Result<Vec<Vec<(String, String)>>> {
+        let candidates: Vec<Candidate<'_>> = params
+            .iter()
+            .map(|&(name, keep_32bit)| Candidate {
+                name,
+                var: None,
+                keep_32bit,
+            })
+            .collect();
+        self.resolve_candidates(&candidates)
+    }
+
+    fn resolve_candidates(&self, params: &[Candidate<'_>]) -> Result<Vec<Vec<(String, String)>>> {
         for entry in &self.entries {
-            if params.iter().any(|(n, v)| entry.target.matches(n, v)) {
+            if params.iter().any(|c| entry.target.matches(c.name, c.var)) {
                 continue;
             }
             match &entry.target {
                 Target::Var(_) => bail!(
-                    "the override of {} for {} matches no parameter: that Var is not one of this optimizer's",
+                    "the override of {} for {} matches no parameter: that Var is not one of {}",
                     entry.field,
-                    entry.target.describe()
+                    entry.target.describe(),
+                    if params.iter().any(|c| c.var.is_some()) {
+                        "this optimizer's"
+                    } else {
+                        "these (a plan knows parameters by name only)"
+                    }
                 ),
                 Target::Name(s) | Target::Module(s) | Target::Pattern(s) => bail!(
                     "the override of {} for {} matches no parameter; closest names: {}",
                     entry.field,
                     entry.target.describe(),
-                    closest_names(s, params.iter().map(|(n, _)| n.as_str()), 3).join(", ")
+                    closest_names(s, params.iter().map(|c| c.name), 3).join(", ")
                 ),
             }
         }
         Ok(params
             .iter()
-            .map(|(name, var)| {
+            .map(|c| {
                 let mut matching: Vec<(usize, &Entry)> = self
                     .entries
                     .iter()
                     .enumerate()
-                    .filter(|(_, e)| e.target.matches(name, var))
+                    .filter(|(_, e)| e.target.matches(c.name, c.var))
                     .collect();
                 let key = |e: &Entry| {
                     let prefix = match &e.target {
@@ -295,7 +342,8 @@ impl Overrides {
                 // Stable sort: among equal keys, insertion order is kept, so the last added wins.
                 matching.sort_by_key(|(_, e)| key(e));
                 // A variable marked for 32-bit state gets that first, so any override wins.
-                let mark = crate::marks::keeps_32bit_state(var)
+                let mark = c
+                    .keep_32bit
                     .then(|| ("optim_bits".to_string(), "32".to_string()));
                 mark.into_iter()
                     .chain(

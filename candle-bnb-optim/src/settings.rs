@@ -132,6 +132,25 @@ pub(crate) struct StateLayout {
     pub(crate) block_size: usize,
 }
 
+impl StateLayout {
+    /// Whether a parameter of `n` elements gets 8-bit (blockwise) state: 8-bit precision and at
+    /// least `min_8bit_size` elements. The optimizers allocate by it and plans count by it.
+    pub(crate) fn quantizes(&self, n: usize) -> bool {
+        self.optim_bits == 8 && n >= self.min_8bit_size
+    }
+
+    /// Bytes of `n_states` states of a parameter of `n` elements, as `ParamState::bytes` counts
+    /// them: per state one code and per block one f32 scale when quantized, else one f32 per
+    /// element (the 256-entry maps are shared and not counted).
+    pub(crate) fn state_bytes(&self, n: usize, n_states: usize) -> usize {
+        if self.quantizes(n) {
+            n_states * (n + 4 * n.div_ceil(self.block_size))
+        } else {
+            n_states * 4 * n
+        }
+    }
+}
+
 /// `skip` or `error`.
 impl FieldText for NonFinitePolicy {
     fn to_text(&self) -> String {

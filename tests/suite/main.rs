@@ -13,6 +13,7 @@ mod family;
 mod grad_handling;
 mod hardening;
 mod overrides;
+mod plan;
 mod quantize;
 mod rules;
 mod training;

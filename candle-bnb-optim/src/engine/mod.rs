@@ -300,7 +300,7 @@ pub(crate) fn initial_state<R: UpdateRule>(
     rule: &R,
 ) -> Result<ParamState> {
     let n = var.elem_count();
-    if layout.optim_bits == 8 && n >= layout.min_8bit_size {
+    if layout.quantizes(n) {
         ParamState::new_blockwise(rule, n, layout.block_size)
     } else {
         Ok(ParamState::new_f32(rule, n))

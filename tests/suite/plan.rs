@@ -1,0 +1,276 @@
+//! Memory plans: the planned optimizer state equals what the optimizers allocate, to the byte, for
+//! every optimizer, both precisions, with and without overrides; the other parts of a plan follow
+//! their formulas.
+
+use candle_bnb::optim::plan::{
+    LlamaShape, MemoryPlan, TensorSpec, TrainingSetup, TransformerShape,
+};
+use candle_bnb::optim::{
+    keep_32bit_state, AdEMAMixConfig, AdagradConfig, AdamConfig, AdamW, AdamW8bit, AdamW8bitConfig,
+    AdamWConfig, LAMBConfig, LARSConfig, LionConfig, Optim, OptimizerConfig, Overrides,
+    RMSpropConfig, SGDConfig, SGD,
+};
+use candle_core::{DType, Device, Var};
+use candle_nn::VarMap;
+use std::collections::HashMap;
+
+/// A tiny LLaMA whose tensors fall on both sides of `min_8bit_size` (4096) and whose block counts
+/// are not whole (vocab 301, MLP width 181), with grouped-query attention.
+fn tiny_llama() -> LlamaShape {
+    LlamaShape {
+        vocab_size: 301,
+        hidden_size: 64,
+        intermediate_size: 181,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        tie_word_embeddings: false,
+    }
+}
+
+/// A VarMap holding `tensors` (zeros, in their dtype), the marked ones marked as an embedding
+/// module marks its weight.
+fn varmap(tensors: &[TensorSpec]) -> VarMap {
+    let vm = VarMap::new();
+    let mut data = vm.data().lock().unwrap();
+    for t in tensors {
+        let var = Var::zeros(t.shape.as_slice(), t.dtype, &Device::Cpu).unwrap();
+        if t.keep_32bit {
+            keep_32bit_state(&var);
+        }
+        data.insert(t.name.clone(), var);
+    }
+    drop(data);
+    vm
+}
+
+/// Per tensor name, the bytes of the state the optimizer allocated.
+fn allocated<C: OptimizerConfig, const B: u32>(opt: &Optim<C, B>) -> HashMap<String, usize> {
+    let states = opt.states().unwrap();
+    opt.param_names()
+        .into_iter()
+        .zip(states)
+        .map(|(name, (_, state))| (name.to_string(), state.bytes()))
+        .collect()
+}
+
+/// The plan of `Optim<C, B>` over `tensors` equals the state the optimizer allocates over them,
+/// tensor by tensor.
+fn check_plan<C: OptimizerConfig, const B: u32>(
+    tensors: &[TensorSpec],
+    vm: &VarMap,
+    config: C,
+    overrides: &Overrides,
+) {
+    let what = format!("{} ({B}-bit default)", C::KIND);
+    let plan = Optim::<C, B>::plan(tensors, config.clone(), overrides).unwrap();
+    let opt = Optim::<C, B>::from_varmap_with_overrides(vm, config, overrides).unwrap();
+    let real = allocated(&opt);
+    assert_eq!(plan.len(), real.len(), "{what}");
+    for p in &plan {
+        assert_eq!(Some(&p.bytes), real.get(&p.name), "{what}: {}", p.name);
+    }
+    let total: usize = plan.iter().map(|p| p.bytes).sum();
+    assert_eq!(total, opt.state_bytes(), "{what}");
+}
+
+/// [`check_plan`] for `C`'s 32-bit and 8-bit optimizers (`AdamW` and `AdamW8bit`, ...).
+fn both<C: OptimizerConfig>(tensors: &[TensorSpec], vm: &VarMap, config: C, overrides: &Overrides) {
+    check_plan::<C, 32>(tensors, vm, config.clone(), overrides);
+    check_plan::<C, 8>(tensors, vm, config, overrides);
+}
+
+/// Every optimizer of the family, both default precisions, every state count (0 to 3).
+fn check_every_optimizer(tensors: &[TensorSpec], vm: &VarMap, overrides: &Overrides) {
+    both(tensors, vm, AdamConfig::default(), overrides);
+    both(tensors, vm, AdamWConfig::default(), overrides);
+    both(tensors, vm, LionConfig::default(), overrides);
+    let centered = RMSpropConfig {
+        momentum: 0.9,
+        centered: true,
+        ..Default::default()
+    };
+    both(tensors, vm, centered, overrides);
+    both(tensors, vm, AdagradConfig::default(), overrides);
+    both(tensors, vm, LAMBConfig::default(), overrides);
+    let lars = LARSConfig {
+        momentum: 0.9,
+        ..Default::default()
+    };
+    both(tensors, vm, lars, overrides);
+    both(tensors, vm, AdEMAMixConfig::default(), overrides);
+    let sgd = SGDConfig {
+        momentum: 0.9,
+        ..Default::default()
+    };
+    both(tensors, vm, sgd, overrides);
+    both(tensors, vm, SGDConfig::default(), overrides);
+}
+
+/// Overrides touching every layout decision: precision both ways, block size, fallback size,
+/// and a pattern over norms.
+fn layout_overrides() -> Overrides {
+    Overrides::new()
+        .for_module("lm_head")
+        .optim_bits(32)
+        .for_module("model.layers.1")
+        .block_size(64)
+        .for_pattern("*k_proj*")
+        .min_8bit_size(1000)
+        .for_name("model.embed_tokens.weight")
+        .optim_bits(8)
+        .for_pattern("*norm*")
+        .min_8bit_size(1)
+}
+
+#[test]
+fn planned_state_equals_allocated_state_for_every_optimizer() {
+    for dtype in [DType::F32, DType::BF16] {
+        let mut tensors = tiny_llama().tensors(dtype);
+        // A frozen tensor and an integer one: neither gets state.
+        tensors.push(TensorSpec {
+            trainable: false,
+            ..TensorSpec::new("frozen.weight", &[64, 64], dtype)
+        });
+        tensors.push(TensorSpec::new("token_ids", &[16], DType::U32));
+        let vm = varmap(&tensors[..tensors.len() - 2]);
+        let trainable = tensors[..tensors.len() - 2].to_vec();
+        check_every_optimizer(&trainable, &vm, &Overrides::new());
+        check_every_optimizer(&trainable, &vm, &layout_overrides());
+        // The frozen and integer tensors are left out of the plan.
+        let plan = AdamW8bit::plan(&tensors, AdamW8bitConfig::default(), &Overrides::new());
+        assert_eq!(plan.unwrap().len(), trainable.len());
+    }
+}
+
+#[test]
+fn planned_state_equals_allocated_state_for_a_100m_llama() {
+    // 134 M parameters (GPT-2-small-sized LLaMA); BF16 weights keep the test's memory low.
+    let llama = LlamaShape {
+        vocab_size: 32000,
+        hidden_size: 768,
+        intermediate_size: 2048,
+        num_hidden_layers: 12,
+        num_attention_heads: 12,
+        num_key_value_heads: 4,
+        tie_word_embeddings: false,
+    };
+    let tensors = llama.tensors(DType::BF16);
+    let n: usize = tensors.iter().map(|t| t.elem_count()).sum();
+    assert_eq!(
+        n,
+        2 * 32000 * 768 + 12 * (2 * 768 * 768 + 2 * 256 * 768 + 3 * 768 * 2048 + 2 * 768) + 768
+    );
+    let vm = varmap(&tensors);
+    both(&tensors, &vm, AdamWConfig::default(), &Overrides::new());
+    both(&tensors, &vm, AdamWConfig::default(), &layout_overrides());
+    both(&tensors, &vm, LionConfig::default(), &Overrides::new());
+    both(
+        &tensors,
+        &vm,
+        AdEMAMixConfig::default(),
+        &layout_overrides(),
+    );
+}
+
+/// The bytes of 8-bit AdamW state the formula gives for one tensor: f32 moments for an embedding
+/// or a tensor under 4096 elements, else one code per element and one f32 scale per 256.
+fn adamw_8bit_formula(t: &TensorSpec) -> usize {
+    let n = t.elem_count();
+    if t.keep_32bit || n < 4096 {
+        2 * 4 * n
+    } else {
+        2 * (n + 4 * n.div_ceil(256))
+    }
+}
+
+#[test]
+fn llama2_7b_plans_follow_the_formulas() {
+    let tensors = LlamaShape::llama2_7b().tensors(DType::BF16);
+    let n: u64 = tensors.iter().map(|t| t.elem_count() as u64).sum();
+    assert_eq!(n, 6_738_415_616);
+    let setup = TrainingSetup {
+        master_weights: true,
+        activations: None,
+    };
+    // Mixed precision with 32-bit AdamW: 2 + 4 + 2 + 8 = 16 bytes per parameter.
+    let state = AdamW::plan(&tensors, AdamWConfig::default(), &Overrides::new()).unwrap();
+    let plan = MemoryPlan::new(&tensors, &state, &setup);
+    assert_eq!(
+        (
+            plan.trainable_weights,
+            plan.master_weights,
+            plan.gradients,
+            plan.optimizer_state
+        ),
+        (2 * n, 4 * n, 2 * n, 8 * n)
+    );
+    assert_eq!((plan.frozen_weights, plan.activations), (0, 0));
+    assert_eq!(plan.total(), 16 * n);
+    // 8-bit AdamW, per tensor against the formula.
+    let state = AdamW8bit::plan(&tensors, AdamW8bitConfig::default(), &Overrides::new()).unwrap();
+    for (t, s) in tensors.iter().zip(&state) {
+        assert_eq!(s.bytes, adamw_8bit_formula(t), "{}", t.name);
+    }
+    // SGD with momentum: one f32 state.
+    let sgd = SGDConfig {
+        momentum: 0.9,
+        ..Default::default()
+    };
+    let state = SGD::plan(&tensors, sgd, &Overrides::new()).unwrap();
+    assert_eq!(state.iter().map(|s| s.bytes as u64).sum::<u64>(), 4 * n);
+}
+
+#[test]
+fn activations_follow_korthikanti_et_al() {
+    let shape = TransformerShape {
+        layers: 32,
+        hidden_size: 4096,
+        heads: 32,
+        seq_len: 2048,
+        batch_size: 1,
+        recompute: false,
+    };
+    // s·b·h·(34 + 5·a·s/h) per layer: 2048·4096·(34 + 5·32·2048/4096) = 2048·4096·114.
+    assert_eq!(shape.activation_bytes(), 32 * 2048 * 4096 * 114);
+    let recompute = TransformerShape {
+        recompute: true,
+        ..shape
+    };
+    assert_eq!(recompute.activation_bytes(), 32 * 2 * 2048 * 4096);
+}
+
+#[test]
+fn bad_plans_are_refused_naming_the_value() {
+    let tensors = tiny_llama().tensors(DType::F32);
+    let err = |tensors: &[TensorSpec], overrides: &Overrides| {
+        AdamW8bit::plan(tensors, AdamW8bitConfig::default(), overrides)
+            .unwrap_err()
+            .to_string()
+    };
+    let var = Var::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    let msg = err(&tensors, &Overrides::new().for_var(&var).lr(0.1));
+    assert!(msg.contains("by name only"), "{msg}");
+    let msg = err(&tensors, &Overrides::new().for_module("lm_heda").lr(0.1));
+    assert!(msg.contains("lm_heda") && msg.contains("lm_head"), "{msg}");
+    let mut twice = tensors.clone();
+    twice.push(tensors[3].clone());
+    let msg = err(&twice, &Overrides::new());
+    assert!(
+        msg.contains(&tensors[3].name) && msg.contains("twice"),
+        "{msg}"
+    );
+    let f64_tensor = vec![TensorSpec::new("w", &[8], DType::F64)];
+    let msg = err(&f64_tensor, &Overrides::new());
+    assert!(msg.contains("\"w\"") && msg.contains("F64"), "{msg}");
+    let msg = err(
+        &tensors,
+        &Overrides::new()
+            .for_name("model.norm.weight")
+            .field("max_grad_norm", 1.0),
+    );
+    assert!(
+        msg.contains("max_grad_norm") && msg.contains("model.norm.weight"),
+        "{msg}"
+    );
+}
