@@ -145,6 +145,60 @@ impl LlamaShape {
         }
     }
 
+    /// LLaMA-2-13B (`meta-llama/Llama-2-13b-hf`): 13,015,864,320 parameters.
+    pub fn llama2_13b() -> Self {
+        Self {
+            hidden_size: 5120,
+            intermediate_size: 13824,
+            num_hidden_layers: 40,
+            num_attention_heads: 40,
+            num_key_value_heads: 40,
+            ..Self::llama2_7b()
+        }
+    }
+
+    /// LLaMA-2-70B (`meta-llama/Llama-2-70b-hf`, grouped-query attention with 8 key-value
+    /// heads): 68,976,648,192 parameters.
+    pub fn llama2_70b() -> Self {
+        Self {
+            hidden_size: 8192,
+            intermediate_size: 28672,
+            num_hidden_layers: 80,
+            num_attention_heads: 64,
+            num_key_value_heads: 8,
+            ..Self::llama2_7b()
+        }
+    }
+
+    /// A LLaMA-shaped model of about `params` parameters, for planning by size alone: the
+    /// hidden size of the LLaMA of that class (2048 up to 2 B, 4096 up to 10 B, 5120 up to 20 B,
+    /// 8192 up to 100 B, 12288 beyond), a SwiGLU width of 8/3 of it rounded up to a multiple of
+    /// 256, heads of 128, a 32000-token vocabulary, untied embeddings, and as many layers as
+    /// bring the count nearest `params` (at least one). [`Self::tensors`] gives the exact count.
+    pub fn with_params(params: usize) -> Self {
+        let hidden: usize = match params {
+            0..=2_000_000_000 => 2048,
+            2_000_000_001..=10_000_000_000 => 4096,
+            10_000_000_001..=20_000_000_000 => 5120,
+            20_000_000_001..=100_000_000_000 => 8192,
+            _ => 12288,
+        };
+        let intermediate = (8 * hidden / 3).div_ceil(256) * 256;
+        let vocab = 32000;
+        let per_layer = 4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden;
+        let fixed = 2 * vocab * hidden + hidden;
+        let layers = (params.saturating_sub(fixed) as f64 / per_layer as f64).round();
+        Self {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            num_hidden_layers: (layers as usize).max(1),
+            num_attention_heads: hidden / 128,
+            num_key_value_heads: hidden / 128,
+            tie_word_embeddings: false,
+        }
+    }
+
     /// Every tensor, trainable, in `dtype`, named as in Hugging Face checkpoints; the embedding
     /// is marked to keep 32-bit state (what [`nn::Embedding`](crate::nn::Embedding) does).
     ///

@@ -274,3 +274,189 @@ fn bad_plans_are_refused_naming_the_value() {
         "{msg}"
     );
 }
+
+#[test]
+fn llama2_sizes_have_their_published_counts() {
+    let count = |shape: LlamaShape| -> u64 {
+        shape
+            .tensors(DType::BF16)
+            .iter()
+            .map(|t| t.elem_count() as u64)
+            .sum()
+    };
+    assert_eq!(count(LlamaShape::llama2_13b()), 13_015_864_320);
+    assert_eq!(count(LlamaShape::llama2_70b()), 68_976_648_192);
+    // A shape by size alone lands within one layer of the size asked for.
+    for params in [
+        350_000_000u64,
+        1_300_000_000,
+        30_000_000_000,
+        175_000_000_000,
+    ] {
+        let shape = LlamaShape::with_params(params as usize);
+        let h = shape.hidden_size as u64;
+        let layer = 4 * h * h + 3 * h * shape.intermediate_size as u64 + 2 * h;
+        let n = count(shape);
+        assert!(n.abs_diff(params) <= layer / 2 + 1, "{params}: {n}");
+    }
+}
+
+/// Runs `candle-bnb plan` with `args`; its exit status, stdout and stderr.
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_candle-bnb"))
+        .arg("plan")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A model folder of the tiny LLaMA: `config.json` and `model.safetensors` (zeros).
+fn tiny_model_dir(test: &str) -> std::path::PathBuf {
+    let dir = crate::common::temp_dir(test);
+    let shape = tiny_llama();
+    let config = serde_json::json!({
+        "vocab_size": shape.vocab_size,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_hidden_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_key_value_heads": shape.num_key_value_heads,
+        "tie_word_embeddings": shape.tie_word_embeddings,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let tensors: Vec<(String, candle_core::Tensor)> = shape
+        .tensors(DType::F32)
+        .iter()
+        .map(|t| {
+            let zeros = candle_core::Tensor::zeros(t.shape.as_slice(), DType::F32, &Device::Cpu);
+            (t.name.clone(), zeros.unwrap())
+        })
+        .collect();
+    candle_core::safetensors::save(
+        &tensors.into_iter().collect::<HashMap<_, _>>(),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn the_plan_command_reports_the_library_plan() {
+    let dir = tiny_model_dir("plan_cli");
+    let dir_arg = dir.to_str().unwrap();
+    let (code, out, err) = cli(&[
+        "--model-dir",
+        dir_arg,
+        "--dtype",
+        "f32",
+        "--seq-len",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tensors = tiny_llama().tensors(DType::F32);
+    let n: usize = tensors.iter().map(|t| t.elem_count()).sum();
+    assert_eq!(json["parameters"], n as u64);
+    assert!(json["model"]
+        .as_str()
+        .unwrap()
+        .contains("safetensors headers"));
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 19);
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r["optimizer"] == name)
+            .unwrap()
+            .clone()
+    };
+    let planned = |plan: Vec<candle_bnb::optim::plan::StatePlan>| {
+        plan.iter().map(|p| p.bytes as u64).sum::<u64>()
+    };
+    let adamw8 = AdamW8bit::plan(&tensors, AdamW8bitConfig::default(), &Overrides::new());
+    assert_eq!(
+        row("adamw8bit")["optimizer_state"],
+        planned(adamw8.unwrap())
+    );
+    let adamw32 = AdamW::plan(&tensors, AdamWConfig::default(), &Overrides::new());
+    assert_eq!(row("adamw32")["optimizer_state"], planned(adamw32.unwrap()));
+    assert_eq!(row("candle-adamw")["optimizer_state"], 8 * n as u64);
+    let r = row("lion8bit");
+    assert_eq!(
+        r["total"],
+        r["trainable_weights"].as_u64().unwrap()
+            + r["gradients"].as_u64().unwrap()
+            + r["optimizer_state"].as_u64().unwrap()
+    );
+
+    // LoRA on q and v (rank 4): the base is frozen, the adapters are the trainable parameters.
+    let (code, out, err) = cli(&[
+        "--model-dir",
+        dir_arg,
+        "--dtype",
+        "bf16",
+        "--mode",
+        "lora",
+        "--lora-rank",
+        "4",
+        "--target-modules",
+        "q,v",
+        "--optimizer",
+        "adamw8bit",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (h, kv) = (64, 32);
+    let per_layer = (4 * h + h * 4) + (4 * h + kv * 4);
+    assert_eq!(json["trainable"], (2 * per_layer) as u64);
+    let r = &json["rows"][0];
+    assert_eq!(r["frozen_weights"], (2 * n) as u64);
+    assert_eq!(r["trainable_weights"], (4 * 2 * per_layer) as u64);
+    // The adapters are under 4096 elements: 32-bit moments.
+    assert_eq!(r["optimizer_state"], (8 * 2 * per_layer) as u64);
+    assert!(r["activations"].as_u64().unwrap() > 0);
+
+    // A budget: the table lists what fits, smallest first.
+    let (code, out, err) = cli(&["--params", "7B", "--budget", "60GiB", "--seq-len", "0"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("adamw8bit") && !out.contains("adamw32"),
+        "{out}"
+    );
+    assert!(out.contains("fit in 60.00 GiB"), "{out}");
+}
+
+#[test]
+fn the_plan_command_names_what_is_wrong() {
+    let dir = crate::common::temp_dir("plan_cli_errors");
+    let missing = dir.join("nothing");
+    let (code, _, err) = cli(&["--model-dir", missing.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("config.json"), "{err}");
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"vocab_size": 10, "hidden_size": 8, "num_attention_heads": 2}"#,
+    )
+    .unwrap();
+    let (code, _, err) = cli(&["--model-dir", dir.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("intermediate_size is missing"), "{err}");
+    let (_, _, err) = cli(&["--params", "7B", "--budget", "24 parsecs"]);
+    assert!(
+        err.contains("24 parsecs") && err.contains("unknown unit"),
+        "{err}"
+    );
+    let (_, _, err) = cli(&["--params", "seven"]);
+    assert!(err.contains("\"seven\""), "{err}");
+    let (_, _, err) = cli(&["--params", "7B", "--optimizer", "adamw9bit"]);
+    assert!(
+        err.contains("adamw9bit") && err.contains("adamw8bit"),
+        "{err}"
+    );
+}
