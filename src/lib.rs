@@ -2,8 +2,13 @@
 //!
 //! This crate re-exports the workspace's two libraries:
 //! - [`kernels`] (`candle-bnb-kernels`): quantization maps and blockwise quantization ops;
-//! - [`optim`] (`candle-bnb-optim`): the optimizers.
+//! - [`optim`] (`candle-bnb-optim`): the optimizers;
+//!
+//! and with the `hub` feature (on by default) `hub`: model files from the Hugging Face hub.
 #![deny(missing_docs)]
+
+#[cfg(feature = "hub")]
+pub mod hub;
 
 pub use candle_bnb_kernels as kernels;
 pub use candle_bnb_optim as optim;

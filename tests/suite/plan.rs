@@ -303,11 +303,17 @@ fn llama2_sizes_have_their_published_counts() {
 
 /// Runs `candle-bnb plan` with `args`; its exit status, stdout and stderr.
 fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_candle-bnb"))
-        .arg("plan")
-        .args(args)
-        .output()
-        .unwrap();
+    cli_with_env(args, &[])
+}
+
+/// [`cli`] with environment variables set for the command.
+fn cli_with_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> (i32, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_candle-bnb"));
+    command.arg("plan").args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = command.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -457,6 +463,51 @@ fn the_plan_command_names_what_is_wrong() {
     let (_, _, err) = cli(&["--params", "7B", "--optimizer", "adamw9bit"]);
     assert!(
         err.contains("adamw9bit") && err.contains("adamw8bit"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_plan_command_reads_a_hub_config_from_the_cache() {
+    // The tiny model's config in the hub cache layout; offline, so nothing is downloaded.
+    let dir = tiny_model_dir("plan_cli_hub_files");
+    let cache = crate::common::temp_dir("plan_cli_hub_cache");
+    let repo = cache.join("models--tiny-org--tiny-llama");
+    let snapshot = repo.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123abcd").unwrap();
+    std::fs::copy(dir.join("config.json"), snapshot.join("config.json")).unwrap();
+    let offline = std::path::Path::new("1");
+    let env = [
+        ("HF_HUB_CACHE", cache.as_path()),
+        ("HF_HUB_OFFLINE", offline),
+    ];
+    let args = [
+        "--model-id",
+        "tiny-org/tiny-llama",
+        "--dtype",
+        "f32",
+        "--json",
+    ];
+    let (code, out, err) = cli_with_env(&args, &env);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tensors = tiny_llama().tensors(DType::F32);
+    let n: usize = tensors.iter().map(|t| t.elem_count()).sum();
+    assert_eq!(json["parameters"], n as u64);
+    assert!(json["model"]
+        .as_str()
+        .unwrap()
+        .contains("tiny-org/tiny-llama@main"));
+    // A model that is not cached is an error naming the file, the model and the offline mode.
+    let args = ["--model-id", "tiny-org/absent"];
+    let (code, _, err) = cli_with_env(&args, &env);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("config.json")
+            && err.contains("tiny-org/absent")
+            && err.contains("HF_HUB_OFFLINE"),
         "{err}"
     );
 }

@@ -35,6 +35,13 @@ pub struct PlanArgs {
     /// from the safetensors headers (no weights are read), else from the config.
     #[arg(long, conflicts_with = "params")]
     pub model_dir: Option<PathBuf>,
+    /// Hugging Face hub model id: only its `config.json` is fetched (into the standard cache;
+    /// `HF_HUB_OFFLINE=1` reads the cache only), the tensors derived from it.
+    #[arg(long, conflicts_with_all = ["model_dir", "params"])]
+    pub model_id: Option<String>,
+    /// Hub revision (branch, tag or commit) for `--model-id`.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
     /// A LLaMA-shaped model of about this many parameters, e.g. `7B`, `1.3B`, `350M`.
     #[arg(long)]
     pub params: Option<String>,

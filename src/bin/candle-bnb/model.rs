@@ -31,6 +31,17 @@ pub fn load(args: &PlanArgs) -> Result<Model> {
         other => bail!("--dtype {other:?}: expected bf16, f16 or f32"),
     };
     let (shape, mut tensors, description) = match (&args.model_dir, &args.params) {
+        _ if args.model_id.is_some() => {
+            let id = args.model_id.as_deref().unwrap_or_default();
+            let model = candle_bnb::hub::HubModel::new(id, &args.revision)?;
+            let shape = read_config(&model.get("config.json")?)?;
+            let tensors = shape.tensors(dtype);
+            (
+                shape,
+                tensors,
+                format!("{id}@{} (config.json)", args.revision),
+            )
+        }
         (Some(dir), _) => {
             let shape = read_config(&dir.join("config.json"))?;
             let (tensors, source) = match read_headers(dir)? {
@@ -50,7 +61,9 @@ pub fn load(args: &PlanArgs) -> Result<Model> {
             let tensors = shape.tensors(dtype);
             (shape, tensors, format!("LLaMA-shaped, {params}"))
         }
-        (None, None) => bail!("give the model: --model-dir DIR or --params 7B"),
+        (None, None) => {
+            bail!("give the model: --model-dir DIR, --model-id ORG/NAME or --params 7B")
+        }
     };
     for t in &mut tensors {
         if t.dtype.is_float() {
