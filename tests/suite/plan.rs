@@ -436,6 +436,22 @@ fn the_plan_command_reports_the_library_plan() {
         "{out}"
     );
     assert!(out.contains("fit in 60.00 GiB"), "{out}");
+
+    // The plot: a PNG one bar wide per optimizer.
+    let png = crate::common::temp_dir("plan_cli_plot").join("plan.png");
+    let (code, _, err) = cli(&[
+        "--params",
+        "7B",
+        "--budget",
+        "60GiB",
+        "--plot",
+        png.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let dim = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    assert_eq!((dim(16), dim(20)), (160 + 84 * 19, 480));
 }
 
 #[test]

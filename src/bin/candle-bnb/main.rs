@@ -4,6 +4,7 @@
 
 mod model;
 mod optimizers;
+mod plot;
 mod report;
 
 use std::path::PathBuf;
@@ -81,6 +82,10 @@ pub struct PlanArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw the plan as a stacked bar chart into this PNG (every optimizer asked, the
+    /// budget as a line).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 fn main() {
@@ -132,6 +137,9 @@ fn plan(args: &PlanArgs) -> Result<()> {
         rows,
         hints: hints(args),
     };
+    if let Some(path) = &args.plot {
+        plot::draw(&report, path)?;
+    }
     if args.json {
         println!("{}", report.json());
     } else {
