@@ -436,6 +436,25 @@ fn the_plan_command_reports_the_library_plan() {
         "{out}"
     );
     assert!(out.contains("fit in 60.00 GiB"), "{out}");
+    assert!(out.contains("recommended: adamw8bit"), "{out}");
+    // With a master copy 8-bit AdamW no longer fits 58 GiB: the advisor's first pick is Lion,
+    // with what it costs said.
+    let args = [
+        "--params",
+        "7B",
+        "--master-weights",
+        "--seq-len",
+        "0",
+        "--budget",
+        "58GiB",
+    ];
+    let (_, out, _) = cli(&args);
+    let first = out.lines().nth(3).unwrap_or_default();
+    assert!(
+        first.starts_with("lion8bit") && first.contains("retune"),
+        "{out}"
+    );
+    assert!(out.contains("recommended: lion8bit"), "{out}");
 
     // The plot: a PNG one bar wide per optimizer.
     let png = crate::common::temp_dir("plan_cli_plot").join("plan.png");
@@ -526,4 +545,41 @@ fn the_plan_command_reads_a_hub_config_from_the_cache() {
             && err.contains("HF_HUB_OFFLINE"),
         "{err}"
     );
+}
+
+#[test]
+fn the_article_tables_come_out_of_params() {
+    // (size, parameters): LLaMA-2's configs for 7B/13B/70B, LLaMA-shaped models otherwise.
+    for (size, n) in [
+        ("1B", 1_004_607_488u64),
+        ("7B", 6_738_415_616),
+        ("13B", 13_015_864_320),
+        ("70B", 68_976_648_192),
+        ("175B", 174_734_979_072),
+    ] {
+        let args = [
+            "--params",
+            size,
+            "--master-weights",
+            "--seq-len",
+            "0",
+            "--optimizer",
+            "adamw32",
+            "--json",
+        ];
+        let (code, out, err) = cli(&args);
+        assert_eq!(code, 0, "{err}");
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(json["parameters"], n, "{size}");
+        let r = &json["rows"][0];
+        let parts = [
+            "trainable_weights",
+            "master_weights",
+            "gradients",
+            "optimizer_state",
+        ];
+        let bytes: Vec<u64> = parts.iter().map(|p| r[*p].as_u64().unwrap()).collect();
+        assert_eq!(bytes, [2 * n, 4 * n, 2 * n, 8 * n], "{size}");
+        assert_eq!(r["total"], 16 * n, "{size}");
+    }
 }

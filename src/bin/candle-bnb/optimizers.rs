@@ -31,6 +31,44 @@ pub const NAMES: [&str; 19] = [
     "candle-adamw",
 ];
 
+/// Where an optimizer stands in the advisor's ranking (lower first among the setups that fit;
+/// memory breaks ties) and why: the article's decision guide made concrete. AdamW is the default
+/// of LLM fine-tuning; its 8-bit form trains as well (bitsandbytes' and our side-by-side
+/// measurements) with a quarter of its state, so it comes first.
+pub fn advice(name: &str) -> (u8, &'static str) {
+    match name {
+        "adamw8bit" => (0, "AdamW quality with a quarter of its state"),
+        "adamw32" | "candle-adamw" => (1, "the reference: AdamW with f32 state"),
+        "adam8bit" => (
+            1,
+            "Adam with L2 decay, 8-bit state; prefer AdamW for transformers",
+        ),
+        "adam32" => (
+            1,
+            "Adam with L2 decay, f32 state; prefer AdamW for transformers",
+        ),
+        "ademamix8bit" | "ademamix32" => (
+            1,
+            "AdamW plus a slow momentum: better on long runs, one more state",
+        ),
+        "lamb8bit" | "lamb32" => (2, "layer-wise trust ratios, for very large batches"),
+        "lion8bit" => (
+            2,
+            "half of 8-bit AdamW's state; retune: lr 3-10x lower, decay higher",
+        ),
+        "lion32" => (2, "one f32 state; retune: lr 3-10x lower, decay higher"),
+        "sgd8bit" | "sgd32" => (
+            3,
+            "least state; momentum SGD trains transformers worse than AdamW",
+        ),
+        "lars8bit" | "lars32" => (3, "SGD with trust ratios, for large-batch vision training"),
+        "rmsprop8bit" | "rmsprop32" | "adagrad8bit" | "adagrad32" => {
+            (3, "rarely the choice for transformers")
+        }
+        _ => (4, ""),
+    }
+}
+
 /// The optimizers `--optimizer` names (one, or `all`).
 pub fn selected(name: &str) -> Result<Vec<&'static str>> {
     if name == "all" {

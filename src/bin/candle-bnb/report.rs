@@ -56,12 +56,13 @@ fn gib(bytes: u64) -> String {
 }
 
 impl Report {
-    /// The rows to print: all of them, or with a budget those that fit, smallest total first.
+    /// The rows to print: all of them, or with a budget those that fit, ranked by the advice
+    /// (see [`crate::optimizers::advice`]), then by total.
     fn ranked(&self) -> Vec<&Row> {
         let mut rows: Vec<&Row> = self.rows.iter().collect();
         if let Some(budget) = self.budget {
             rows.retain(|r| r.plan.total() <= budget);
-            rows.sort_by_key(|r| r.plan.total());
+            rows.sort_by_key(|r| (crate::optimizers::advice(r.name).0, r.plan.total()));
         }
         rows
     }
@@ -104,6 +105,10 @@ impl Report {
                 gib(p.total()),
                 per_param
             );
+            if self.budget.is_some() {
+                out.truncate(out.len() - 1);
+                out += &format!("  {}\n", crate::optimizers::advice(r.name).1);
+            }
         }
         out += "(GiB; B/param: optimizer-state bytes per trainable parameter; activations are an estimate)\n";
         if let Some(budget) = self.budget {
@@ -117,10 +122,11 @@ impl Report {
                 );
             } else {
                 out += &format!(
-                    "{} of {} fit in {} GiB, smallest total first\n",
+                    "{} of {} fit in {} GiB, best first (AdamW's quality first, then memory); recommended: {}\n",
                     ranked.len(),
                     self.rows.len(),
-                    gib(budget)
+                    gib(budget),
+                    ranked[0].name
                 );
             }
         }
@@ -145,6 +151,7 @@ impl Report {
                     "total": p.total(),
                     "quantized_params": r.quantized_params,
                     "fits": self.budget.map(|b| p.total() <= b),
+                    "advice": crate::optimizers::advice(r.name).1,
                 })
             })
             .collect();
