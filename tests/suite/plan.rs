@@ -162,15 +162,53 @@ fn planned_state_equals_allocated_state_for_a_100m_llama() {
         2 * 32000 * 768 + 12 * (2 * 768 * 768 + 2 * 256 * 768 + 3 * 768 * 2048 + 2 * 768) + 768
     );
     let vm = varmap(&tensors);
-    both(&tensors, &vm, AdamWConfig::default(), &Overrides::new());
-    both(&tensors, &vm, AdamWConfig::default(), &layout_overrides());
-    both(&tensors, &vm, LionConfig::default(), &Overrides::new());
-    both(
-        &tensors,
-        &vm,
-        AdEMAMixConfig::default(),
-        &layout_overrides(),
-    );
+    check_every_optimizer(&tensors, &vm, &Overrides::new());
+    check_every_optimizer(&tensors, &vm, &layout_overrides());
+}
+
+#[test]
+fn planned_state_equals_allocated_state_for_the_lora_example() {
+    // The LoRA example's tiny default (hidden 256, 2 layers, 4 heads over 2, a 512-token
+    // vocabulary) with its default adapters: rank 16 on all seven projections, f32, the base
+    // frozen. The optimizer sees the adapters only.
+    let base = LlamaShape {
+        vocab_size: 512,
+        hidden_size: 256,
+        intermediate_size: 256 * 8 / 3,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        tie_word_embeddings: false,
+    };
+    let mut tensors = Vec::new();
+    for t in base.tensors(DType::F32) {
+        let module = t.name.trim_end_matches(".weight").to_string();
+        if t.shape.len() == 2 && module.ends_with("_proj") {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let a = format!("{module}.lora_A.weight");
+            let b = format!("{module}.lora_B.weight");
+            tensors.push(TensorSpec::new(a, &[16, cols], DType::F32));
+            tensors.push(TensorSpec::new(b, &[rows, 16], DType::F32));
+        }
+        tensors.push(TensorSpec {
+            trainable: false,
+            ..t
+        });
+    }
+    let adapters: Vec<TensorSpec> = tensors.iter().filter(|t| t.trainable).cloned().collect();
+    assert_eq!(adapters.len(), 2 * 7 * 2);
+    let vm = varmap(&adapters);
+    check_every_optimizer(&adapters, &vm, &Overrides::new());
+    // The plan over every tensor leaves the frozen base out.
+    let with_base = AdamW8bit::plan(&tensors, AdamW8bitConfig::default(), &Overrides::new());
+    let without = AdamW8bit::plan(&adapters, AdamW8bitConfig::default(), &Overrides::new());
+    assert_eq!(with_base.unwrap(), without.unwrap());
+    let overrides = Overrides::new()
+        .for_pattern("*lora_B*")
+        .optim_bits(8)
+        .for_pattern("*lora_B*")
+        .min_8bit_size(1024);
+    check_every_optimizer(&adapters, &vm, &overrides);
 }
 
 /// The bytes of 8-bit AdamW state the formula gives for one tensor: f32 moments for an embedding
