@@ -15,6 +15,31 @@ pub use candle_bnb_optim as optim;
 
 pub use candle_bnb_kernels::{dequantize_blockwise, quantize_blockwise, QuantMap, Quantized};
 
+/// Every optimizer by the name the command-line tool (`candle-bnb plan --optimizer`) and the LoRA
+/// example (`--optimizer`) take: each algorithm of the family with 8-bit (`...8bit`) and 32-bit
+/// (`...32`) state, and `candle-adamw` for `candle_nn::AdamW`.
+pub const OPTIMIZER_NAMES: [&str; 19] = [
+    "adamw8bit",
+    "adamw32",
+    "adam8bit",
+    "adam32",
+    "lion8bit",
+    "lion32",
+    "sgd8bit",
+    "sgd32",
+    "rmsprop8bit",
+    "rmsprop32",
+    "adagrad8bit",
+    "adagrad32",
+    "lamb8bit",
+    "lamb32",
+    "lars8bit",
+    "lars32",
+    "ademamix8bit",
+    "ademamix32",
+    "candle-adamw",
+];
+
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -19,27 +19,7 @@ use std::time::Instant;
 use tokenizers::Tokenizer;
 
 /// Every `--optimizer` value.
-pub const OPTIMIZERS: [&str; 19] = [
-    "adamw8bit",
-    "adamw32",
-    "adam8bit",
-    "adam32",
-    "lion8bit",
-    "lion32",
-    "sgd8bit",
-    "sgd32",
-    "rmsprop8bit",
-    "rmsprop32",
-    "adagrad8bit",
-    "adagrad32",
-    "lamb8bit",
-    "lamb32",
-    "lars8bit",
-    "lars32",
-    "ademamix8bit",
-    "ademamix32",
-    "candle-adamw",
-];
+pub const OPTIMIZERS: [&str; 19] = candle_bnb::OPTIMIZER_NAMES;
 
 /// What the training loop needs from an optimizer.
 pub trait TrainOptimizer {

@@ -389,6 +389,18 @@ fn tiny_model_dir(test: &str) -> std::path::PathBuf {
     dir
 }
 
+/// The JSON report of the tiny model printed as `out`, checked to count its parameters and name
+/// `source`; with the parameter count.
+fn tiny_report(out: &str, source: &str) -> (serde_json::Value, usize) {
+    let json: serde_json::Value = serde_json::from_str(out).unwrap();
+    let tensors = tiny_llama().tensors(DType::F32);
+    let n: usize = tensors.iter().map(|t| t.elem_count()).sum();
+    assert_eq!(json["parameters"], n as u64);
+    let model = json["model"].as_str().unwrap();
+    assert!(model.contains(source), "{model}");
+    (json, n)
+}
+
 #[test]
 fn the_plan_command_reports_the_library_plan() {
     let dir = tiny_model_dir("plan_cli");
@@ -403,14 +415,8 @@ fn the_plan_command_reports_the_library_plan() {
         "--json",
     ]);
     assert_eq!(code, 0, "{err}");
-    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (json, n) = tiny_report(&out, "safetensors headers");
     let tensors = tiny_llama().tensors(DType::F32);
-    let n: usize = tensors.iter().map(|t| t.elem_count()).sum();
-    assert_eq!(json["parameters"], n as u64);
-    assert!(json["model"]
-        .as_str()
-        .unwrap()
-        .contains("safetensors headers"));
     let rows = json["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 19);
     let row = |name: &str| {
@@ -565,14 +571,7 @@ fn the_plan_command_reads_a_hub_config_from_the_cache() {
     ];
     let (code, out, err) = cli_with_env(&args, &env);
     assert_eq!(code, 0, "{err}");
-    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let tensors = tiny_llama().tensors(DType::F32);
-    let n: usize = tensors.iter().map(|t| t.elem_count()).sum();
-    assert_eq!(json["parameters"], n as u64);
-    assert!(json["model"]
-        .as_str()
-        .unwrap()
-        .contains("tiny-org/tiny-llama@main"));
+    tiny_report(&out, "tiny-org/tiny-llama@main");
     // A model that is not cached is an error naming the file, the model and the offline mode.
     let args = ["--model-id", "tiny-org/absent"];
     let (code, _, err) = cli_with_env(&args, &env);

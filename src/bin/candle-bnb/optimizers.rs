@@ -7,29 +7,8 @@ use candle_bnb::optim::{
 };
 use candle_core::{bail, Result};
 
-/// Every optimizer `--optimizer` takes, as the LoRA example names them: the family's 8-bit and
-/// 32-bit forms (SGD and LARS with momentum 0.9) and `candle_nn::AdamW`.
-pub const NAMES: [&str; 19] = [
-    "adamw8bit",
-    "adamw32",
-    "adam8bit",
-    "adam32",
-    "lion8bit",
-    "lion32",
-    "sgd8bit",
-    "sgd32",
-    "rmsprop8bit",
-    "rmsprop32",
-    "adagrad8bit",
-    "adagrad32",
-    "lamb8bit",
-    "lamb32",
-    "lars8bit",
-    "lars32",
-    "ademamix8bit",
-    "ademamix32",
-    "candle-adamw",
-];
+/// Every optimizer `--optimizer` takes (SGD and LARS with momentum 0.9).
+pub const NAMES: [&str; 19] = candle_bnb::OPTIMIZER_NAMES;
 
 /// Where an optimizer stands in the advisor's ranking (lower first among the setups that fit;
 /// memory breaks ties) and why: the article's decision guide made concrete. AdamW is the default
