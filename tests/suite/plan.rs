@@ -475,8 +475,10 @@ fn the_plan_command_reports_the_library_plan() {
     // A budget: the table lists what fits, smallest first.
     let (code, out, err) = cli(&["--params", "7B", "--budget", "60GiB", "--seq-len", "0"]);
     assert_eq!(code, 0, "{err}");
+    // 32-bit AdamW does not fit 60 GiB in full; its LoRA alternative does.
+    let starts = |prefix: &str| out.lines().any(|l| l.starts_with(prefix));
     assert!(
-        out.contains("adamw8bit") && !out.contains("adamw32"),
+        starts("adamw8bit ") && !starts("adamw32 ") && starts("adamw32+lora "),
         "{out}"
     );
     assert!(out.contains("fit in 60.00 GiB"), "{out}");
@@ -499,8 +501,17 @@ fn the_plan_command_reports_the_library_plan() {
         "{out}"
     );
     assert!(out.contains("recommended: lion8bit"), "{out}");
+    // 24 GiB: no full fine-tune of 7B fits; the advisor's LoRA alternative does.
+    let args = ["--params", "7B", "--seq-len", "512", "--budget", "24GiB"];
+    let (_, out, _) = cli(&args);
+    let first = out.lines().nth(3).unwrap_or_default();
+    assert!(first.starts_with("adamw8bit+lora"), "{out}");
+    assert!(
+        out.contains("19 of 38 fit") && out.contains("recommended: adamw8bit+lora"),
+        "{out}"
+    );
 
-    // The plot: a PNG one bar wide per optimizer.
+    // The plot: a PNG one bar wide per row.
     let png = crate::common::temp_dir("plan_cli_plot").join("plan.png");
     let (code, _, err) = cli(&[
         "--params",
@@ -514,7 +525,8 @@ fn the_plan_command_reports_the_library_plan() {
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     let dim = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
-    assert_eq!((dim(16), dim(20)), (160 + 84 * 19, 480));
+    // 19 optimizers in full and, with a budget, as LoRA alternatives.
+    assert_eq!((dim(16), dim(20)), (160 + 84 * 38, 480));
 }
 
 #[test]

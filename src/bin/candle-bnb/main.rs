@@ -119,10 +119,24 @@ fn plan(args: &PlanArgs) -> Result<()> {
         .as_deref()
         .map(report::parse_bytes)
         .transpose()?;
-    let mut rows = Vec::with_capacity(names.len());
-    for name in names {
+    let mut rows = Vec::with_capacity(2 * names.len());
+    for name in &names {
         let state = optimizers::plan(name, &model.tensors)?;
         rows.push(report::Row::new(name, &model.tensors, &state, &setup));
+    }
+    // The advisor weighs LoRA against full fine-tuning: with a budget, a full run's plan also
+    // gets the LoRA rows (the run's --lora-rank and --target-modules).
+    if budget.is_some() && args.mode == "full" {
+        let lora = model::load(&PlanArgs {
+            mode: "lora".to_string(),
+            ..args.clone()
+        })?;
+        for name in &names {
+            let state = optimizers::plan(name, &lora.tensors)?;
+            let mut row = report::Row::new(name, &lora.tensors, &state, &setup);
+            row.lora_alternative = true;
+            rows.push(row);
+        }
     }
     let report = report::Report {
         model: model.description,

@@ -52,14 +52,17 @@ pub fn load(args: &PlanArgs) -> Result<Model> {
         }
         (None, Some(params)) => {
             // LLaMA-2's own sizes are its real configs; any other size a LLaMA-shaped model.
-            let shape = match params.trim().to_ascii_uppercase().as_str() {
-                "7B" => LlamaShape::llama2_7b(),
-                "13B" => LlamaShape::llama2_13b(),
-                "70B" => LlamaShape::llama2_70b(),
-                _ => LlamaShape::with_params(parse_count(params)?),
+            let (shape, description) = match params.trim().to_ascii_uppercase().as_str() {
+                "7B" => (LlamaShape::llama2_7b(), "LLaMA-2-7B's config".to_string()),
+                "13B" => (LlamaShape::llama2_13b(), "LLaMA-2-13B's config".to_string()),
+                "70B" => (LlamaShape::llama2_70b(), "LLaMA-2-70B's config".to_string()),
+                _ => (
+                    LlamaShape::with_params(parse_count(params)?),
+                    format!("LLaMA-shaped, {params}"),
+                ),
             };
             let tensors = shape.tensors(dtype);
-            (shape, tensors, format!("LLaMA-shaped, {params}"))
+            (shape, tensors, description)
         }
         (None, None) => {
             bail!("give the model: --model-dir DIR, --model-id ORG/NAME or --params 7B")

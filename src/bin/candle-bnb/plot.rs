@@ -46,7 +46,7 @@ pub fn draw(report: &Report, path: &Path) -> Result<()> {
         .y_label_area_size(60)
         .build_cartesian_2d((0..n).into_segmented(), 0f64..top)
         .map_err(|e| err(&e))?;
-    let names: Vec<&str> = rows.iter().map(|r| r.name).collect();
+    let names: Vec<String> = rows.iter().map(|r| r.label()).collect();
     chart
         .configure_mesh()
         .disable_x_mesh()

@@ -8,10 +8,15 @@ use serde_json::json;
 pub struct Row {
     /// The optimizer's name.
     pub name: &'static str,
+    /// Planned with LoRA adapters when the run asked for full fine-tuning (the advisor's
+    /// alternative).
+    pub lora_alternative: bool,
     /// The memory, per part.
     pub plan: MemoryPlan,
     /// Parameters kept in 8-bit state.
     pub quantized_params: u64,
+    /// Trainable parameters.
+    pub trainable_params: u64,
 }
 
 impl Row {
@@ -24,12 +29,14 @@ impl Row {
     ) -> Self {
         Self {
             name,
+            lora_alternative: false,
             plan: MemoryPlan::new(tensors, state, setup),
             quantized_params: state
                 .iter()
                 .filter(|s| s.quantized)
                 .map(|s| s.elements as u64)
                 .sum(),
+            trainable_params: state.iter().map(|s| s.elements as u64).sum(),
         }
     }
 }
@@ -50,6 +57,17 @@ pub struct Report {
     pub hints: Vec<String>,
 }
 
+impl Row {
+    /// The row's label: the optimizer, with `+lora` for the advisor's LoRA alternative.
+    pub fn label(&self) -> String {
+        if self.lora_alternative {
+            format!("{}+lora", self.name)
+        } else {
+            self.name.to_string()
+        }
+    }
+}
+
 /// Bytes as GiB with two decimals.
 fn gib(bytes: u64) -> String {
     format!("{:.2}", bytes as f64 / (1u64 << 30) as f64)
@@ -62,7 +80,11 @@ impl Report {
         let mut rows: Vec<&Row> = self.rows.iter().collect();
         if let Some(budget) = self.budget {
             rows.retain(|r| r.plan.total() <= budget);
-            rows.sort_by_key(|r| (crate::optimizers::advice(r.name).0, r.plan.total()));
+            // Full fine-tuning before LoRA when both fit, then the advice, then memory.
+            rows.sort_by_key(|r| {
+                let tier = crate::optimizers::advice(r.name).0;
+                (r.lora_alternative, tier, r.plan.total())
+            });
         }
         rows
     }
@@ -74,7 +96,7 @@ impl Report {
             self.model, self.parameters, self.trainable
         );
         out += &format!(
-            "{:<14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+            "{:<19} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
             "optimizer",
             "frozen",
             "trainable",
@@ -88,14 +110,14 @@ impl Report {
         let ranked = self.ranked();
         for r in &ranked {
             let p = &r.plan;
-            let per_param = if self.trainable == 0 {
+            let per_param = if r.trainable_params == 0 {
                 0.0
             } else {
-                p.optimizer_state as f64 / self.trainable as f64
+                p.optimizer_state as f64 / r.trainable_params as f64
             };
             out += &format!(
-                "{:<14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10.3}\n",
-                r.name,
+                "{:<19} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10.3}\n",
+                r.label(),
                 gib(p.frozen_weights),
                 gib(p.trainable_weights),
                 gib(p.master_weights),
@@ -126,7 +148,7 @@ impl Report {
                     ranked.len(),
                     self.rows.len(),
                     gib(budget),
-                    ranked[0].name
+                    ranked[0].label()
                 );
             }
         }
@@ -142,6 +164,7 @@ impl Report {
                 let p = &r.plan;
                 json!({
                     "optimizer": r.name,
+                    "lora_alternative": r.lora_alternative,
                     "frozen_weights": p.frozen_weights,
                     "trainable_weights": p.trainable_weights,
                     "master_weights": p.master_weights,
@@ -150,6 +173,7 @@ impl Report {
                     "activations": p.activations,
                     "total": p.total(),
                     "quantized_params": r.quantized_params,
+                    "trainable_params": r.trainable_params,
                     "fits": self.budget.map(|b| p.total() <= b),
                     "advice": crate::optimizers::advice(r.name).1,
                 })
