@@ -9,6 +9,7 @@ mod common;
 mod adam;
 mod checkpoint;
 mod embedding;
+mod factored_reference;
 mod family;
 mod grad_handling;
 mod hardening;
