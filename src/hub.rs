@@ -6,9 +6,9 @@
 //! with `HF_HUB_OFFLINE=1` files come from the cache only. `HF_TOKEN` (or `HF_HOME/token`) and
 //! `HF_ENDPOINT` are honoured.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use candle_core::Result;
+use candle_core::{bail, Result};
 
 /// Hugging Face's home folder: `HF_HOME`, else `~/.cache/huggingface`.
 fn hf_home() -> PathBuf {
@@ -109,4 +109,34 @@ impl HubModel {
             }),
         }
     }
+}
+
+/// The shard file names a `model.safetensors.index.json` lists in its `weight_map`, each once, in
+/// first-seen order.
+///
+/// # Errors
+/// An unreadable file, malformed JSON, no `weight_map` object, or an entry that is not a file
+/// name (naming the index and the tensor).
+pub fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index)
+        .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", index.display())))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        candle_core::Error::msg(format!("{}: malformed JSON: {e}", index.display()))
+    })?;
+    let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) else {
+        bail!("{}: no \"weight_map\" object", index.display())
+    };
+    let mut names: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let Some(file) = file.as_str() else {
+            bail!(
+                "{}: weight_map entry {tensor:?} is not a file name",
+                index.display()
+            )
+        };
+        if !names.iter().any(|n| n == file) {
+            names.push(file.to_string());
+        }
+    }
+    Ok(names)
 }

@@ -132,19 +132,18 @@ impl<C: OptimizerConfig, const BITS: u32> Optim<C, BITS> {
         Self::new_with_overrides(crate::engine::sorted_vars(varmap), config, overrides)
     }
 
-    /// The base config with this optimizer's precision filled in where it is `None`, and each
-    /// parameter's config (`overridden[i]` applied to the base, checked), as construction and
-    /// [`Self::plan`] resolve them.
+    /// The base config (validated by the caller) with this optimizer's precision filled in where
+    /// it is `None`, and each parameter's config (`overridden[i]` applied to the base, checked),
+    /// as construction and [`Self::plan`] resolve them.
     ///
     /// # Errors
-    /// An invalid config; a per-parameter override of a whole-step setting; an override naming
+    /// A per-parameter override of a whole-step setting; an override naming
     /// an unknown field or an invalid value (naming the parameter).
     fn resolve_configs(
         mut config: C,
         names: &[&str],
         overridden: &[Vec<(String, String)>],
     ) -> candle_core::Result<(C, Vec<C>)> {
-        config.validate()?;
         // A constant check (BITS is 8 or 32 in every name of the family).
         if BITS != 8 && BITS != 32 {
             candle_core::bail!("Optim's state precision must be 8 or 32, got {BITS}")
@@ -178,6 +177,8 @@ impl<C: OptimizerConfig, const BITS: u32> Optim<C, BITS> {
         config: C,
         overrides: &crate::Overrides,
     ) -> candle_core::Result<Vec<crate::plan::StatePlan>> {
+        // The config first, as construction checks it.
+        config.validate()?;
         let trainable = crate::plan::trainable_float(tensors)?;
         let named: Vec<(&str, bool)> = trainable
             .iter()

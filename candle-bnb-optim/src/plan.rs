@@ -22,9 +22,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use std::collections::HashSet;
-
-use candle_core::{bail, DType, Result};
+use candle_core::{DType, Result};
 
 /// One tensor of a model being planned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,26 +85,15 @@ pub struct StatePlan {
 /// # Errors
 /// A name given twice; a trainable float tensor of another dtype (naming it).
 pub(crate) fn trainable_float(tensors: &[TensorSpec]) -> Result<Vec<&TensorSpec>> {
-    let mut names = HashSet::new();
-    for t in tensors {
-        if !names.insert(t.name.as_str()) {
-            bail!("tensor name {:?} is given twice", t.name)
-        }
-    }
+    crate::engine::unique_names("tensor", tensors.iter().map(|t| t.name.as_str()))?;
     let trainable: Vec<&TensorSpec> = tensors
         .iter()
         .filter(|t| t.trainable && t.dtype.is_float())
         .collect();
-    if let Some(t) = trainable
-        .iter()
-        .find(|t| !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16))
-    {
-        bail!(
-            "tensor {:?} has dtype {:?}; the optimizers step F32, F16 and BF16 parameters",
-            t.name,
-            t.dtype
-        )
-    }
+    crate::engine::steppable_dtypes(
+        "tensor",
+        trainable.iter().map(|t| (t.name.as_str(), t.dtype)),
+    )?;
     Ok(trainable)
 }
 

@@ -16,31 +16,6 @@ pub struct ModelFiles {
     pub weights: Vec<PathBuf>,
 }
 
-/// Shard file names listed in an index's `weight_map`, in first-seen order.
-fn shard_names(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index)
-        .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", index.display())))?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        candle_core::Error::msg(format!("{}: malformed JSON: {e}", index.display()))
-    })?;
-    let Some(map) = value.get("weight_map").and_then(|m| m.as_object()) else {
-        bail!("{}: no \"weight_map\" object", index.display())
-    };
-    let mut names: Vec<String> = Vec::new();
-    for (tensor, file) in map {
-        let Some(file) = file.as_str() else {
-            bail!(
-                "{}: weight_map entry {tensor:?} is not a file name",
-                index.display()
-            )
-        };
-        if !names.iter().any(|n| n == file) {
-            names.push(file.to_string());
-        }
-    }
-    Ok(names)
-}
-
 /// The files in a local folder.
 ///
 /// # Errors
@@ -56,7 +31,7 @@ pub fn local(dir: &Path) -> Result<ModelFiles> {
     let config = need("config.json")?;
     let tokenizer = need("tokenizer.json")?;
     let weights = if dir.join("model.safetensors.index.json").is_file() {
-        shard_names(&dir.join("model.safetensors.index.json"))?
+        candle_bnb::hub::shard_names(&dir.join("model.safetensors.index.json"))?
             .iter()
             .map(|n| need(n))
             .collect::<Result<_>>()?
@@ -81,7 +56,7 @@ pub fn hub(id: &str, revision: &str) -> Result<ModelFiles> {
     let config = get("config.json")?;
     let tokenizer = get("tokenizer.json")?;
     let weights = match get("model.safetensors.index.json") {
-        Ok(index) => shard_names(&index)?
+        Ok(index) => candle_bnb::hub::shard_names(&index)?
             .iter()
             .map(|n| get(n))
             .collect::<Result<_>>()?,

@@ -7,7 +7,7 @@ mod cpu;
 mod cuda;
 mod vars;
 
-pub(crate) use vars::{float_vars, sorted_vars};
+pub(crate) use vars::{float_vars, sorted_vars, steppable_dtypes, unique_names};
 
 use std::borrow::Cow;
 use std::collections::VecDeque;

@@ -17,12 +17,7 @@ pub(crate) fn sorted_vars(varmap: &candle_nn::VarMap) -> Vec<(String, Var)> {
 /// states), or a float dtype the update kernels do not take (F64, F8 and the like: every step
 /// would fail).
 pub(crate) fn float_vars(vars: Vec<(String, Var)>) -> Result<Vec<(String, Var)>> {
-    let mut names = std::collections::HashSet::new();
-    for (name, _) in &vars {
-        if !names.insert(name.as_str()) {
-            bail!("parameter name {name:?} is given twice")
-        }
-    }
+    unique_names("parameter", vars.iter().map(|(name, _)| name.as_str()))?;
     let vars: Vec<(String, Var)> = vars
         .into_iter()
         .filter(|(_, v)| v.dtype().is_float())
@@ -33,14 +28,36 @@ pub(crate) fn float_vars(vars: Vec<(String, Var)>) -> Result<Vec<(String, Var)>>
             bail!("one parameter is given twice, as {first:?} and as {name:?}")
         }
     }
-    if let Some((name, var)) = vars
-        .iter()
-        .find(|(_, v)| !matches!(v.dtype(), DType::F32 | DType::F16 | DType::BF16))
-    {
-        bail!(
-            "parameter {name:?} has dtype {:?}; the optimizers step F32, F16 and BF16 parameters",
-            var.dtype()
-        )
-    }
+    steppable_dtypes(
+        "parameter",
+        vars.iter().map(|(name, var)| (name.as_str(), var.dtype())),
+    )?;
     Ok(vars)
+}
+
+/// Refuses a name given twice; `what` names the kind of item in the error.
+pub(crate) fn unique_names<'a>(what: &str, names: impl Iterator<Item = &'a str>) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for name in names {
+        if !seen.insert(name) {
+            bail!("{what} name {name:?} is given twice")
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a float dtype the update kernels do not take (F64, F8 and the like: every step would
+/// fail); `what` names the kind of item in the error.
+pub(crate) fn steppable_dtypes<'a>(
+    what: &str,
+    params: impl Iterator<Item = (&'a str, DType)>,
+) -> Result<()> {
+    for (name, dtype) in params {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            bail!(
+                "{what} {name:?} has dtype {dtype:?}; the optimizers step F32, F16 and BF16 parameters"
+            )
+        }
+    }
+    Ok(())
 }

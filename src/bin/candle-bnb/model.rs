@@ -151,20 +151,10 @@ fn read_headers(dir: &Path) -> Result<Option<Vec<TensorSpec>>> {
     let files: Vec<std::path::PathBuf> = if single.exists() {
         vec![single]
     } else if index.exists() {
-        let text = std::fs::read_to_string(&index)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", index.display())))?;
-        let json: Value = serde_json::from_str(&text)
-            .map_err(|e| candle_core::Error::Msg(format!("{}: not JSON: {e}", index.display())))?;
-        let Some(map) = json.get("weight_map").and_then(Value::as_object) else {
-            bail!("{}: weight_map is missing", index.display())
-        };
-        let mut shards: Vec<String> = map
-            .values()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect();
-        shards.sort();
-        shards.dedup();
-        shards.into_iter().map(|s| dir.join(s)).collect()
+        candle_bnb::hub::shard_names(&index)?
+            .into_iter()
+            .map(|s| dir.join(s))
+            .collect()
     } else {
         return Ok(None);
     };

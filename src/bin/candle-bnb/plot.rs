@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::Result;
 use plotters::prelude::*;
 
-use crate::report::Report;
+use crate::report::{gib_of as gib, Report};
 
 /// The font of every label, shipped with the repository so no system font is needed.
 static FONT: &[u8] = include_bytes!("../../../examples/llama_lora/assets/DejaVuSansMono.ttf");
@@ -22,7 +22,6 @@ pub fn draw(report: &Report, path: &Path) -> Result<()> {
     // Registering twice is harmless.
     plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
         .map_err(|_| err(&"the bundled font"))?;
-    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
     let rows = &report.rows;
     let top = rows
         .iter()

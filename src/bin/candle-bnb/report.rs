@@ -68,9 +68,14 @@ impl Row {
     }
 }
 
+/// Bytes in GiB.
+pub fn gib_of(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// Bytes as GiB with two decimals.
 fn gib(bytes: u64) -> String {
-    format!("{:.2}", bytes as f64 / (1u64 << 30) as f64)
+    format!("{:.2}", gib_of(bytes))
 }
 
 impl Report {
