@@ -33,6 +33,7 @@ mod cpu;
 #[cfg(any(feature = "cuda", feature = "emulator"))]
 #[doc(hidden)]
 pub mod cuda;
+mod factored;
 mod lookup;
 mod midpoint;
 mod qmap;
@@ -64,10 +65,12 @@ pub mod emulator {
         dequantize_blockwise, dequantize_blockwise_into, quantize_blockwise,
     };
 }
+pub use factored::{check_factored_update, factored_update, FactoredState, Factoring, Momentum};
 pub use qmap::{QuantMap, QUANT_MAP_LEN};
 pub use rules::{
-    AdEMAMixRule, AdagradRule, AdamRule, CudaRule, LambRule, LarsRule, LionRule, RmspropRule,
-    ScaledGrad, SgdRule, UpdateRule, MAX_STATES,
+    AdEMAMixRule, AdafactorRule, AdafactorStepSize, AdagradRule, AdamRule, CameRule, CudaRule,
+    FactoredRule, LambRule, LarsRule, LionRule, RmspropRule, ScaledGrad, SecondMomentStep, SgdRule,
+    UpdateRule, MAX_STATES,
 };
 pub use sum_squares::sum_squares;
 pub use update::{check_fused_update, fused_update, BlockwiseState, ParamState};

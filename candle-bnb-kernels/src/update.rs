@@ -12,7 +12,7 @@ use crate::cpu::fused::{
 };
 use crate::cpu::{Element, Isa, MAX_BLOCK};
 use crate::rules::UpdateRule;
-use crate::QuantMap;
+use crate::{FactoredState, QuantMap};
 
 /// One state buffer stored 8-bit blockwise: a code per element and an f32 absmax per block.
 #[derive(Clone, Debug)]
@@ -120,6 +120,16 @@ impl BlockwiseState {
         self.codes.is_empty()
     }
 
+    /// The codes and scales to write, with the map they index.
+    pub(crate) fn parts_mut(&mut self) -> (&mut [u8], &mut [f32], &QuantMap) {
+        (&mut self.codes, &mut self.absmax, &self.map)
+    }
+
+    /// Bytes the buffers hold: one code per element and one f32 scale per block.
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + self.absmax.len() * 4
+    }
+
     /// The dequantized values, `map[code] * absmax[block]`.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.codes.len()];
@@ -134,14 +144,19 @@ impl BlockwiseState {
     }
 }
 
-/// The optimizer state of one parameter: one buffer per state value of its rule, as long as the
-/// parameter, either f32 (32-bit optimizers) or 8-bit blockwise.
+/// The optimizer state of one parameter: for elementwise rules ([`UpdateRule`]) one buffer per
+/// state value of its rule, as long as the parameter, either f32 (32-bit optimizers) or 8-bit
+/// blockwise; for factored rules ([`FactoredRule`](crate::FactoredRule)) row and column
+/// statistics and an optional momentum.
 #[derive(Clone, Debug)]
 pub enum ParamState {
     /// 32-bit state: one f32 buffer per state value.
     F32(Vec<Vec<f32>>),
     /// 8-bit state: one blockwise-quantized buffer per state value.
     Blockwise(Vec<BlockwiseState>),
+    /// The state of a factored rule (Adafactor, CAME), stepped by
+    /// [`factored_update`](crate::factored_update).
+    Factored(FactoredState),
 }
 
 impl ParamState {
@@ -182,18 +197,18 @@ impl ParamState {
     pub fn bytes(&self) -> usize {
         match self {
             Self::F32(states) => states.iter().map(|s| s.len() * 4).sum(),
-            Self::Blockwise(states) => states
-                .iter()
-                .map(|s| s.codes.len() + s.absmax.len() * 4)
-                .sum(),
+            Self::Blockwise(states) => states.iter().map(BlockwiseState::bytes).sum(),
+            Self::Factored(state) => state.bytes(),
         }
     }
 
-    /// Number of state buffers.
+    /// Number of buffers holding one value per parameter element (a factored state's momentum
+    /// counts, its row and column statistics do not).
     pub fn n_states(&self) -> usize {
         match self {
             Self::F32(states) => states.len(),
             Self::Blockwise(states) => states.len(),
+            Self::Factored(state) => state.momentum().is_some() as usize,
         }
     }
 
@@ -202,6 +217,7 @@ impl ParamState {
         match self {
             Self::F32(states) => states.first().map(Vec::len),
             Self::Blockwise(states) => states.first().map(BlockwiseState::len),
+            Self::Factored(state) => Some(state.factoring().len()),
         }
     }
 
@@ -233,6 +249,8 @@ impl ParamState {
                     }
                 }
             }
+            // Checked whole when made (`FactoredState::from_parts`).
+            Self::Factored(_) => {}
         }
         Ok(())
     }
@@ -291,38 +309,9 @@ pub fn check_fused_update<R: UpdateRule>(
     grad: &Tensor,
     state: &ParamState,
 ) -> Result<()> {
-    if !matches!(param.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-        bail!(
-            "fused_update: parameter dtype must be F32, F16 or BF16, got {:?}",
-            param.dtype()
-        )
-    }
-    if grad.dtype() != param.dtype() {
-        bail!(
-            "fused_update: gradient dtype {:?} differs from parameter dtype {:?}",
-            grad.dtype(),
-            param.dtype()
-        )
-    }
-    if grad.dims() != param.dims() {
-        bail!(
-            "fused_update: gradient shape {:?} differs from parameter shape {:?}",
-            grad.dims(),
-            param.dims()
-        )
-    }
-    if !param.is_contiguous() {
-        bail!(
-            "fused_update: the parameter must be contiguous, got strides {:?}",
-            param.stride()
-        )
-    }
-    if !param.device().is_cpu() || !grad.device().is_cpu() {
-        bail!(
-            "fused_update: takes CPU tensors (parameter on {:?}, gradient on {:?}); the optimizers of candle-bnb-optim step CUDA parameters with their state on the device",
-            param.device().location(),
-            grad.device().location()
-        )
+    check_step_tensors("fused_update", param, grad)?;
+    if let ParamState::Factored(_) = state {
+        bail!("fused_update: the state is a factored optimizer's; step it with factored_update")
     }
     let n_states = rule.signed_states().len();
     if state.n_states() != n_states {
@@ -344,6 +333,46 @@ pub fn check_fused_update<R: UpdateRule>(
     Ok(())
 }
 
+/// The checks every fused step makes of its parameter and gradient (`op` names the step in
+/// errors): dtypes F32, F16 or BF16 and equal, equal shapes, a contiguous parameter, both on the
+/// CPU.
+pub(crate) fn check_step_tensors(op: &str, param: &Tensor, grad: &Tensor) -> Result<()> {
+    if !matches!(param.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        bail!(
+            "{op}: parameter dtype must be F32, F16 or BF16, got {:?}",
+            param.dtype()
+        )
+    }
+    if grad.dtype() != param.dtype() {
+        bail!(
+            "{op}: gradient dtype {:?} differs from parameter dtype {:?}",
+            grad.dtype(),
+            param.dtype()
+        )
+    }
+    if grad.dims() != param.dims() {
+        bail!(
+            "{op}: gradient shape {:?} differs from parameter shape {:?}",
+            grad.dims(),
+            param.dims()
+        )
+    }
+    if !param.is_contiguous() {
+        bail!(
+            "{op}: the parameter must be contiguous, got strides {:?}",
+            param.stride()
+        )
+    }
+    if !param.device().is_cpu() || !grad.device().is_cpu() {
+        bail!(
+            "{op}: takes CPU tensors (parameter on {:?}, gradient on {:?}); the optimizers of candle-bnb-optim step CUDA parameters with their state on the device",
+            param.device().location(),
+            grad.device().location()
+        )
+    }
+    Ok(())
+}
+
 /// Whether two tensors are views of one storage (the same allocation, whatever their layouts).
 pub(crate) fn shares_storage(a: &Tensor, b: &Tensor) -> bool {
     let a_storage: *const _ = &*a.storage_and_layout().0;
@@ -359,6 +388,7 @@ fn measure_state<R: UpdateRule, T: Element>(
     state: &ParamState,
 ) -> (f64, f64) {
     match state {
+        ParamState::Factored(_) => unreachable!("checked by check_fused_update"),
         ParamState::F32(states) => {
             let views: Vec<StateView<'_>> = states.iter().map(|s| StateView::F32(s)).collect();
             measure(rule, params, grads, &views, MAX_BLOCK)
@@ -393,6 +423,7 @@ impl<R: UpdateRule> FusedUpdate<'_, R> {
             self.rule
         };
         match &mut **state {
+            ParamState::Factored(_) => unreachable!("checked by check_fused_update"),
             ParamState::F32(states) => {
                 let mut slices: Vec<&mut [f32]> =
                     states.iter_mut().map(Vec::as_mut_slice).collect();

@@ -147,7 +147,7 @@ struct BlockwiseTask<'a, T> {
 }
 
 /// Views initialised codes as the write-only buffer `encode` fills.
-fn as_uninit(codes: &mut [u8]) -> &mut [MaybeUninit<u8>] {
+pub(crate) fn as_uninit(codes: &mut [u8]) -> &mut [MaybeUninit<u8>] {
     // SAFETY: `MaybeUninit<u8>` has `u8`'s layout, and only initialised bytes are written back.
     unsafe { &mut *(codes as *mut [u8] as *mut [MaybeUninit<u8>]) }
 }

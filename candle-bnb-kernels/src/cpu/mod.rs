@@ -5,6 +5,7 @@
 //! fast path has its scalar twin in [`portable`], and the tests check each against it.
 
 mod element;
+pub(crate) mod factored;
 pub(crate) mod fused;
 pub(crate) mod norms;
 pub(crate) mod portable;

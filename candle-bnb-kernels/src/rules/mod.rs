@@ -1,14 +1,22 @@
 //! Optimizer update rules: the per-element math of one step, written once and shared by the
-//! 8-bit (blockwise-quantized state) and 32-bit (f32 state) paths.
+//! 8-bit (blockwise-quantized state) and 32-bit (f32 state) paths. Elementwise rules
+//! ([`UpdateRule`]) see one element at a time; factored rules ([`FactoredRule`]: Adafactor, CAME)
+//! also see row and column statistics the kernels gather first.
 
+mod adafactor;
 mod adam;
 mod ademamix;
+mod came;
+mod factored;
 mod lion;
 mod rmsprop;
 mod sgd;
 
+pub use adafactor::{AdafactorRule, AdafactorStepSize};
 pub use adam::{AdamRule, LambRule};
 pub use ademamix::AdEMAMixRule;
+pub use came::CameRule;
+pub use factored::{FactoredRule, SecondMomentStep};
 pub use lion::LionRule;
 pub use rmsprop::{AdagradRule, RmspropRule};
 pub use sgd::{LarsRule, SgdRule};
@@ -61,14 +69,15 @@ pub trait UpdateRule: Sync + Clone {
     }
 }
 
-/// A rule that sees every gradient multiplied by `scale` (gradient clipping).
+/// A rule that sees every gradient multiplied by `scale` (gradient clipping); an [`UpdateRule`] or
+/// a [`FactoredRule`] as the rule it wraps.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ScaledGrad<R> {
     rule: R,
     scale: f32,
 }
 
-impl<R: UpdateRule> ScaledGrad<R> {
+impl<R> ScaledGrad<R> {
     /// `rule` applied to `scale * grad`.
     pub fn new(rule: R, scale: f32) -> Self {
         Self { rule, scale }
