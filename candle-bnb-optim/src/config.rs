@@ -93,7 +93,7 @@ pub(crate) mod sealed {
 
     pub trait Sealed {
         /// The update rule the config makes.
-        type Rule: candle_bnb_kernels::CudaRule;
+        type Rule: crate::engine::StepRule;
         /// The algorithm's hyper-parameters by name, in declaration order (the shared
         /// settings not included).
         fn hyper_parameters(&mut self) -> Vec<(&'static str, &mut dyn FieldText)>;
@@ -101,6 +101,12 @@ pub(crate) mod sealed {
         fn check(&self) -> Result<()>;
         /// The update rule of a parameter's `step`-th step (1-based).
         fn rule(&self, step: u64) -> Self::Rule;
+        /// Fills in what the config leaves to the optimizer's state precision `bits` (8 or
+        /// 32), once, when an optimizer resolves its base config: nothing unless the
+        /// algorithm says otherwise (Adafactor's momentum).
+        fn resolve_for_bits(&mut self, bits: u32) {
+            let _ = bits;
+        }
         /// One step of `tracked` with `base`'s gradient handling and each parameter's config
         /// in `params`: [`TrackedParams::step`]. Each config calls it from its own
         /// (non-generic) impl so that the step (the CPU kernels and the CUDA launches, generic

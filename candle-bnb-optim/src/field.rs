@@ -68,6 +68,54 @@ impl<T: Plain> FieldText for Option<T> {
     }
 }
 
+/// Comma-separated values, as `1e-30,0.001`.
+fn tuple_text(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(f64::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The `N` comma-separated values of the field `name`.
+fn parse_tuple<const N: usize>(name: &str, value: &str) -> Result<[f64; N]> {
+    let parts: Vec<&str> = value.split(',').collect();
+    if parts.len() != N {
+        candle_core::bail!("field {name}: expected {N} comma-separated numbers, got {value:?}")
+    }
+    let mut out = [0f64; N];
+    for (o, part) in out.iter_mut().zip(parts) {
+        *o = parse(name, part)?;
+    }
+    Ok(out)
+}
+
+/// Two values, `a,b` (Adafactor's and CAME's `eps`).
+impl FieldText for (f64, f64) {
+    fn to_text(&self) -> String {
+        tuple_text(&[self.0, self.1])
+    }
+
+    fn set_text(&mut self, name: &str, value: &str) -> Result<()> {
+        let [a, b] = parse_tuple(name, value)?;
+        *self = (a, b);
+        Ok(())
+    }
+}
+
+/// Three values, `a,b,c` (CAME's `betas`).
+impl FieldText for (f64, f64, f64) {
+    fn to_text(&self) -> String {
+        tuple_text(&[self.0, self.1, self.2])
+    }
+
+    fn set_text(&mut self, name: &str, value: &str) -> Result<()> {
+        let [a, b, c] = parse_tuple(name, value)?;
+        *self = (a, b, c);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,10 +42,12 @@ mod overrides;
 pub mod plan;
 mod settings;
 
+pub use algorithms::adafactor::{Adafactor, Adafactor8bit, Adafactor8bitConfig, AdafactorConfig};
 pub use algorithms::adagrad::{Adagrad, Adagrad8bit, Adagrad8bitConfig, AdagradConfig};
 pub use algorithms::adam::{Adam, Adam8bit, Adam8bitConfig, AdamConfig};
 pub use algorithms::adamw::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig};
 pub use algorithms::ademamix::{AdEMAMix, AdEMAMix8bit, AdEMAMix8bitConfig, AdEMAMixConfig};
+pub use algorithms::came::{CAME8bit, CAME8bitConfig, CAMEConfig, CAME};
 pub use algorithms::lamb::{LAMB8bit, LAMB8bitConfig, LAMBConfig, LAMB};
 pub use algorithms::lars::{LARS8bit, LARS8bitConfig, LARSConfig, LARS};
 pub use algorithms::lion::{Lion, Lion8bit, Lion8bitConfig, LionConfig};

@@ -148,7 +148,8 @@ impl<C: OptimizerConfig, const BITS: u32> Optim<C, BITS> {
         if BITS != 8 && BITS != 32 {
             candle_core::bail!("Optim's state precision must be 8 or 32, got {BITS}")
         }
-        config.settings_mut().optim_bits.get_or_insert(BITS);
+        let bits = *config.settings_mut().optim_bits.get_or_insert(BITS);
+        config.resolve_for_bits(bits);
         for (name, set) in names.iter().zip(overridden) {
             if let Some((field, _)) = set
                 .iter()
@@ -191,15 +192,17 @@ impl<C: OptimizerConfig, const BITS: u32> Optim<C, BITS> {
             .iter()
             .zip(&params)
             .map(|(t, c)| {
-                let layout = c.settings().layout(BITS);
-                let n = t.elem_count();
-                let states = candle_bnb_kernels::UpdateRule::signed_states(&c.rule(1)).len();
+                let size = crate::engine::StepRule::state_size(
+                    &c.rule(1),
+                    &t.shape,
+                    c.settings().layout(BITS),
+                );
                 crate::plan::StatePlan {
                     name: t.name.clone(),
-                    elements: n,
-                    quantized: layout.quantizes(n) && states > 0,
-                    states,
-                    bytes: layout.state_bytes(n, states),
+                    elements: t.elem_count(),
+                    quantized: size.quantized,
+                    states: size.states,
+                    bytes: size.bytes,
                 }
             })
             .collect())
@@ -352,7 +355,7 @@ impl<C: OptimizerConfig, const BITS: u32> Optim<C, BITS> {
         let rules: Vec<_> = self.params.iter().map(|c| c.rule(1)).collect();
         let signed: Vec<&[bool]> = rules
             .iter()
-            .map(candle_bnb_kernels::UpdateRule::signed_states)
+            .map(crate::engine::StepRule::signed_states)
             .collect();
         let loaded =
             crate::checkpoint::load(path, C::KIND, &self.tracked, &self.overridden, &signed)?;
@@ -402,8 +405,8 @@ impl<C: OptimizerConfig, const BITS: u32> Optim<C, BITS> {
         for (i, (ours, theirs)) in self.params.iter().zip(&params).enumerate() {
             let (ours, theirs) = (ours.rule(1), theirs.rule(1));
             let (ours, theirs) = (
-                candle_bnb_kernels::UpdateRule::signed_states(&ours),
-                candle_bnb_kernels::UpdateRule::signed_states(&theirs),
+                crate::engine::StepRule::signed_states(&ours),
+                crate::engine::StepRule::signed_states(&theirs),
             );
             if ours != theirs {
                 candle_core::bail!(

@@ -126,7 +126,7 @@ impl Settings {
 
 /// How a parameter's state is stored, with the precision resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct StateLayout {
+pub struct StateLayout {
     pub(crate) optim_bits: u32,
     pub(crate) min_8bit_size: usize,
     pub(crate) block_size: usize,

@@ -9,6 +9,7 @@ mod common;
 mod adam;
 mod checkpoint;
 mod embedding;
+mod factored;
 mod factored_reference;
 mod family;
 mod grad_handling;

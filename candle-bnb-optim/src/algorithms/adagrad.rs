@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Result;
 
 use crate::config::sealed::Sealed;
-use crate::engine::TrackedParams;
+use crate::engine::{Elementwise, TrackedParams};
 use crate::field::FieldText;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
@@ -69,7 +69,7 @@ impl OptimizerConfig for AdagradConfig {
 }
 
 impl Sealed for AdagradConfig {
-    type Rule = AdagradRule;
+    type Rule = Elementwise<AdagradRule>;
 
     fn hyper_parameters(&mut self) -> Vec<(&'static str, &mut dyn FieldText)> {
         vec![
@@ -92,16 +92,16 @@ impl Sealed for AdagradConfig {
         check::positive_eps(self.eps)
     }
 
-    fn rule(&self, step: u64) -> AdagradRule {
+    fn rule(&self, step: u64) -> Elementwise<AdagradRule> {
         let c = self;
-        AdagradRule::new(
+        Elementwise(AdagradRule::new(
             step,
             c.lr,
             c.lr_decay,
             c.weight_decay,
             c.initial_accumulator_value,
             c.eps,
-        )
+        ))
     }
 
     fn step(t: &mut TrackedParams, g: &GradStore, base: &Self, params: &[Self]) -> Result<()> {

@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Result;
 
 use crate::config::sealed::Sealed;
-use crate::engine::TrackedParams;
+use crate::engine::{Elementwise, TrackedParams};
 use crate::field::FieldText;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
@@ -68,7 +68,7 @@ impl OptimizerConfig for AdamConfig {
 }
 
 impl Sealed for AdamConfig {
-    type Rule = AdamRule;
+    type Rule = Elementwise<AdamRule>;
 
     fn hyper_parameters(&mut self) -> Vec<(&'static str, &mut dyn FieldText)> {
         vec![
@@ -86,9 +86,17 @@ impl Sealed for AdamConfig {
         check::non_negative("weight_decay", self.weight_decay)
     }
 
-    fn rule(&self, step: u64) -> AdamRule {
+    fn rule(&self, step: u64) -> Elementwise<AdamRule> {
         let c = self;
-        AdamRule::new(step, c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, false)
+        Elementwise(AdamRule::new(
+            step,
+            c.lr,
+            c.beta1,
+            c.beta2,
+            c.eps,
+            c.weight_decay,
+            false,
+        ))
     }
 
     fn step(t: &mut TrackedParams, g: &GradStore, base: &Self, params: &[Self]) -> Result<()> {

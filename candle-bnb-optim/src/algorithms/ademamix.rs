@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Result;
 
 use crate::config::sealed::Sealed;
-use crate::engine::TrackedParams;
+use crate::engine::{Elementwise, TrackedParams};
 use crate::field::FieldText;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
@@ -83,7 +83,7 @@ impl OptimizerConfig for AdEMAMixConfig {
 }
 
 impl Sealed for AdEMAMixConfig {
-    type Rule = AdEMAMixRule;
+    type Rule = Elementwise<AdEMAMixRule>;
 
     fn hyper_parameters(&mut self) -> Vec<(&'static str, &mut dyn FieldText)> {
         vec![
@@ -109,9 +109,9 @@ impl Sealed for AdEMAMixConfig {
         check::non_negative("weight_decay", self.weight_decay)
     }
 
-    fn rule(&self, step: u64) -> AdEMAMixRule {
+    fn rule(&self, step: u64) -> Elementwise<AdEMAMixRule> {
         let c = self;
-        AdEMAMixRule::new(
+        Elementwise(AdEMAMixRule::new(
             step,
             c.lr,
             c.beta1,
@@ -122,7 +122,7 @@ impl Sealed for AdEMAMixConfig {
             c.t_beta3,
             c.eps,
             c.weight_decay,
-        )
+        ))
     }
 
     fn step(t: &mut TrackedParams, g: &GradStore, base: &Self, params: &[Self]) -> Result<()> {

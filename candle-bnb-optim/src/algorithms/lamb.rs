@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Result;
 
 use crate::config::sealed::Sealed;
-use crate::engine::TrackedParams;
+use crate::engine::{Elementwise, TrackedParams};
 use crate::field::FieldText;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
@@ -81,7 +81,7 @@ impl OptimizerConfig for LAMBConfig {
 }
 
 impl Sealed for LAMBConfig {
-    type Rule = LambRule;
+    type Rule = Elementwise<LambRule>;
 
     fn hyper_parameters(&mut self) -> Vec<(&'static str, &mut dyn FieldText)> {
         vec![
@@ -103,9 +103,9 @@ impl Sealed for LAMBConfig {
         check::non_negative("max_unorm", self.max_unorm)
     }
 
-    fn rule(&self, step: u64) -> LambRule {
+    fn rule(&self, step: u64) -> Elementwise<LambRule> {
         let c = self;
-        LambRule::new(
+        Elementwise(LambRule::new(
             step,
             c.lr,
             c.beta1,
@@ -115,7 +115,7 @@ impl Sealed for LAMBConfig {
             c.bias_correction,
             c.adam_w_mode,
             c.max_unorm,
-        )
+        ))
     }
 
     fn step(t: &mut TrackedParams, g: &GradStore, base: &Self, params: &[Self]) -> Result<()> {

@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Result;
 
 use crate::config::sealed::Sealed;
-use crate::engine::TrackedParams;
+use crate::engine::{Elementwise, TrackedParams};
 use crate::field::FieldText;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
@@ -75,7 +75,7 @@ impl OptimizerConfig for LARSConfig {
 }
 
 impl Sealed for LARSConfig {
-    type Rule = LarsRule;
+    type Rule = Elementwise<LarsRule>;
 
     fn hyper_parameters(&mut self) -> Vec<(&'static str, &mut dyn FieldText)> {
         vec![
@@ -95,9 +95,9 @@ impl Sealed for LARSConfig {
         check::non_negative("max_unorm", self.max_unorm)
     }
 
-    fn rule(&self, step: u64) -> LarsRule {
+    fn rule(&self, step: u64) -> Elementwise<LarsRule> {
         let c = self;
-        LarsRule::new(
+        Elementwise(LarsRule::new(
             step,
             c.lr,
             c.momentum,
@@ -105,7 +105,7 @@ impl Sealed for LARSConfig {
             c.weight_decay,
             c.nesterov,
             c.max_unorm,
-        )
+        ))
     }
 
     fn step(t: &mut TrackedParams, g: &GradStore, base: &Self, params: &[Self]) -> Result<()> {

@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Result;
 
 use crate::config::sealed::Sealed;
-use crate::engine::TrackedParams;
+use crate::engine::{Elementwise, TrackedParams};
 use crate::field::FieldText;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
@@ -66,7 +66,7 @@ impl OptimizerConfig for LionConfig {
 }
 
 impl Sealed for LionConfig {
-    type Rule = LionRule;
+    type Rule = Elementwise<LionRule>;
 
     fn hyper_parameters(&mut self) -> Vec<(&'static str, &mut dyn FieldText)> {
         vec![
@@ -84,8 +84,13 @@ impl Sealed for LionConfig {
         check::non_negative("weight_decay", self.weight_decay)
     }
 
-    fn rule(&self, _step: u64) -> LionRule {
-        LionRule::new(self.lr, self.beta1, self.beta2, self.weight_decay)
+    fn rule(&self, _step: u64) -> Elementwise<LionRule> {
+        Elementwise(LionRule::new(
+            self.lr,
+            self.beta1,
+            self.beta2,
+            self.weight_decay,
+        ))
     }
 
     fn step(t: &mut TrackedParams, g: &GradStore, base: &Self, params: &[Self]) -> Result<()> {

@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Result;
 
 use crate::config::sealed::Sealed;
-use crate::engine::TrackedParams;
+use crate::engine::{Elementwise, TrackedParams};
 use crate::field::FieldText;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
@@ -75,7 +75,7 @@ impl OptimizerConfig for RMSpropConfig {
 }
 
 impl Sealed for RMSpropConfig {
-    type Rule = RmspropRule;
+    type Rule = Elementwise<RmspropRule>;
 
     fn hyper_parameters(&mut self) -> Vec<(&'static str, &mut dyn FieldText)> {
         vec![
@@ -96,9 +96,16 @@ impl Sealed for RMSpropConfig {
         check::non_negative("momentum", self.momentum)
     }
 
-    fn rule(&self, _step: u64) -> RmspropRule {
+    fn rule(&self, _step: u64) -> Elementwise<RmspropRule> {
         let c = self;
-        RmspropRule::new(c.lr, c.alpha, c.eps, c.weight_decay, c.momentum, c.centered)
+        Elementwise(RmspropRule::new(
+            c.lr,
+            c.alpha,
+            c.eps,
+            c.weight_decay,
+            c.momentum,
+            c.centered,
+        ))
     }
 
     fn step(t: &mut TrackedParams, g: &GradStore, base: &Self, params: &[Self]) -> Result<()> {

@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Result;
 
 use crate::config::sealed::Sealed;
-use crate::engine::TrackedParams;
+use crate::engine::{Elementwise, TrackedParams};
 use crate::field::FieldText;
 use crate::{check, Optim, OptimizerConfig, Settings};
 
@@ -70,7 +70,7 @@ impl OptimizerConfig for SGDConfig {
 }
 
 impl Sealed for SGDConfig {
-    type Rule = SgdRule;
+    type Rule = Elementwise<SgdRule>;
 
     fn hyper_parameters(&mut self) -> Vec<(&'static str, &mut dyn FieldText)> {
         vec![
@@ -88,16 +88,16 @@ impl Sealed for SGDConfig {
         check::non_negative("weight_decay", self.weight_decay)
     }
 
-    fn rule(&self, step: u64) -> SgdRule {
+    fn rule(&self, step: u64) -> Elementwise<SgdRule> {
         let c = self;
-        SgdRule::new(
+        Elementwise(SgdRule::new(
             step,
             c.lr,
             c.momentum,
             c.dampening,
             c.weight_decay,
             c.nesterov,
-        )
+        ))
     }
 
     fn step(t: &mut TrackedParams, g: &GradStore, base: &Self, params: &[Self]) -> Result<()> {

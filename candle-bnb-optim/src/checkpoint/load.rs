@@ -3,7 +3,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 
-use candle_bnb_kernels::{BlockwiseState, ParamState, QuantMap, QUANT_MAP_LEN};
+use candle_bnb_kernels::{
+    BlockwiseState, FactoredState, Momentum, ParamState, QuantMap, QUANT_MAP_LEN,
+};
 use candle_core::{bail, Error, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -12,7 +14,7 @@ use crate::GRAD_NORM_HISTORY;
 
 use super::{
     checksum_key, checksum_text, dtype_name, metadata_checksum, param_key, settings_text,
-    shape_text, Loaded, FORMAT, MAX_STEPS, METADATA_CHECKSUM, VERSION,
+    shape_text, Buffers, Loaded, FORMAT, MAX_STEPS, METADATA_CHECKSUM, VERSION,
 };
 
 /// The metadata and tensors of an open checkpoint, with errors that name the file and key.
@@ -143,6 +145,12 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The per-element buffers read from a file.
+enum ReadBuffers {
+    F32(Vec<Vec<f32>>),
+    Blockwise(Vec<BlockwiseState>),
+}
+
 /// Reads the checkpoint at `path` and checks it against `tracked` without changing them.
 /// `signed[i]` tells, per state of parameter `i`, whether it may hold negative values
 /// ([`candle_bnb_kernels::UpdateRule::signed_states`]).
@@ -255,25 +263,21 @@ pub(crate) fn load(
         }
         let n = slot.var.elem_count();
         let stored = r.meta(&key("states"))?;
-        let expected = match &slot.state {
-            ParamState::F32(s) => format!("f32:{}", s.len()),
-            ParamState::Blockwise(s) => format!("8bit:{}", s.len()),
-        };
+        let ours = Buffers::of(&slot.state);
+        let expected = ours.text();
         if stored != expected {
             return r.fail(format!(
                 "parameter {name:?} has state {stored}, this optimizer keeps {expected}"
             ));
         }
-        let state = match &slot.state {
-            ParamState::F32(s) => ParamState::F32(
+        let signed = |k: usize| signed[i].get(k).copied().unwrap_or(true);
+        let buffers = match &ours {
+            Buffers::F32(s) => ReadBuffers::F32(
                 (0..s.len())
-                    .map(|k| {
-                        let is_signed = signed[i].get(k).copied().unwrap_or(true);
-                        r.f32_state(&key(&format!("state{k}")), n, is_signed)
-                    })
+                    .map(|k| r.f32_state(&key(&format!("state{k}")), n, signed(k)))
                     .collect::<Result<_>>()?,
             ),
-            ParamState::Blockwise(s) => ParamState::Blockwise(match s.first() {
+            Buffers::Blockwise(s) => ReadBuffers::Blockwise(match s.first() {
                 None => Vec::new(),
                 Some(first) => {
                     let bs: usize = r.meta_num(&key("block_size"))?;
@@ -289,6 +293,38 @@ pub(crate) fn load(
                         .collect::<Result<_>>()?
                 }
             }),
+        };
+        let state = match (&slot.state, buffers) {
+            (ParamState::Factored(factored), buffers) => {
+                let names: Vec<&str> = factored.stats().iter().map(|(name, _)| *name).collect();
+                let stored = r.meta(&key("stats"))?;
+                if stored != names.join(",") {
+                    return r.fail(format!(
+                        "parameter {name:?} has the statistics [{stored}], this optimizer keeps [{}]",
+                        names.join(",")
+                    ));
+                }
+                let stats = factored
+                    .stats()
+                    .iter()
+                    .map(|(stat, values)| {
+                        r.f32_state(&key(&format!("stat.{stat}")), values.len(), false)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let momentum = match buffers {
+                    ReadBuffers::F32(mut m) => m.pop().map(Momentum::F32),
+                    ReadBuffers::Blockwise(mut q) => q.pop().map(Momentum::Blockwise),
+                };
+                let context = |e: Error| {
+                    e.context(format!("checkpoint {}: parameter {name:?}", path.display()))
+                };
+                ParamState::Factored(
+                    FactoredState::from_parts(factored.factoring(), stats, momentum)
+                        .map_err(context)?,
+                )
+            }
+            (_, ReadBuffers::F32(s)) => ParamState::F32(s),
+            (_, ReadBuffers::Blockwise(s)) => ParamState::Blockwise(s),
         };
         states.push(state);
         let norms_key = key("grad_norms");

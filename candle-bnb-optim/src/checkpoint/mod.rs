@@ -8,6 +8,10 @@
 //!   `param.{i}.state{k}.codes` (U8, one per element), `param.{i}.state{k}.absmax` (F32, one per
 //!   block) and `param.{i}.state{k}.map` (F32, the 256 map values) for 8-bit state;
 //! - `param.{i}.grad_norms` (F64): the percentile-clipping history, oldest first;
+//! - for factored optimizers (Adafactor, CAME), whose `state0` is the momentum (when they keep
+//!   one): `param.{i}.stat.{name}` (F32), each second-moment statistic, named as
+//!   `candle_bnb_kernels::Factoring::stats` names them (`row`, `col`, `res_row`, `res_col`, or
+//!   `full`), listed in the metadata `param.{i}.stats` (comma-separated);
 //!
 //! and as safetensors metadata: `format` ([`FORMAT`]), `version` ([`VERSION`]), `kind` (the
 //! optimizer family, e.g. `AdamW` for `AdamW` and `AdamW8bit`), `steps`, `skipped`, `params`
@@ -42,6 +46,8 @@ use std::collections::HashMap;
 
 use safetensors::tensor::Dtype;
 
+use candle_bnb_kernels::{BlockwiseState, Momentum, ParamState};
+
 use crate::engine::TrackedState;
 
 /// The `format` metadata value of every checkpoint.
@@ -60,6 +66,34 @@ pub(crate) struct Loaded {
     pub(crate) config: Vec<(String, String)>,
     /// Metadata the optimizer itself wrote (`save`'s `extra`).
     pub(crate) extra: HashMap<String, String>,
+}
+
+/// The buffers of one value per element of a state: its states, or a factored state's momentum.
+enum Buffers<'a> {
+    F32(Vec<&'a [f32]>),
+    Blockwise(Vec<&'a BlockwiseState>),
+}
+
+impl<'a> Buffers<'a> {
+    fn of(state: &'a ParamState) -> Self {
+        match state {
+            ParamState::F32(s) => Self::F32(s.iter().map(Vec::as_slice).collect()),
+            ParamState::Blockwise(s) => Self::Blockwise(s.iter().collect()),
+            ParamState::Factored(f) => match f.momentum() {
+                None => Self::F32(Vec::new()),
+                Some(Momentum::F32(m)) => Self::F32(vec![m]),
+                Some(Momentum::Blockwise(q)) => Self::Blockwise(vec![q]),
+            },
+        }
+    }
+
+    /// The metadata value `param.{i}.states`: `f32:K` or `8bit:K`.
+    fn text(&self) -> String {
+        match self {
+            Self::F32(s) => format!("f32:{}", s.len()),
+            Self::Blockwise(s) => format!("8bit:{}", s.len()),
+        }
+    }
 }
 
 /// A parameter's override settings as one metadata value: `field=value` joined by `;`.

@@ -14,7 +14,7 @@ use crate::engine::TrackedParams;
 
 use super::{
     checksum_key, checksum_text, dtype_name, metadata_checksum, param_key, settings_text,
-    shape_text, FORMAT, METADATA_CHECKSUM, VERSION,
+    shape_text, Buffers, FORMAT, METADATA_CHECKSUM, VERSION,
 };
 
 /// One tensor to write.
@@ -78,15 +78,15 @@ pub(crate) fn save(
         meta.insert(key("dtype"), dtype_name(slot.var.dtype()).into());
         meta.insert(key("steps"), slot.steps.to_string());
         meta.insert(key("overrides"), settings_text(&settings[i]));
-        match &slot.state {
-            ParamState::F32(states) => {
-                meta.insert(key("states"), format!("f32:{}", states.len()));
+        let buffers = Buffers::of(&slot.state);
+        meta.insert(key("states"), buffers.text());
+        match buffers {
+            Buffers::F32(states) => {
                 for (k, s) in states.iter().enumerate() {
                     tensors.push((key(&format!("state{k}")), f32_entry(s)));
                 }
             }
-            ParamState::Blockwise(states) => {
-                meta.insert(key("states"), format!("8bit:{}", states.len()));
+            Buffers::Blockwise(states) => {
                 if let Some(first) = states.first() {
                     meta.insert(key("block_size"), first.block_size().to_string());
                 }
@@ -103,6 +103,14 @@ pub(crate) fn save(
                     tensors.push((format!("{state}.absmax"), f32_entry(s.absmax())));
                     tensors.push((format!("{state}.map"), f32_entry(s.map().values())));
                 }
+            }
+        }
+        if let ParamState::Factored(factored) = &slot.state {
+            let stats = factored.stats();
+            let names: Vec<&str> = stats.iter().map(|(name, _)| *name).collect();
+            meta.insert(key("stats"), names.join(","));
+            for (name, values) in stats {
+                tensors.push((key(&format!("stat.{name}")), f32_entry(values)));
             }
         }
         tensors.push((

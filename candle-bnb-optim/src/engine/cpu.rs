@@ -3,11 +3,11 @@
 
 use std::collections::VecDeque;
 
-use candle_bnb_kernels::{check_fused_update, fused_update, sum_squares, ScaledGrad};
+use candle_bnb_kernels::sum_squares;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result};
 
-use super::{StepConfig, TrackedParams};
+use super::{StepConfig, StepRule, TrackedParams};
 use crate::{NonFinitePolicy, Settings, GRAD_NORM_HISTORY};
 
 impl TrackedParams {
@@ -26,13 +26,14 @@ impl TrackedParams {
                 continue;
             };
             let rule = params[i].rule(slot.steps + 1);
-            check_fused_update(&rule, slot.var.as_tensor(), grad, &slot.state).map_err(|e| {
-                e.context(format!(
-                    "parameter {i} {:?} (shape {:?})",
-                    slot.name,
-                    slot.var.dims()
-                ))
-            })?;
+            rule.check(slot.var.as_tensor(), grad, &slot.state)
+                .map_err(|e| {
+                    e.context(format!(
+                        "parameter {i} {:?} (shape {:?})",
+                        slot.name,
+                        slot.var.dims()
+                    ))
+                })?;
             let sq = sum_squares(grad)?;
             if !sq.is_finite() {
                 match handling.non_finite {
@@ -67,8 +68,8 @@ impl TrackedParams {
                     sq,
                     params[i].step_settings().percentile_clipping,
                 );
-            fused_update(
-                &ScaledGrad::new(params[i].rule(slot.steps + 1), scale as f32),
+            params[i].rule(slot.steps + 1).update(
+                scale as f32,
                 slot.var.as_tensor(),
                 grad,
                 &mut slot.state,

@@ -8,9 +8,10 @@ use candle_bnb_kernels::ParamState;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result};
 
-use super::{Placement, StepConfig, TrackedParams, TrackedState};
+use super::{Elementwise, Placement, StepConfig, TrackedParams, TrackedState};
 use crate::cuda::CudaOptimizerState;
 use crate::{NonFinitePolicy, Settings};
+use candle_bnb_kernels::CudaRule;
 
 impl TrackedParams {
     /// The device state (the caller checked the placement).
@@ -87,7 +88,7 @@ impl TrackedParams {
     /// rules are built from exact step counts; that read finds the device long done in a
     /// training loop. `NonFinitePolicy::Error` waits for this step's pre-pass to report.
     #[cfg(any(feature = "cuda", feature = "emulator"))]
-    pub(super) fn step_cuda<C: StepConfig>(
+    pub(super) fn step_cuda<R: CudaRule, C: StepConfig<Rule = Elementwise<R>>>(
         &mut self,
         grads: &GradStore,
         handling: &Settings,
@@ -104,14 +105,14 @@ impl TrackedParams {
             unreachable!("the caller checked the placement")
         };
         device.set_percentiles(&percentiles)?;
-        let inputs: Vec<Option<(&candle_core::Tensor, C::Rule)>> = self
+        let inputs: Vec<Option<(&candle_core::Tensor, R)>> = self
             .params
             .iter()
             .enumerate()
             .map(|(i, slot)| {
                 grads
                     .get(&slot.var)
-                    .map(|g| (g, params[i].rule(slot.steps + 1)))
+                    .map(|g| (g, params[i].rule(slot.steps + 1).0))
             })
             .collect();
         let skip = handling.non_finite == NonFinitePolicy::Skip;
@@ -186,6 +187,9 @@ impl TrackedParams {
 fn placeholder(state: &ParamState) -> Result<ParamState> {
     Ok(match state {
         ParamState::F32(s) => ParamState::F32(vec![Vec::new(); s.len()]),
+        ParamState::Factored(_) => {
+            bail!("factored optimizer states (Adafactor, CAME) cannot move to a CUDA device yet")
+        }
         ParamState::Blockwise(s) => ParamState::Blockwise(
             s.iter()
                 .map(|s| {

@@ -5,14 +5,17 @@
 mod cpu;
 #[cfg(any(feature = "cuda", feature = "emulator"))]
 mod cuda;
+mod rule;
 mod vars;
+
+pub use rule::{Elementwise, Factored, StepRule};
 
 pub(crate) use vars::{float_vars, sorted_vars, steppable_dtypes, unique_names};
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
 
-use candle_bnb_kernels::{CudaRule, ParamState, UpdateRule};
+use candle_bnb_kernels::ParamState;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Var};
 
@@ -37,7 +40,7 @@ pub(crate) struct TrackedParam {
 /// [`OptimizerConfig`](crate::OptimizerConfig)).
 pub trait StepConfig {
     /// The update rule the config makes.
-    type Rule: CudaRule;
+    type Rule: StepRule;
     /// The update rule of a parameter's `step`-th step (1-based).
     fn rule(&self, step: u64) -> Self::Rule;
     /// Its state and gradient settings.
@@ -88,7 +91,7 @@ impl TrackedParams {
     ///
     /// # Errors
     /// Parameters on more than one device, or on a device without optimizer kernels.
-    pub(crate) fn new<R: UpdateRule>(
+    pub(crate) fn new<R: StepRule>(
         vars: Vec<(String, Var)>,
         setup: impl Fn(usize) -> (StateLayout, R, u32),
     ) -> Result<Self> {
@@ -109,7 +112,7 @@ impl TrackedParams {
             .enumerate()
             .map(|(i, (name, var))| {
                 let (layout, rule, _) = setup(i);
-                let state = initial_state(&var, layout, &rule)?;
+                let state = rule.initial_state(var.dims(), layout)?;
                 Ok(TrackedParam {
                     name,
                     var,
@@ -128,6 +131,11 @@ impl TrackedParams {
         };
         match this.params.first().map(|s| s.var.device().clone()) {
             None | Some(candle_core::Device::Cpu) => {}
+            #[cfg(feature = "cuda")]
+            Some(candle_core::Device::Cuda(_)) if !R::CUDA => bail!(
+                "this optimizer has no CUDA kernels yet (Adafactor and CAME step on the CPU only); the parameters are on {:?}",
+                this.params[0].var.device().location()
+            ),
             #[cfg(feature = "cuda")]
             Some(candle_core::Device::Cuda(dev)) => {
                 let percentile: Vec<u32> = (0..this.params.len()).map(|i| setup(i).2).collect();
@@ -256,7 +264,9 @@ impl TrackedParams {
         match &self.placement {
             Placement::Cpu => self.step_cpu(grads, base.step_settings(), params),
             #[cfg(any(feature = "cuda", feature = "emulator"))]
-            Placement::Cuda(_) => self.step_cuda(grads, base.step_settings(), params),
+            Placement::Cuda(_) => {
+                C::Rule::step_on_device(self, grads, base.step_settings(), params)
+            }
         }
     }
 
@@ -290,19 +300,5 @@ impl TrackedParams {
                 .map(|(s, copy)| (&s.var, Cow::Owned(copy.state)))
                 .collect(),
         })
-    }
-}
-
-/// The state a fresh optimizer gives `var`.
-pub(crate) fn initial_state<R: UpdateRule>(
-    var: &Var,
-    layout: StateLayout,
-    rule: &R,
-) -> Result<ParamState> {
-    let n = var.elem_count();
-    if layout.quantizes(n) {
-        ParamState::new_blockwise(rule, n, layout.block_size)
-    } else {
-        Ok(ParamState::new_f32(rule, n))
     }
 }

@@ -240,6 +240,9 @@ pub(super) fn upload_state<B: Backend>(
 ) -> Result<DeviceState<B>> {
     // cuMemAlloc refuses 0 bytes: empty parameters get one-element buffers they never touch.
     Ok(match state {
+        ParamState::Factored(_) => {
+            bail!("{what}: factored optimizer states (Adafactor, CAME) have no CUDA kernels yet")
+        }
         ParamState::F32(s) => {
             if let Some(k) = s.iter().position(|s| s.len() != n) {
                 bail!(
