@@ -17,8 +17,9 @@ pub use candle_bnb_kernels::{dequantize_blockwise, quantize_blockwise, QuantMap,
 
 /// Every optimizer by the name the command-line tool (`candle-bnb plan --optimizer`) and the LoRA
 /// example (`--optimizer`) take: each algorithm of the family with 8-bit (`...8bit`) and 32-bit
-/// (`...32`) state, and `candle-adamw` for `candle_nn::AdamW`.
-pub const OPTIMIZER_NAMES: [&str; 19] = [
+/// (`...32`) state (`adafactor` and `came` are the 32-bit forms of the factored optimizers, as
+/// their papers name them), and `candle-adamw` for `candle_nn::AdamW`.
+pub const OPTIMIZER_NAMES: [&str; 23] = [
     "adamw8bit",
     "adamw32",
     "adam8bit",
@@ -37,6 +38,10 @@ pub const OPTIMIZER_NAMES: [&str; 19] = [
     "lars32",
     "ademamix8bit",
     "ademamix32",
+    "adafactor8bit",
+    "adafactor",
+    "came8bit",
+    "came",
     "candle-adamw",
 ];
 

@@ -1126,3 +1126,33 @@ fn a_device_behind_the_host_makes_the_outcome_read_wait_and_changes_nothing() {
         "lagging device",
     );
 }
+
+/// Adafactor and CAME have no CUDA kernels yet: their state stays on the host, and moving it to
+/// the (emulated) device is refused with the reason, changing nothing.
+#[test]
+fn factored_optimizers_refuse_the_device_and_keep_stepping_on_the_cpu() {
+    use candle_bnb::optim::{Adafactor8bit, AdafactorConfig, CAMEConfig, CAME};
+    let var = candle_core::Var::ones((8, 8), DType::F32, &Device::Cpu).unwrap();
+    let emu = Emulator::new();
+    let mut adafactor = Adafactor8bit::new(vec![var.clone()], AdafactorConfig::default()).unwrap();
+    let err = adafactor.emulate_cuda(&emu).unwrap_err().to_string();
+    assert!(err.contains("no CUDA kernels yet"), "{err}");
+    let config = CAMEConfig {
+        lr: 1e-2,
+        ..Default::default()
+    };
+    let mut came = CAME::new(vec![var.clone()], config).unwrap();
+    let err = came.emulate_cuda(&emu).unwrap_err().to_string();
+    assert!(err.contains("no CUDA kernels yet"), "{err}");
+    let grads = var
+        .as_tensor()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    candle_nn::Optimizer::step(&mut came, &grads).unwrap();
+    assert_eq!(came.step_count(), 1);
+    assert!(var.as_tensor().to_vec2::<f32>().unwrap()[0][0] < 1.0);
+}

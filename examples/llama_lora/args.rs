@@ -65,9 +65,10 @@ pub struct Args {
     /// Optimizer steps (the total, also when resuming).
     #[arg(long, default_value_t = 600)]
     pub steps: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-3)]
-    pub lr: f64,
+    /// Peak learning rate (default: 1e-4 for came and came8bit, whose confidence-scaled step
+    /// is larger, 3e-3 for the others).
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Linear warm-up steps before the cosine decay (default: a tenth of the steps).
     #[arg(long)]
     pub warmup_steps: Option<usize>,
@@ -83,7 +84,9 @@ pub struct Args {
 
     /// adamw8bit, adamw32, adam8bit, adam32, lion8bit, lion32, sgd8bit, sgd32, rmsprop8bit,
     /// rmsprop32, adagrad8bit, adagrad32, lamb8bit, lamb32, lars8bit, lars32, ademamix8bit,
-    /// ademamix32, or candle-adamw (candle_nn::AdamW).
+    /// ademamix32, adafactor8bit, adafactor, came8bit, came, or candle-adamw (candle_nn::AdamW).
+    /// Adafactor runs with a fixed lr (the schedule's) as transformers' Trainer does; the
+    /// default lr suits AdamW, Adafactor and CAME alike on the tiny model (README).
     #[arg(long, default_value = "adamw8bit")]
     pub optimizer: String,
     /// Also train with candle_nn::AdamW from the same seed and report both side by side.

@@ -19,7 +19,7 @@ use std::time::Instant;
 use tokenizers::Tokenizer;
 
 /// Every `--optimizer` value.
-pub const OPTIMIZERS: [&str; 19] = candle_bnb::OPTIMIZER_NAMES;
+pub const OPTIMIZERS: [&str; 23] = candle_bnb::OPTIMIZER_NAMES;
 
 /// What the training loop needs from an optimizer.
 pub trait TrainOptimizer {
@@ -68,6 +68,32 @@ fn build<C: bnb::OptimizerConfig>(
     settings.optim_bits = Some(bits);
     settings.max_grad_norm = (max_grad_norm > 0.0).then_some(max_grad_norm);
     Ok(Box::new(bnb::Optim::<C>::new_named(vars, c)?))
+}
+
+/// Adafactor as Hugging Face's Trainer runs it with a schedule: a fixed `lr` (the schedule sets
+/// it), no relative step and no parameter scale; the 8-bit form with its momentum (beta1 0.9).
+fn build_adafactor(
+    bits: u32,
+    vars: Vec<(String, Var)>,
+    lr: f64,
+    weight_decay: f64,
+    max_grad_norm: f64,
+) -> Result<Box<dyn TrainOptimizer>> {
+    let c = bnb::AdafactorConfig {
+        lr: Some(lr),
+        relative_step: false,
+        scale_parameter: false,
+        weight_decay,
+        settings: bnb::Settings {
+            optim_bits: Some(bits),
+            max_grad_norm: (max_grad_norm > 0.0).then_some(max_grad_norm),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Ok(Box::new(bnb::Optim::<bnb::AdafactorConfig>::new_named(
+        vars, c,
+    )?))
 }
 
 /// candle_nn::AdamW, with the same global-norm clipping as ours (torch's formula) done here.
@@ -147,6 +173,10 @@ pub fn make_optimizer(
         "lars32" => build::<bnb::LARSConfig>(32, vars, lr, wd, clip)?,
         "ademamix8bit" => build::<bnb::AdEMAMixConfig>(8, vars, lr, wd, clip)?,
         "ademamix32" => build::<bnb::AdEMAMixConfig>(32, vars, lr, wd, clip)?,
+        "adafactor8bit" => build_adafactor(8, vars, lr, wd, clip)?,
+        "adafactor" => build_adafactor(32, vars, lr, wd, clip)?,
+        "came8bit" => build::<bnb::CAMEConfig>(8, vars, lr, wd, clip)?,
+        "came" => build::<bnb::CAMEConfig>(32, vars, lr, wd, clip)?,
         "candle-adamw" => {
             let vars: Vec<Var> = vars.into_iter().map(|(_, v)| v).collect();
             let params = candle_nn::ParamsAdamW {
@@ -164,6 +194,16 @@ pub fn make_optimizer(
             "unknown --optimizer {other:?}; one of: {}",
             OPTIMIZERS.join(", ")
         ),
+    })
+}
+
+/// `--lr`, or the peak learning rate that suits `optimizer` on the tiny default (README: 200-step
+/// sweeps): CAME's first steps are scaled up by its confidence statistics (`1/sqrt(1 - beta3)`
+/// before they warm up), so it takes a smaller rate than AdamW, Adafactor and the others.
+pub fn peak_learning_rate(args: &Args, optimizer: &str) -> f64 {
+    args.lr.unwrap_or(match optimizer {
+        "came" | "came8bit" => 1e-4,
+        _ => 3e-3,
     })
 }
 
@@ -469,10 +509,11 @@ pub fn train(setup: &Setup, args: &Args, optimizer: &str, out: Option<&Path>) ->
         output::load_adapter(&model, &setup.lora, dir)?;
     }
     let vars = model.named_lora_vars();
+    let peak_lr = peak_learning_rate(args, optimizer);
     let mut opt = make_optimizer(
         optimizer,
         vars.clone(),
-        args.lr,
+        peak_lr,
         args.weight_decay,
         args.max_grad_norm,
     )?;
@@ -514,7 +555,7 @@ pub fn train(setup: &Setup, args: &Args, optimizer: &str, out: Option<&Path>) ->
     bar.set_position(state.step as u64);
     for step in state.step + 1..=args.steps {
         let started = Instant::now();
-        let lr = learning_rate(step, args.steps, warmup, args.lr);
+        let lr = learning_rate(step, args.steps, warmup, peak_lr);
         opt.set_lr(lr);
         let mut grads: Option<GradStore> = None;
         let (mut loss_sum, mut tokens) = (0f64, 0usize);

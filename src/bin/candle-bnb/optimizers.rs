@@ -2,13 +2,14 @@
 
 use candle_bnb::optim::plan::{StatePlan, TensorSpec};
 use candle_bnb::optim::{
-    AdEMAMixConfig, AdagradConfig, AdamConfig, AdamWConfig, LAMBConfig, LARSConfig, LionConfig,
-    Optim, OptimizerConfig, Overrides, RMSpropConfig, SGDConfig,
+    AdEMAMixConfig, AdafactorConfig, AdagradConfig, AdamConfig, AdamWConfig, CAMEConfig,
+    LAMBConfig, LARSConfig, LionConfig, Optim, OptimizerConfig, Overrides, RMSpropConfig,
+    SGDConfig,
 };
 use candle_core::{bail, Result};
 
 /// Every optimizer `--optimizer` takes (SGD and LARS with momentum 0.9).
-pub const NAMES: [&str; 19] = candle_bnb::OPTIMIZER_NAMES;
+pub const NAMES: [&str; 23] = candle_bnb::OPTIMIZER_NAMES;
 
 /// Where an optimizer stands in the advisor's ranking (lower first among the setups that fit;
 /// memory breaks ties) and why: the article's decision guide made concrete. AdamW is the default
@@ -41,6 +42,18 @@ pub fn advice(name: &str) -> (u8, &'static str) {
             "least state; momentum SGD trains transformers worse than AdamW",
         ),
         "lars8bit" | "lars32" => (3, "SGD with trust ratios, for large-batch vision training"),
+        "came8bit" => (
+            1,
+            "factored second moment, 8-bit momentum: half of 8-bit AdamW's state, near-Adam quality",
+        ),
+        "came" => (
+            1,
+            "factored second moment, f32 momentum: near-Adam quality in half of AdamW's state",
+        ),
+        "adafactor8bit" | "adafactor" => (
+            2,
+            "factored second moment: least adaptive state; trains T5-style models, needs its own lr",
+        ),
         "rmsprop8bit" | "rmsprop32" | "adagrad8bit" | "adagrad32" => {
             (3, "rarely the choice for transformers")
         }
@@ -92,6 +105,17 @@ pub fn plan(name: &str, tensors: &[TensorSpec]) -> Result<Vec<StatePlan>> {
             },
         ),
         "ademamix" => with_bits(bits, tensors, AdEMAMixConfig::default()),
+        // Adafactor8bit keeps a momentum (beta1 0.9), Adafactor none (transformers' default).
+        "adafactor" => with_bits(bits, tensors, AdafactorConfig::default()),
+        // The state does not depend on the lr, which CAME requires.
+        "came" => with_bits(
+            bits,
+            tensors,
+            CAMEConfig {
+                lr: 1e-4,
+                ..Default::default()
+            },
+        ),
         // Two f32 moments per trainable float parameter, allocated at construction.
         "candle-adamw" => Ok(tensors
             .iter()
