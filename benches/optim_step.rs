@@ -1,14 +1,19 @@
 //! One optimizer step over 16.8 M f32 parameters, next to candle_nn::AdamW in the same run.
 //!
 //! `cargo bench --bench optim_step` measures `candle_nn::AdamW`, our AdamW with 32-bit state and
-//! with 8-bit state, Lion with 8-bit state (one step each, gradient fixed), and a memory pass that
-//! reads 4 and writes 3 f32 streams of the same length (what a fused 32-bit Adam step must move),
-//! then prints M params/s and each ratio to candle_nn::AdamW and to the memory pass. Targets on a
-//! 2-core machine (issue 3): 8-bit AdamW >= 20x candle_nn::AdamW; 32-bit AdamW close to the pass.
+//! with 8-bit state, Lion with 8-bit state, Adafactor (transformers' defaults, no momentum) and
+//! CAME with 8-bit momentum on a 4096 x 4096 matrix (one step each, gradient fixed), and a memory
+//! pass that reads 4 and writes 3 f32 streams of the same length (what a fused 32-bit Adam step
+//! must move), then prints M params/s and each speed ratio to candle_nn::AdamW, to the memory
+//! pass and to 8-bit AdamW. Targets on a 2-core machine (issue 3): 8-bit AdamW >= 20x
+//! candle_nn::AdamW; 32-bit AdamW close to the pass.
 
 mod common;
 
-use candle_bnb::optim::{AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, Lion8bit, Lion8bitConfig};
+use candle_bnb::optim::{
+    Adafactor, AdafactorConfig, AdamW, AdamW8bit, AdamW8bitConfig, AdamWConfig, CAME8bit,
+    CAME8bitConfig, Lion8bit, Lion8bitConfig,
+};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer;
@@ -19,10 +24,14 @@ use rayon::prelude::*;
 const PARAMS: usize = 1 << 24;
 const GROUP: &str = "optim_step_16.8M_f32";
 
-/// A var and a gradient store holding a fixed random gradient for it.
-fn setup() -> (Var, GradStore) {
-    let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, PARAMS, &Device::Cpu).unwrap()).unwrap();
-    let g = Tensor::randn(0f32, 1e-2, PARAMS, &Device::Cpu).unwrap();
+/// The factored optimizers' parameter: a square matrix of `PARAMS` elements (the others see the
+/// same elements as one vector; their steps do not depend on the shape).
+const MATRIX: (usize, usize) = (1 << 12, 1 << 12);
+
+/// A var of `shape` and a gradient store holding a fixed random gradient for it.
+fn setup(shape: &[usize]) -> (Var, GradStore) {
+    let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()).unwrap();
+    let g = Tensor::randn(0f32, 1e-2, shape, &Device::Cpu).unwrap();
     let grads = (w.as_tensor() * &g)
         .unwrap()
         .sum_all()
@@ -35,9 +44,10 @@ fn setup() -> (Var, GradStore) {
 fn bench_optimizer<O: Optimizer>(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
+    shape: &[usize],
     config: O::Config,
 ) {
-    let (w, grads) = setup();
+    let (w, grads) = setup(shape);
     let mut opt = O::new(vec![w], config).unwrap();
     group.bench_function(name, |b| b.iter(|| opt.step(&grads).unwrap()));
 }
@@ -49,11 +59,22 @@ fn bench(c: &mut Criterion) {
     bench_optimizer::<candle_nn::AdamW>(
         &mut group,
         "candle_nn_adamw",
+        &[PARAMS],
         candle_nn::ParamsAdamW::default(),
     );
-    bench_optimizer::<AdamW>(&mut group, "adamw_32bit", AdamWConfig::default());
-    bench_optimizer::<AdamW8bit>(&mut group, "adamw_8bit", AdamW8bitConfig::default());
-    bench_optimizer::<Lion8bit>(&mut group, "lion_8bit", Lion8bitConfig::default());
+    let vector = [PARAMS];
+    bench_optimizer::<AdamW>(&mut group, "adamw_32bit", &vector, AdamWConfig::default());
+    let config = AdamW8bitConfig::default();
+    bench_optimizer::<AdamW8bit>(&mut group, "adamw_8bit", &vector, config);
+    bench_optimizer::<Lion8bit>(&mut group, "lion_8bit", &vector, Lion8bitConfig::default());
+    let matrix = [MATRIX.0, MATRIX.1];
+    let config = AdafactorConfig::default();
+    bench_optimizer::<Adafactor>(&mut group, "adafactor", &matrix, config);
+    let config = CAME8bitConfig {
+        lr: 1e-4,
+        ..Default::default()
+    };
+    bench_optimizer::<CAME8bit>(&mut group, "came_8bit", &matrix, config);
     // The memory floor of a fused 32-bit Adam step: read p, g, m, v; write p, m, v.
     let mut p = vec![1f32; PARAMS];
     let g = vec![1e-3f32; PARAMS];
@@ -89,24 +110,28 @@ fn report() {
         candle_bnb::kernels::Isa::selected().name()
     );
     let pass = mean_ns(GROUP, "memory_pass_4r3w").unwrap_or(f64::NAN);
+    let adamw8 = mean_ns(GROUP, "adamw_8bit").unwrap_or(f64::NAN);
     println!(
-        "{:<18} {:>10} {:>12} {:>18} {:>14}",
-        "optimizer", "ms", "M params/s", "x candle_nn::AdamW", "x memory pass"
+        "{:<18} {:>10} {:>12} {:>18} {:>14} {:>12}",
+        "optimizer", "ms", "M params/s", "x candle_nn::AdamW", "x memory pass", "x adamw_8bit"
     );
     for name in [
         "candle_nn_adamw",
         "adamw_32bit",
         "adamw_8bit",
         "lion_8bit",
+        "adafactor",
+        "came_8bit",
         "memory_pass_4r3w",
     ] {
         if let Some(ns) = mean_ns(GROUP, name) {
             println!(
-                "{name:<18} {:>10.2} {:>12.0} {:>18.2} {:>14.2}",
+                "{name:<18} {:>10.2} {:>12.0} {:>18.2} {:>14.2} {:>12.2}",
                 ns / 1e6,
                 PARAMS as f64 / ns * 1e3,
                 anchor / ns,
-                pass / ns
+                pass / ns,
+                adamw8 / ns
             );
         }
     }
