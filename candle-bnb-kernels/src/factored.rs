@@ -85,8 +85,8 @@ impl Factoring {
 pub enum Momentum {
     /// One f32 per element.
     F32(Vec<f32>),
-    /// Blockwise-quantized.
-    Blockwise(BlockwiseState),
+    /// Blockwise-quantized (boxed: a state holds its map, about 1 kB).
+    Blockwise(Box<BlockwiseState>),
 }
 
 impl Momentum {
@@ -151,11 +151,11 @@ impl FactoredState {
         let momentum = match (rule.has_momentum(), block_size) {
             (false, _) => None,
             (true, None) => Some(Momentum::F32(vec![0f32; n])),
-            (true, Some(bs)) => Some(Momentum::Blockwise(BlockwiseState::zeros(
+            (true, Some(bs)) => Some(Momentum::Blockwise(Box::new(BlockwiseState::zeros(
                 n,
                 QuantMap::dynamic_signed(),
                 bs,
-            )?)),
+            )?))),
         };
         Ok(Self {
             factoring,

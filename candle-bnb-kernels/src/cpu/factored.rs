@@ -34,8 +34,8 @@ impl Lanes {
         }
         let mut chunks = xs[head..].chunks_exact(LANES);
         for c in &mut chunks {
-            for l in 0..LANES {
-                self.0[l] += f(c[l]);
+            for (lane, &x) in self.0.iter_mut().zip(c) {
+                *lane += f(x);
             }
         }
         for (l, &x) in chunks.remainder().iter().enumerate() {
@@ -543,7 +543,7 @@ fn step_full<R: FactoredRule, T: Element>(
     params: &mut [T],
     grads: &[T],
     v: &mut [f32],
-    mut momentum: Option<&mut Momentum>,
+    momentum: Option<&mut Momentum>,
 ) {
     let n = params.len();
     let task_elems = task_elems(block_size(&momentum).unwrap_or(LANES));
@@ -598,11 +598,7 @@ fn step_full<R: FactoredRule, T: Element>(
         .chunks_mut(task_elems)
         .zip(grads.chunks(task_elems))
         .zip(v.chunks(task_elems))
-        .zip(momentum_chunks(
-            momentum.as_deref_mut(),
-            task_elems,
-            n_tasks,
-        ))
+        .zip(momentum_chunks(momentum, task_elems, n_tasks))
         .collect();
     run_tasks(n, tasks, |(((p, g), v), mut m)| {
         on_isa(isa, || {
@@ -749,12 +745,12 @@ mod tests {
         let gb: Vec<bf16> = g32.iter().map(|&x| bf16::from_f32(x)).collect();
         let isa = Isa::selected();
         let rule = came();
-        let (out_h, _) = run(isa, &rule, &dims, &ph, &[gh.clone()], None);
+        let (out_h, _) = run(isa, &rule, &dims, &ph, std::slice::from_ref(&gh), None);
         let up = |xs: &[f16]| xs.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
         let (want, _) = run(isa, &rule, &dims, &up(&ph), &[up(&gh)], None);
         let want_h: Vec<f16> = want.iter().map(|&x| f16::from_f32(x)).collect();
         assert_eq!(out_h, want_h);
-        let (out_b, _) = run(isa, &rule, &dims, &pb, &[gb.clone()], None);
+        let (out_b, _) = run(isa, &rule, &dims, &pb, std::slice::from_ref(&gb), None);
         let upb = |xs: &[bf16]| xs.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
         let (want, _) = run(isa, &rule, &dims, &upb(&pb), &[upb(&gb)], None);
         let want_b: Vec<bf16> = want.iter().map(|&x| bf16::from_f32(x)).collect();

@@ -313,7 +313,9 @@ pub(crate) fn load(
                     .collect::<Result<Vec<_>>>()?;
                 let momentum = match buffers {
                     ReadBuffers::F32(mut m) => m.pop().map(Momentum::F32),
-                    ReadBuffers::Blockwise(mut q) => q.pop().map(Momentum::Blockwise),
+                    ReadBuffers::Blockwise(mut q) => {
+                        q.pop().map(|q| Momentum::Blockwise(Box::new(q)))
+                    }
                 };
                 let context = |e: Error| {
                     e.context(format!("checkpoint {}: parameter {name:?}", path.display()))
