@@ -6,9 +6,9 @@ use candle_bnb::optim::plan::{
     LlamaShape, MemoryPlan, TensorSpec, TrainingSetup, TransformerShape,
 };
 use candle_bnb::optim::{
-    keep_32bit_state, AdEMAMixConfig, AdagradConfig, AdamConfig, AdamW, AdamW8bit, AdamW8bitConfig,
-    AdamWConfig, LAMBConfig, LARSConfig, LionConfig, Optim, OptimizerConfig, Overrides,
-    RMSpropConfig, SGDConfig, SGD,
+    keep_32bit_state, AdEMAMixConfig, Adafactor, AdafactorConfig, AdagradConfig, AdamConfig, AdamW,
+    AdamW8bit, AdamW8bitConfig, AdamWConfig, CAME8bit, CAMEConfig, LAMBConfig, LARSConfig,
+    LionConfig, Optim, OptimizerConfig, Overrides, RMSpropConfig, SGDConfig, SGD,
 };
 use candle_core::{DType, Device, Var};
 use candle_nn::VarMap;
@@ -401,6 +401,14 @@ fn tiny_report(out: &str, source: &str) -> (serde_json::Value, usize) {
     (json, n)
 }
 
+/// CAME needs an lr; the state does not depend on it.
+fn came_config() -> CAMEConfig {
+    CAMEConfig {
+        lr: 1e-4,
+        ..Default::default()
+    }
+}
+
 #[test]
 fn the_plan_command_reports_the_library_plan() {
     let dir = tiny_model_dir("plan_cli");
@@ -418,7 +426,7 @@ fn the_plan_command_reports_the_library_plan() {
     let (json, n) = tiny_report(&out, "safetensors headers");
     let tensors = tiny_llama().tensors(DType::F32);
     let rows = json["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 19);
+    assert_eq!(rows.len(), candle_bnb::OPTIMIZER_NAMES.len());
     let row = |name: &str| {
         rows.iter()
             .find(|r| r["optimizer"] == name)
@@ -436,6 +444,13 @@ fn the_plan_command_reports_the_library_plan() {
     let adamw32 = AdamW::plan(&tensors, AdamWConfig::default(), &Overrides::new());
     assert_eq!(row("adamw32")["optimizer_state"], planned(adamw32.unwrap()));
     assert_eq!(row("candle-adamw")["optimizer_state"], 8 * n as u64);
+    let came8 = CAME8bit::plan(&tensors, came_config(), &Overrides::new());
+    assert_eq!(row("came8bit")["optimizer_state"], planned(came8.unwrap()));
+    let adafactor = Adafactor::plan(&tensors, AdafactorConfig::default(), &Overrides::new());
+    assert_eq!(
+        row("adafactor")["optimizer_state"],
+        planned(adafactor.unwrap())
+    );
     let r = row("lion8bit");
     assert_eq!(
         r["total"],
@@ -483,8 +498,8 @@ fn the_plan_command_reports_the_library_plan() {
     );
     assert!(out.contains("fit in 60.00 GiB"), "{out}");
     assert!(out.contains("recommended: adamw8bit"), "{out}");
-    // With a master copy 8-bit AdamW no longer fits 58 GiB: the advisor's first pick is Lion,
-    // with what it costs said.
+    // With a master copy 8-bit AdamW no longer fits 58 GiB: the advisor's first pick is CAME8bit
+    // (near-Adam quality in half of its state), with what it is said.
     let args = [
         "--params",
         "7B",
@@ -497,17 +512,19 @@ fn the_plan_command_reports_the_library_plan() {
     let (_, out, _) = cli(&args);
     let first = out.lines().nth(3).unwrap_or_default();
     assert!(
-        first.starts_with("lion8bit") && first.contains("retune"),
+        first.starts_with("came8bit") && first.contains("factored second moment"),
         "{out}"
     );
-    assert!(out.contains("recommended: lion8bit"), "{out}");
+    assert!(out.contains("recommended: came8bit"), "{out}");
+    let lion = out.lines().find(|l| l.starts_with("lion8bit")).unwrap_or_default();
+    assert!(lion.contains("retune"), "{out}");
     // 24 GiB: no full fine-tune of 7B fits; the advisor's LoRA alternative does.
     let args = ["--params", "7B", "--seq-len", "512", "--budget", "24GiB"];
     let (_, out, _) = cli(&args);
     let first = out.lines().nth(3).unwrap_or_default();
     assert!(first.starts_with("adamw8bit+lora"), "{out}");
     assert!(
-        out.contains("19 of 38 fit") && out.contains("recommended: adamw8bit+lora"),
+        out.contains("23 of 46 fit") && out.contains("recommended: adamw8bit+lora"),
         "{out}"
     );
 
@@ -525,8 +542,9 @@ fn the_plan_command_reports_the_library_plan() {
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     let dim = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
-    // 19 optimizers in full and, with a budget, as LoRA alternatives.
-    assert_eq!((dim(16), dim(20)), (160 + 84 * 38, 480));
+    // Every optimizer in full and, with a budget, as a LoRA alternative.
+    let bars = 2 * candle_bnb::OPTIMIZER_NAMES.len() as u32;
+    assert_eq!((dim(16), dim(20)), (160 + 84 * bars, 480));
 }
 
 #[test]
