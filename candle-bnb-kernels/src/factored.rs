@@ -381,3 +381,104 @@ impl<R: FactoredRule> InplaceOp2 for FactoredUpdate<'_, R> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::{AdafactorRule, AdafactorStepSize, CameRule};
+
+    fn came() -> CameRule {
+        CameRule::new(1e-2, (1e-30, 1e-16), 1.0, (0.9, 0.999, 0.9999), 0.0)
+    }
+
+    #[test]
+    fn factoring_follows_the_last_two_dims() {
+        let f = Factoring::of(&[3, 17, 9]);
+        assert_eq!(
+            f,
+            Factoring::Factored {
+                batch: 3,
+                rows: 17,
+                cols: 9
+            }
+        );
+        assert_eq!(
+            f.stats(true),
+            vec![("row", 51), ("col", 27), ("res_row", 51), ("res_col", 27)]
+        );
+        assert_eq!(Factoring::of(&[7]).stats(true), vec![("full", 7)]);
+        assert_eq!(Factoring::of(&[]), Factoring::Full { len: 1 });
+        assert_eq!(Factoring::of(&[4, 0, 3]).len(), 0);
+    }
+
+    #[test]
+    fn mismatched_states_are_refused_and_nothing_changes() {
+        let param = Tensor::ones((4, 6), DType::F32, &Device::Cpu).unwrap();
+        let grad = Tensor::ones((4, 6), DType::F32, &Device::Cpu).unwrap();
+        let before = param.to_vec2::<f32>().unwrap();
+        // A state made for another shape.
+        let mut other = FactoredState::new(&came(), &[6, 4], None).unwrap();
+        let err = factored_update(&came(), &param, &grad, &mut other)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rows: 6") && err.contains("[4, 6]"), "{err}");
+        // A state without the momentum the rule keeps.
+        let size = AdafactorStepSize::Relative { warmup_init: false };
+        let plain = AdafactorRule::new(1, size, (1e-30, 1e-3), 1.0, -0.8, None, 0.0, true);
+        let mut no_momentum = FactoredState::new(&plain, &[4, 6], None).unwrap();
+        let err = factored_update(&came(), &param, &grad, &mut no_momentum)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("keeps a momentum") && err.contains("has none"),
+            "{err}"
+        );
+        // Adafactor's state lacks CAME's confidence statistics.
+        let momentum = AdafactorRule::new(1, size, (1e-30, 1e-3), 1.0, -0.8, Some(0.9), 0.0, true);
+        let mut adafactor = FactoredState::new(&momentum, &[4, 6], None).unwrap();
+        let err = factored_update(&came(), &param, &grad, &mut adafactor)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("res_row"), "{err}");
+        assert_eq!(param.to_vec2::<f32>().unwrap(), before);
+        assert!(adafactor
+            .stats()
+            .iter()
+            .all(|(_, v)| v.iter().all(|x| *x == 0.0)));
+        // A gradient of another shape.
+        let wrong = Tensor::ones((4, 5), DType::F32, &Device::Cpu).unwrap();
+        let mut state = FactoredState::new(&came(), &[4, 6], None).unwrap();
+        let err = factored_update(&came(), &param, &wrong, &mut state)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[4, 5]"), "{err}");
+    }
+
+    #[test]
+    fn from_parts_checks_counts_lengths_and_values() {
+        let f = Factoring::of(&[2, 3]);
+        let err = FactoredState::from_parts(f, vec![vec![0.0; 3], vec![0.0; 3]], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("statistic row") && err.contains("got 3"),
+            "{err}"
+        );
+        let err = FactoredState::from_parts(f, vec![vec![0.0; 2], vec![-1.0, 0.0, 0.0]], None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("col[0] is -1"), "{err}");
+        let err = FactoredState::from_parts(
+            f,
+            vec![vec![0.0; 2], vec![0.0; 3]],
+            Some(Momentum::F32(vec![0.0; 5])),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("momentum holds 5"), "{err}");
+        let ok = FactoredState::from_parts(f, vec![vec![1.0; 2], vec![2.0; 3]], None).unwrap();
+        assert_eq!(ok.bytes(), 20);
+    }
+}

@@ -516,7 +516,10 @@ fn the_plan_command_reports_the_library_plan() {
         "{out}"
     );
     assert!(out.contains("recommended: came8bit"), "{out}");
-    let lion = out.lines().find(|l| l.starts_with("lion8bit")).unwrap_or_default();
+    let lion = out
+        .lines()
+        .find(|l| l.starts_with("lion8bit"))
+        .unwrap_or_default();
     assert!(lion.contains("retune"), "{out}");
     // 24 GiB: no full fine-tune of 7B fits; the advisor's LoRA alternative does.
     let args = ["--params", "7B", "--seq-len", "512", "--budget", "24GiB"];
