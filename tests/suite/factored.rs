@@ -661,3 +661,63 @@ fn checkpoints_resume_bit_exactly_and_refuse_another_state() {
     let e = without.load(&path).unwrap_err().to_string();
     assert!(e.contains("f32:1") && e.contains("f32:0"), "{e}");
 }
+
+#[test]
+fn overrides_and_the_non_finite_policy_apply_to_factored_optimizers() {
+    use candle_bnb::optim::Overrides;
+    let mut rng = rng("factored_overrides");
+    let shapes: [(&str, &[usize]); 2] = [("embed.weight", &[64, 80]), ("layer.weight", &[64, 80])];
+    let vars: Vec<(String, Var)> = shapes
+        .iter()
+        .map(|(name, s)| {
+            let t = Tensor::from_vec(randn(&mut rng, s.iter().product(), 1.0), *s, &Device::Cpu);
+            (name.to_string(), Var::from_tensor(&t.unwrap()).unwrap())
+        })
+        .collect();
+    let config = CAMEConfig {
+        lr: 1e-2,
+        settings: Settings {
+            min_8bit_size: 0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    // 32-bit momentum and a larger eps2 for the embedding; the rest 8-bit.
+    let overrides =
+        Overrides::new()
+            .for_module("embed")
+            .optim_bits(32)
+            .module("embed", "eps", "1e-30,1e-3");
+    let mut opt = CAME8bit::new_with_overrides(vars.clone(), config, &overrides).unwrap();
+    assert_eq!(opt.param_configs()[0].eps, (1e-30, 1e-3));
+    assert_eq!(opt.param_configs()[1].eps, (1e-30, 1e-16));
+    let states = opt.states().unwrap();
+    let kinds: Vec<bool> = states
+        .iter()
+        .map(|(_, s)| match &**s {
+            ParamState::Factored(f) => matches!(f.momentum(), Some(Momentum::Blockwise(_))),
+            _ => panic!("a factored state"),
+        })
+        .collect();
+    assert_eq!(kinds, [false, true]);
+    drop(states);
+    let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let grads: Vec<Tensor> = shapes
+        .iter()
+        .map(|(_, s)| {
+            Tensor::from_vec(randn(&mut rng, s.iter().product(), 0.5), *s, &Device::Cpu).unwrap()
+        })
+        .collect();
+    opt.step(&grads_of(&plain, &grads)).unwrap();
+    // A NaN gradient: the step is skipped and nothing changes (NonFinitePolicy::Skip).
+    let before: Vec<Vec<f64>> = plain.iter().map(|v| to_f64(v.as_tensor())).collect();
+    let states_before = format!("{:?}", opt.states().unwrap());
+    let mut bad = grads.clone();
+    bad[1] = bad[1].affine(1.0, f64::NAN).unwrap();
+    opt.step(&grads_of(&plain, &bad)).unwrap();
+    assert_eq!(opt.skipped_steps(), 1);
+    assert_eq!(opt.step_count(), 1);
+    let after: Vec<Vec<f64>> = plain.iter().map(|v| to_f64(v.as_tensor())).collect();
+    assert_eq!(before, after);
+    assert_eq!(format!("{:?}", opt.states().unwrap()), states_before);
+}
