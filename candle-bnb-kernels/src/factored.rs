@@ -213,7 +213,9 @@ impl FactoredState {
             if let Momentum::Blockwise(q) = m {
                 check_block_size(q.block_size())?;
                 if q.map().values() != QuantMap::dynamic_signed().values() {
-                    bail!("an 8-bit momentum is quantized with the signed dynamic map")
+                    bail!(
+                        "an 8-bit momentum must be quantized with the signed dynamic map; this one has another map"
+                    )
                 }
             }
         }

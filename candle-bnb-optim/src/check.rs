@@ -21,6 +21,18 @@ pub(crate) fn positive_eps(value: f64) -> Result<()> {
     Ok(())
 }
 
+/// A regulariser added before a division by a square root (Adafactor's and CAME's `eps`): 0
+/// would give `0·inf = NaN` for an all-zero row or column, silently (the reference
+/// implementations do not guard it; the gradient check cannot see it).
+pub(crate) fn positive(name: &str, value: f64) -> Result<()> {
+    if !(value.is_finite() && value > 0.0) {
+        bail!(
+            "{name} must be finite and > 0, got {value}: with 0 an all-zero row or column of the statistics gives 0/0 = NaN"
+        )
+    }
+    Ok(())
+}
+
 pub(crate) fn unit_interval(name: &str, value: f64) -> Result<()> {
     if !(0.0..1.0).contains(&value) {
         bail!("{name} must be in [0, 1), got {value}")

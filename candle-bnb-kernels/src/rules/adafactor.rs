@@ -9,7 +9,7 @@ use super::factored::{FactoredRule, SecondMomentStep};
 /// update `u` becomes `α·u`, with momentum `m ← β1·m + (1-β1)·α·u` and the step `m`; then
 /// `p ← p - weight_decay·α·p` and `p ← p - step`.
 #[derive(Clone, Copy, Debug, PartialEq)]
-#[repr(C)] // laid out for the CUDA kernels' copy of it
+#[repr(C)] // plain f32 and u32 fields, as the CUDA rules are (a CUDA twin is to come)
 pub struct AdafactorRule {
     eps1: f32,
     beta2: f32,

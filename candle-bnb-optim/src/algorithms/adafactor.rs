@@ -26,15 +26,17 @@ pub struct AdafactorConfig {
     /// The fixed step size; `None` with the relative step (an `lr` with `relative_step` is an
     /// error, as in transformers).
     pub lr: Option<f64>,
-    /// `(ε1, ε2)`: added to the squared gradients, and the floor of the parameter scale; each
-    /// finite and >= 0.
+    /// `(ε1, ε2)`: added to the squared gradients (finite and > 0), and the floor of the
+    /// parameter scale (finite and >= 0).
     pub eps: (f64, f64),
     /// The update's RMS bound, > 0.
     pub clip_threshold: f64,
     /// The statistics decay by `1 - t^decay_rate` at step `t`; finite and <= 0.
     pub decay_rate: f64,
-    /// The momentum's decay, in `[0, 1)`; `None`: no momentum at 32 bits, 0.9 at 8 bits (the
-    /// momentum is what [`Adafactor8bit`] quantizes).
+    /// The momentum's decay, in `[0, 1)`; `None`: no momentum when the optimizer's precision
+    /// is 32 bits, 0.9 when it is 8 (the momentum is what [`Adafactor8bit`] quantizes). The
+    /// optimizer's precision decides, not a per-parameter `optim_bits` override: set `beta1`
+    /// to have a momentum in a 32-bit Adafactor.
     pub beta1: Option<f64>,
     /// Decoupled weight decay scaled by the step's `α`: `p ← p - weight_decay·α·p`.
     pub weight_decay: f64,
@@ -130,7 +132,7 @@ impl Sealed for AdafactorConfig {
         if self.warmup_init && !self.relative_step {
             bail!("Adafactor: warmup_init = true needs relative_step = true")
         }
-        check::non_negative("eps.0", self.eps.0)?;
+        check::positive("eps.0", self.eps.0)?;
         check::non_negative("eps.1", self.eps.1)?;
         if !(self.clip_threshold.is_finite() && self.clip_threshold > 0.0) {
             bail!(

@@ -14,8 +14,8 @@ use crate::{check, Optim, OptimizerConfig, Settings};
 /// dims the momentum divided by the factored root of its residuals' average (the confidence).
 /// State: a row and a column statistic per matrix for each of the two averages
 /// (`8·(rows + cols)` bytes per matrix; a full second moment, `4·n` bytes, for the others) and
-/// the momentum (f32, or 8-bit in [`CAME8bit`]: about 1.03 bytes per parameter on LLaMA's
-/// shapes). See [`CameRule`] for the step. Checkpoints have kind `CAME`.
+/// the momentum (f32, or 8-bit in [`CAME8bit`]: about 1.02 bytes per parameter on LLaMA's
+/// shapes, 1.08 with the embedding's momentum kept in 32 bits). See [`CameRule`] for the step. Checkpoints have kind `CAME`.
 ///
 /// `came_pytorch` has no default learning rate and neither has this config: `lr` is 0 in
 /// `Default` and must be set (> 0); its authors train with 1e-4 to 2e-4. A parameter of an F16
@@ -26,7 +26,7 @@ pub struct CAMEConfig {
     /// Learning rate, > 0 (required).
     pub lr: f64,
     /// `(ε1, ε2)`: added to the squared gradients and to the squared residuals; each finite
-    /// and >= 0.
+    /// and > 0.
     pub eps: (f64, f64),
     /// The update's RMS bound, > 0.
     pub clip_threshold: f64,
@@ -101,8 +101,8 @@ impl Sealed for CAMEConfig {
                 self.lr
             )
         }
-        check::non_negative("eps.0", self.eps.0)?;
-        check::non_negative("eps.1", self.eps.1)?;
+        check::positive("eps.0", self.eps.0)?;
+        check::positive("eps.1", self.eps.1)?;
         if !(self.clip_threshold.is_finite() && self.clip_threshold > 0.0) {
             bail!(
                 "clip_threshold must be finite and > 0, got {}",
