@@ -3,13 +3,12 @@
 
 use std::cell::RefCell;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 
 use crate::checks::check_block_size;
 use crate::cpu::{Element, Isa};
 use crate::rules::FactoredRule;
-use crate::update::{check_step_tensors, shares_storage};
+use crate::update::{check_step_tensors, step_in_place, InPlaceStep};
 use crate::{BlockwiseState, QuantMap};
 
 /// How a factored optimizer sees a parameter's shape: tensors of two or more dims are factored
@@ -279,17 +278,10 @@ pub fn factored_update<R: FactoredRule>(
     state: &mut FactoredState,
 ) -> Result<()> {
     check_factored_update(rule, param, grad, state)?;
-    if param.elem_count() == 0 {
-        return Ok(());
-    }
-    let grad = if shares_storage(param, grad) {
-        grad.copy()?
-    } else {
-        grad.contiguous()?
-    };
-    param.inplace_op2(
-        &grad,
-        &FactoredUpdate {
+    step_in_place(
+        param,
+        grad,
+        FactoredUpdate {
             rule,
             state: RefCell::new(state),
         },
@@ -346,41 +338,12 @@ struct FactoredUpdate<'a, R> {
     state: RefCell<&'a mut FactoredState>,
 }
 
-impl<R: FactoredRule> FactoredUpdate<'_, R> {
+impl<R: FactoredRule> InPlaceStep for FactoredUpdate<'_, R> {
+    const NAME: &'static str = "factored-optimizer-update";
+
     fn run<T: Element>(&self, params: &mut [T], grads: &[T]) {
         let mut state = self.state.borrow_mut();
         crate::cpu::factored::step(Isa::selected(), self.rule, params, grads, &mut state);
-    }
-}
-
-impl<R: FactoredRule> InplaceOp2 for FactoredUpdate<'_, R> {
-    fn name(&self) -> &'static str {
-        "factored-optimizer-update"
-    }
-
-    fn cpu_fwd(
-        &self,
-        param: &mut CpuStorage,
-        pl: &Layout,
-        grad: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<()> {
-        let (Some((ps, pe)), Some((gs, ge))) = (pl.contiguous_offsets(), gl.contiguous_offsets())
-        else {
-            bail!("{}: parameter and gradient must be contiguous", self.name())
-        };
-        match (param, grad) {
-            (CpuStorage::F32(p), CpuStorage::F32(g)) => self.run(&mut p[ps..pe], &g[gs..ge]),
-            (CpuStorage::F16(p), CpuStorage::F16(g)) => self.run(&mut p[ps..pe], &g[gs..ge]),
-            (CpuStorage::BF16(p), CpuStorage::BF16(g)) => self.run(&mut p[ps..pe], &g[gs..ge]),
-            (p, g) => bail!(
-                "{}: unsupported dtypes {:?} / {:?}",
-                self.name(),
-                p.dtype(),
-                g.dtype()
-            ),
-        }
-        Ok(())
     }
 }
 

@@ -277,21 +277,10 @@ pub fn fused_update<R: UpdateRule>(
     state: &mut ParamState,
 ) -> Result<()> {
     check_fused_update(rule, param, grad, state)?;
-    if param.elem_count() == 0 {
-        // Nothing to update; Candle refuses in-place writes to shapes such as `[3, 0]`, whose
-        // zero-sized dimension gives the others repeated (zero) strides.
-        return Ok(());
-    }
-    // A gradient sharing the parameter's storage would be read while it is written: step from a
-    // copy instead.
-    let grad = if shares_storage(param, grad) {
-        grad.copy()?
-    } else {
-        grad.contiguous()?
-    };
-    param.inplace_op2(
-        &grad,
-        &FusedUpdate {
+    step_in_place(
+        param,
+        grad,
+        FusedUpdate {
             rule,
             state: RefCell::new(state),
         },
@@ -409,7 +398,9 @@ struct FusedUpdate<'a, R> {
     state: RefCell<&'a mut ParamState>,
 }
 
-impl<R: UpdateRule> FusedUpdate<'_, R> {
+impl<R: UpdateRule> InPlaceStep for FusedUpdate<'_, R> {
+    const NAME: &'static str = "fused-optimizer-update";
+
     fn run<T: Element>(&self, params: &mut [T], grads: &[T]) {
         let mut state = self.state.borrow_mut();
         let layerwise_rule;
@@ -448,9 +439,37 @@ impl<R: UpdateRule> FusedUpdate<'_, R> {
     }
 }
 
-impl<R: UpdateRule> InplaceOp2 for FusedUpdate<'_, R> {
+/// A fused step over a parameter's and its gradient's elements, whatever their type (f32, f16 or
+/// bf16, both the same), run in place by [`step_in_place`].
+pub(crate) trait InPlaceStep {
+    /// The op's name, in errors.
+    const NAME: &'static str;
+    /// Steps `params` (updated in place) with `grads`, of the same length.
+    fn run<T: Element>(&self, params: &mut [T], grads: &[T]);
+}
+
+/// Runs `step` on `param`'s storage with `grad` (both checked by the caller): nothing for a
+/// parameter with no elements (Candle refuses in-place writes to shapes such as `[3, 0]`, whose
+/// zero-sized dimension gives the others repeated (zero) strides), and from a copy of a gradient
+/// that shares the parameter's storage (it would be read while it is written).
+pub(crate) fn step_in_place<S: InPlaceStep>(param: &Tensor, grad: &Tensor, step: S) -> Result<()> {
+    if param.elem_count() == 0 {
+        return Ok(());
+    }
+    let grad = if shares_storage(param, grad) {
+        grad.copy()?
+    } else {
+        grad.contiguous()?
+    };
+    param.inplace_op2(&grad, &InPlace(step))
+}
+
+/// [`InPlaceStep`] as a Candle in-place op.
+struct InPlace<S>(S);
+
+impl<S: InPlaceStep> InplaceOp2 for InPlace<S> {
     fn name(&self) -> &'static str {
-        "fused-optimizer-update"
+        S::NAME
     }
 
     fn cpu_fwd(
@@ -462,15 +481,15 @@ impl<R: UpdateRule> InplaceOp2 for FusedUpdate<'_, R> {
     ) -> Result<()> {
         let (Some((ps, pe)), Some((gs, ge))) = (pl.contiguous_offsets(), gl.contiguous_offsets())
         else {
-            bail!("{}: parameter and gradient must be contiguous", self.name())
+            bail!("{}: parameter and gradient must be contiguous", S::NAME)
         };
         match (param, grad) {
-            (CpuStorage::F32(p), CpuStorage::F32(g)) => self.run(&mut p[ps..pe], &g[gs..ge]),
-            (CpuStorage::F16(p), CpuStorage::F16(g)) => self.run(&mut p[ps..pe], &g[gs..ge]),
-            (CpuStorage::BF16(p), CpuStorage::BF16(g)) => self.run(&mut p[ps..pe], &g[gs..ge]),
+            (CpuStorage::F32(p), CpuStorage::F32(g)) => self.0.run(&mut p[ps..pe], &g[gs..ge]),
+            (CpuStorage::F16(p), CpuStorage::F16(g)) => self.0.run(&mut p[ps..pe], &g[gs..ge]),
+            (CpuStorage::BF16(p), CpuStorage::BF16(g)) => self.0.run(&mut p[ps..pe], &g[gs..ge]),
             (p, g) => bail!(
                 "{}: unsupported dtypes {:?} / {:?}",
-                self.name(),
+                S::NAME,
                 p.dtype(),
                 g.dtype()
             ),

@@ -261,6 +261,12 @@ fn block_size(momentum: &Option<&mut Momentum>) -> Option<usize> {
     }
 }
 
+/// `rule` for a parameter of `n` elements whose squares sum to `squares` (0 when the rule does not
+/// use the parameter's RMS; it then returns itself).
+fn with_param_rms<R: FactoredRule>(rule: &R, squares: f64, n: usize) -> R {
+    rule.with_param_rms((squares / n as f64).sqrt() as f32)
+}
+
 /// Exponential averages of row (or column) means: `stat ← β·stat + (1-β)·(sum / count)`, the
 /// mean rounded to f32 once.
 fn average(stat: &mut [f32], sums: &[f64], count: usize, beta: f32, one_minus_beta: f32) {
@@ -421,11 +427,7 @@ fn step_factored<R: FactoredRule, T: Element>(
     );
     average(&mut stats[0], &row_sums, cols, beta2, one_minus_beta2);
     average(&mut stats[1], &col_sums, rows, beta2, one_minus_beta2);
-    let rule = if uses_rms {
-        rule.with_param_rms((param_squares / n as f64).sqrt() as f32)
-    } else {
-        rule.clone()
-    };
+    let rule = with_param_rms(rule, param_squares, n);
 
     // Pass 2: the RMS of the update g·(row/mean row)^-½·col^-½, for clipping.
     let (row_factors, col_factors) = factors(&stats[0], &stats[1], rows, 1.0);
@@ -586,11 +588,7 @@ fn step_full<R: FactoredRule, T: Element>(
     let (updates, param_squares) = parts
         .iter()
         .fold((0.0, 0.0), |(a, b), (u, p)| (a + u, b + p));
-    let rule = if uses_rms {
-        rule.with_param_rms((param_squares / n as f64).sqrt() as f32)
-    } else {
-        rule.clone()
-    };
+    let rule = with_param_rms(rule, param_squares, n);
     let inverse = (1.0 / clip_divisor(updates, n, clip_threshold)) as f32;
 
     // Pass 2: the update.
