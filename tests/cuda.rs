@@ -15,7 +15,7 @@
 
 use candle_bnb::kernels::emulator::{self, emulator_stats, DeviceOp, Emulator};
 use candle_bnb::kernels::{
-    dequantize_blockwise_into, quantize_blockwise, ParamState, QuantMap, Quantized,
+    dequantize_blockwise_into, quantize_blockwise, Momentum, ParamState, QuantMap, Quantized,
     SUPPORTED_BLOCK_SIZES,
 };
 use candle_core::{DType, Device, Result, Tensor};
@@ -420,6 +420,34 @@ fn compare_states(device: &[ParamState], cpu: &[ParamState], what: &str) {
                     if let Some((j, x, y)) = first_difference(a, b) {
                         panic!("{what}: param {i} state {k} element {j}: {x} vs {y} on the CPU")
                     }
+                }
+            }
+            (ParamState::Factored(a), ParamState::Factored(b)) => {
+                for ((name, x), (_, y)) in a.stats().iter().zip(b.stats()) {
+                    if let Some((j, x, y)) = first_difference(x, y) {
+                        panic!("{what}: param {i} statistic {name}[{j}]: {x} vs {y} on the CPU")
+                    }
+                }
+                match (a.momentum(), b.momentum()) {
+                    (None, None) => {}
+                    (Some(Momentum::F32(x)), Some(Momentum::F32(y))) => {
+                        if let Some((j, x, y)) = first_difference(x, y) {
+                            panic!("{what}: param {i} momentum {j}: {x} vs {y} on the CPU")
+                        }
+                    }
+                    (Some(Momentum::Blockwise(x)), Some(Momentum::Blockwise(y))) => {
+                        if let Some(j) = (0..x.len()).find(|&j| x.codes()[j] != y.codes()[j]) {
+                            panic!(
+                                "{what}: param {i} momentum code {j}: {} vs {} on the CPU",
+                                x.codes()[j],
+                                y.codes()[j]
+                            )
+                        }
+                        if let Some((j, x, y)) = first_difference(x.absmax(), y.absmax()) {
+                            panic!("{what}: param {i} momentum absmax {j}: {x} vs {y} on the CPU")
+                        }
+                    }
+                    _ => panic!("{what}: param {i}: momentum kinds differ"),
                 }
             }
             _ => panic!("{what}: param {i}: state kinds differ"),
@@ -1127,32 +1155,217 @@ fn a_device_behind_the_host_makes_the_outcome_read_wait_and_changes_nothing() {
     );
 }
 
-/// Adafactor and CAME have no CUDA kernels yet: their state stays on the host, and moving it to
-/// the (emulated) device is refused with the reason, changing nothing.
+/// Shapes of the factored-optimizer cases: an empty matrix, vectors of one element, below and
+/// above `min_8bit_size` (5000: an 8-bit momentum), matrices whose rows are not multiples of the
+/// sum lanes, a batch, a single row, a matrix above `min_8bit_size` whose 8-bit blocks straddle
+/// rows, and a batch of two tasks whose tasks straddle its matrices (`[2, 130, 300]`).
+const FACTORED_SHAPES: &[&[usize]] = &[
+    &[0, 5],
+    &[1],
+    &[7],
+    &[5000],
+    &[33, 65],
+    &[3, 17, 9],
+    &[1, 4096],
+    &[65, 70],
+    &[2, 130, 300],
+];
+
+/// The same random parameters of [`FACTORED_SHAPES`] on the CPU and on `target`, in `dtype`.
+fn factored_twins(
+    rng: &mut common::TestRng,
+    target: &Target,
+    dtype: DType,
+) -> (Vec<Var>, Vec<Var>) {
+    FACTORED_SHAPES
+        .iter()
+        .map(|dims| {
+            let n = dims.iter().product();
+            let cpu = Tensor::from_vec(randn(rng, n, 1.0), *dims, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let other = cpu.to_device(&target.device()).unwrap();
+            (
+                Var::from_tensor(&cpu).unwrap(),
+                Var::from_tensor(&other).unwrap(),
+            )
+        })
+        .unzip()
+}
+
+/// One random gradient per shape of [`FACTORED_SHAPES`], from N(0, 0.1²), in `dtype`.
+fn factored_grads(rng: &mut common::TestRng, dtype: DType) -> Vec<Tensor> {
+    FACTORED_SHAPES
+        .iter()
+        .map(|dims| {
+            let n = dims.iter().product();
+            Tensor::from_vec(randn(rng, n, 0.1), *dims, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        })
+        .collect()
+}
+
+/// 6 steps of the same factored optimizer on the CPU and on each target (one parameter without
+/// a gradient every third step); parameters and states must agree bit for bit.
+macro_rules! factored_matches_cpu {
+    ($ty:ty, $cfg:expr, $rng:expr) => {{
+        let cfg: <$ty as Optimizer>::Config = $cfg;
+        for target in targets(stringify!($ty)) {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let what = format!("{} {} {dtype:?}", target.name(), stringify!($ty));
+                let (cpu_vars, dev_vars) = factored_twins($rng, &target, dtype);
+                let mut cpu = <$ty>::new(cpu_vars.clone(), cfg.clone()).unwrap();
+                let mut dev = optimizer_on!($ty, &target, dev_vars.clone(), cfg.clone());
+                for step in 0..6 {
+                    let g = factored_grads($rng, dtype);
+                    let skip = (step % 3 == 2).then_some(4);
+                    cpu.step(&grads_for(&cpu_vars, &g, skip)).unwrap();
+                    dev.step(&grads_for(&dev_vars, &g, skip)).unwrap();
+                }
+                assert_eq!(dev.step_count(), cpu.step_count(), "{what}: steps");
+                compare_params(
+                    &values_f32(&dev_vars),
+                    &values_f32(&cpu_vars),
+                    dtype,
+                    Match::Exact,
+                    &what,
+                );
+                compare_states(
+                    &host_states(dev.states().unwrap()),
+                    &host_states(cpu.states().unwrap()),
+                    &what,
+                );
+                assert_eq!(dev.state_bytes(), cpu.state_bytes(), "{what}: state bytes");
+            }
+        }
+    }};
+}
+
+/// Adafactor and CAME, with no, f32 and 8-bit momentum, step on the (emulated) device exactly as
+/// on the CPU: `kernels/factored.cu` keeps the CPU's order of every sum.
 #[test]
-fn factored_optimizers_refuse_the_device_and_keep_stepping_on_the_cpu() {
-    use candle_bnb::optim::{Adafactor8bit, AdafactorConfig, CAMEConfig, CAME};
-    let var = candle_core::Var::ones((8, 8), DType::F32, &Device::Cpu).unwrap();
-    let emu = Emulator::new();
-    let mut adafactor = Adafactor8bit::new(vec![var.clone()], AdafactorConfig::default()).unwrap();
-    let err = adafactor.emulate_cuda(&emu).unwrap_err().to_string();
-    assert!(err.contains("no CUDA kernels yet"), "{err}");
-    let config = CAMEConfig {
-        lr: 1e-2,
+fn factored_optimizers_step_on_the_device_as_on_the_cpu() {
+    use candle_bnb::optim::{
+        Adafactor, Adafactor8bit, AdafactorConfig, CAME8bit, CAMEConfig, CAME,
+    };
+    let mut rng = rng("factored_optimizers_step_on_the_device_as_on_the_cpu");
+    let rng = &mut rng;
+    // The relative step with the parameter scale, no momentum, global clipping.
+    let plain = AdafactorConfig {
+        settings: Settings {
+            max_grad_norm: Some(1.0),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    let mut came = CAME::new(vec![var.clone()], config).unwrap();
-    let err = came.emulate_cuda(&emu).unwrap_err().to_string();
-    assert!(err.contains("no CUDA kernels yet"), "{err}");
-    let grads = var
-        .as_tensor()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    candle_nn::Optimizer::step(&mut came, &grads).unwrap();
-    assert_eq!(came.step_count(), 1);
-    assert!(var.as_tensor().to_vec2::<f32>().unwrap()[0][0] < 1.0);
+    factored_matches_cpu!(Adafactor, plain, rng);
+    // A fixed lr, f32 momentum, weight decay, a tight update clip.
+    let momentum = AdafactorConfig {
+        lr: Some(1e-2),
+        relative_step: false,
+        beta1: Some(0.9),
+        weight_decay: 0.01,
+        clip_threshold: 0.5,
+        ..Default::default()
+    };
+    factored_matches_cpu!(Adafactor, momentum, rng);
+    // 8-bit momentum (beta1 0.9 by default) in blocks of 64, percentile clipping.
+    let eight = AdafactorConfig {
+        settings: Settings {
+            block_size: 64,
+            percentile_clipping: 80,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    factored_matches_cpu!(Adafactor8bit, eight, rng);
+    let came = CAMEConfig {
+        lr: 1e-3,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    factored_matches_cpu!(CAME, came.clone(), rng);
+    factored_matches_cpu!(CAME8bit, came, rng);
+    eprintln!("emulator totals: {:?}", emulator_stats());
+}
+
+/// A factored optimizer's device state is saved and resumed on the CPU bit for bit (and loaded
+/// back on the device); a non-finite gradient skips the whole step on the device.
+#[test]
+fn factored_checkpoints_and_skipped_steps_on_the_device() {
+    use candle_bnb::optim::{CAME8bit, CAMEConfig};
+    let test = "factored_checkpoints_and_skipped_steps_on_the_device";
+    let mut rng = rng(test);
+    let dir = common::temp_dir(test);
+    let cfg = CAMEConfig {
+        lr: 1e-3,
+        ..Default::default()
+    };
+    for target in targets(test) {
+        let (cpu_vars, dev_vars) = factored_twins(&mut rng, &target, DType::BF16);
+        let grads: Vec<Vec<Tensor>> = (0..6)
+            .map(|_| factored_grads(&mut rng, DType::BF16))
+            .collect();
+        let mut dev = optimizer_on!(CAME8bit, &target, dev_vars.clone(), cfg.clone());
+        for g in &grads[..3] {
+            dev.step(&grads_for(&dev_vars, g, None)).unwrap();
+        }
+        // A step with an infinite gradient changes nothing.
+        let before = (values_f32(&dev_vars), host_states(dev.states().unwrap()));
+        let mut bad = grads[3].clone();
+        let mut v = randn(&mut rng, 130 * 300 * 2, 0.1);
+        v[40_000] = f32::INFINITY;
+        bad[8] = Tensor::from_vec(v, (2, 130, 300), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        dev.step(&grads_for(&dev_vars, &bad, None)).unwrap();
+        assert_eq!((dev.step_count(), dev.skipped_steps()), (3, 1));
+        compare_params(
+            &values_f32(&dev_vars),
+            &before.0,
+            DType::BF16,
+            Match::Exact,
+            "skipped",
+        );
+        compare_states(&host_states(dev.states().unwrap()), &before.1, "skipped");
+        // Saved on the device, resumed on the CPU from the same parameters.
+        let path = dir.join(format!("{}.safetensors", target.name()));
+        dev.save(&path).unwrap();
+        for (c, d) in cpu_vars.iter().zip(&dev_vars) {
+            c.set(&d.as_tensor().to_device(&Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let mut cpu = CAME8bit::new(cpu_vars.clone(), cfg.clone()).unwrap();
+        cpu.load(&path).unwrap();
+        for g in &grads[3..] {
+            dev.step(&grads_for(&dev_vars, g, None)).unwrap();
+            cpu.step(&grads_for(&cpu_vars, g, None)).unwrap();
+        }
+        let what = format!("{} resumed on the CPU", target.name());
+        compare_params(
+            &values_f32(&dev_vars),
+            &values_f32(&cpu_vars),
+            DType::BF16,
+            Match::Exact,
+            &what,
+        );
+        let cpu_states = host_states(cpu.states().unwrap());
+        compare_states(&host_states(dev.states().unwrap()), &cpu_states, &what);
+        // Saved on the CPU, loaded back on the device: the same state.
+        let on_cpu = dir.join("cpu.safetensors");
+        cpu.save(&on_cpu).unwrap();
+        let mut back = optimizer_on!(CAME8bit, &target, dev_vars.clone(), cfg.clone());
+        back.load(&on_cpu).unwrap();
+        assert_eq!(back.step_count(), 6);
+        compare_states(
+            &host_states(back.states().unwrap()),
+            &cpu_states,
+            "loaded back on the device",
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

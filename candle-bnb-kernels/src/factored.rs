@@ -251,6 +251,26 @@ impl FactoredState {
             + self.momentum.as_ref().map_or(0, Momentum::bytes)
     }
 
+    /// The state's kind without the momentum's values: the statistics as they are (they are
+    /// `O(rows + cols)`), a momentum of length 0 of the same precision, map and block size. What
+    /// an optimizer keeps on the host of a state that lives on a CUDA device (checkpoints read
+    /// the kind from it); [`factored_update`] refuses it when the parameter has elements.
+    #[doc(hidden)]
+    pub fn kind_only(&self) -> Self {
+        let momentum = self.momentum.as_ref().map(|m| match m {
+            Momentum::F32(_) => Momentum::F32(Vec::new()),
+            Momentum::Blockwise(q) => Momentum::Blockwise(Box::new(
+                BlockwiseState::zeros(0, q.map().clone(), q.block_size())
+                    .expect("the block size of an existing state is supported"),
+            )),
+        });
+        Self {
+            factoring: self.factoring,
+            stats: self.stats.clone(),
+            momentum,
+        }
+    }
+
     /// The statistics and the momentum, to step.
     pub(crate) fn parts_mut(&mut self) -> (&mut [Vec<f32>], Option<&mut Momentum>) {
         (&mut self.stats, self.momentum.as_mut())
@@ -321,6 +341,15 @@ pub fn check_factored_update<R: FactoredRule>(
                 "has none"
             }
         )
+    }
+    if let Some(m) = &state.momentum {
+        if m.len() != factoring.len() {
+            bail!(
+                "factored_update: the momentum holds {} values, the parameter {}",
+                m.len(),
+                factoring.len()
+            )
+        }
     }
     let expected = factoring.stats(rule.confidence().is_some());
     if state.stats.len() != expected.len() {

@@ -69,8 +69,8 @@ pub use factored::{check_factored_update, factored_update, FactoredState, Factor
 pub use qmap::{QuantMap, QUANT_MAP_LEN};
 pub use rules::{
     AdEMAMixRule, AdafactorRule, AdafactorStepSize, AdagradRule, AdamRule, CameRule, CudaRule,
-    FactoredRule, LambRule, LarsRule, LionRule, RmspropRule, ScaledGrad, SecondMomentStep, SgdRule,
-    UpdateRule, MAX_STATES,
+    FactoredCudaRule, FactoredRule, LambRule, LarsRule, LionRule, RmspropRule, ScaledGrad,
+    SecondMomentStep, SgdRule, UpdateRule, MAX_STATES,
 };
 pub use sum_squares::sum_squares;
 pub use update::{check_fused_update, fused_update, BlockwiseState, ParamState};

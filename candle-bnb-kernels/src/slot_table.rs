@@ -5,7 +5,9 @@
 
 use candle_core::{bail, DType, Result};
 
-use crate::rules::CudaRule;
+use crate::cpu::factored::TaskLayout;
+use crate::rules::{CudaRule, FactoredCudaRule};
+use crate::Factoring;
 
 /// Elements per partial sum of the gradient pre-pass (`norms.cu` kChunk, the CPU's block of
 /// [`sum_squares`](crate::sum_squares)).
@@ -37,6 +39,136 @@ pub const SLOT_HEADER_BYTES: usize = 88;
 /// Bytes of one `Slot<R>`: the header and the rule, rounded up to 8 (the struct's alignment).
 pub fn slot_bytes<R: CudaRule>() -> usize {
     (SLOT_HEADER_BYTES + std::mem::size_of::<R>()).div_ceil(8) * 8
+}
+
+/// Bytes of `factored.cu`'s `FactoredSlot<Rule>` before the rule.
+pub const FACTORED_SLOT_HEADER_BYTES: usize = 184;
+
+/// Bytes of one `FactoredSlot<R>`: the header and the rule, rounded up to 8.
+pub fn factored_slot_bytes<R: FactoredCudaRule>() -> usize {
+    (FACTORED_SLOT_HEADER_BYTES + std::mem::size_of::<R>()).div_ceil(8) * 8
+}
+
+/// How `factored.cu` sees a parameter of a factored optimizer: its shape as matrices (a vector
+/// is one row), its tasks (the CPU's, which fix the order of the column and vector sums), and
+/// the scratch buffers its step needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FactoredLayout {
+    /// Whether the parameter is factored (two or more dims).
+    pub factored: bool,
+    /// Matrices (1 for a vector).
+    pub batch: usize,
+    /// Rows per matrix (1 for a vector).
+    pub rows: usize,
+    /// Columns (the element count for a vector).
+    pub cols: usize,
+    /// Elements.
+    pub n: usize,
+    /// Elements per task.
+    pub task_elems: usize,
+    /// Tasks.
+    pub tasks: usize,
+}
+
+impl FactoredLayout {
+    /// The layout of a parameter factored as `factoring` whose momentum (if any) is quantized in
+    /// blocks of `block_size`.
+    pub fn of(factoring: Factoring, block_size: Option<usize>) -> Self {
+        let TaskLayout { task_elems, tasks } = TaskLayout::of(factoring, block_size);
+        let (factored, batch, rows, cols) = match factoring {
+            Factoring::Factored { batch, rows, cols } => (true, batch, rows, cols),
+            Factoring::Full { len } => (false, 1, 1, len),
+        };
+        Self {
+            factored,
+            batch,
+            rows,
+            cols,
+            n: factoring.len(),
+            task_elems,
+            tasks,
+        }
+    }
+
+    /// Elements of each scratch buffer the step needs, in [`FactoredScratch`]'s order (f64:
+    /// row sums, row squares, column partials, means; f32: row and column factors).
+    pub fn scratch_lens(&self) -> [usize; 6] {
+        if !self.factored {
+            return [self.tasks, self.tasks, 0, 0, 0, 0];
+        }
+        let tasks = TaskLayout {
+            task_elems: self.task_elems,
+            tasks: self.tasks,
+        };
+        let (_, mats_per_task) = tasks.matrix_split(self.rows, self.cols);
+        let n_rows = self.batch * self.rows;
+        [
+            n_rows,
+            n_rows,
+            self.tasks * mats_per_task * self.cols,
+            self.batch,
+            n_rows,
+            self.batch * self.cols,
+        ]
+    }
+}
+
+/// The device addresses of the scratch buffers of a factored step (shared by every parameter of
+/// a state; each at least as long as [`FactoredLayout::scratch_lens`] asks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FactoredScratch {
+    /// f64 per row (matrix) or per task (vector).
+    pub row_sums: u64,
+    /// f64 per row or per task: Σp².
+    pub row_squares: u64,
+    /// f64 per task, matrix per task and column.
+    pub col_partials: u64,
+    /// f64 per matrix.
+    pub means: u64,
+    /// f32 per row.
+    pub row_factors: u64,
+    /// f32 per column of each matrix.
+    pub col_factors: u64,
+    /// Two f64.
+    pub scalars: u64,
+}
+
+/// The kind of a factored parameter's momentum (`factored.cu` MomentumKind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MomentumKind {
+    /// No momentum.
+    None = 0,
+    /// f32 values.
+    F32 = 1,
+    /// 8-bit codes with per-block scales.
+    Blockwise = 2,
+}
+
+/// One parameter of a factored step (`FactoredSlot<Rule>`).
+pub struct FactoredSlot<'a, R> {
+    /// Device address of the parameter.
+    pub param: u64,
+    /// Device address of its gradient.
+    pub grad: u64,
+    /// Device addresses of its statistics (row, col, res_row, res_col; or the full one; 0 past
+    /// the rule's).
+    pub stats: [u64; 4],
+    /// Device address of its momentum (f32 values or codes; 0 without).
+    pub momentum: u64,
+    /// Device address of its momentum's scales (8-bit; else 0).
+    pub absmax: u64,
+    /// Its shape and tasks.
+    pub layout: FactoredLayout,
+    /// The momentum's kind.
+    pub momentum_kind: MomentumKind,
+    /// The momentum's block size (8-bit; else 0).
+    pub block_size: u64,
+    /// Its index into the pre-pass's gradient scales.
+    pub scale_index: u64,
+    /// The scratch buffers.
+    pub scratch: FactoredScratch,
+    /// Its rule.
+    pub rule: &'a R,
 }
 
 /// One gradient of the pre-pass (`GradSlot`).
@@ -143,6 +275,46 @@ impl<'a> TableWriter<'a> {
         self.bytes(s.rule.as_bytes());
         // Padding up to the next slot stays as it was (the kernels never read it).
         self.at = start + slot_bytes::<R>();
+    }
+}
+
+impl TableWriter<'_> {
+    /// Writes `s` as a `FactoredSlot<R>` ([`factored_slot_bytes`] bytes).
+    ///
+    /// # Panics
+    /// The buffer has less than [`factored_slot_bytes`] left.
+    pub fn factored_slot<R: FactoredCudaRule>(&mut self, s: &FactoredSlot<'_, R>) {
+        let start = self.at;
+        self.u64(s.param);
+        self.u64(s.grad);
+        for a in s.stats {
+            self.u64(a);
+        }
+        self.u64(s.momentum);
+        self.u64(s.absmax);
+        let l = &s.layout;
+        for v in [l.batch, l.rows, l.cols, l.n, l.task_elems] {
+            self.u64(v as u64);
+        }
+        self.u64(s.block_size);
+        self.u64(s.scale_index);
+        self.u32(s.momentum_kind as u32);
+        self.u32(l.factored as u32);
+        let c = &s.scratch;
+        for a in [
+            c.row_sums,
+            c.row_squares,
+            c.col_partials,
+            c.means,
+            c.row_factors,
+            c.col_factors,
+            c.scalars,
+        ] {
+            self.u64(a);
+        }
+        debug_assert_eq!(self.at - start, FACTORED_SLOT_HEADER_BYTES);
+        self.bytes(s.rule.as_bytes());
+        self.at = start + factored_slot_bytes::<R>();
     }
 }
 

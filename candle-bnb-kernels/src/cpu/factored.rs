@@ -3,10 +3,11 @@
 //! blocks) run on rayon's pool, with the widest instruction set the CPU has.
 //!
 //! Every sum is f64. Sums are taken in a fixed order that depends only on the parameter's shape
-//! and the momentum's block size: each row (and each task's running sums) in [`LANES`]
-//! interleaved partial sums (column `j` into lane `j % LANES`, lanes added in order), columns
-//! row by row within a task, tasks in order. So the result does not depend on the thread
-//! count or on the instruction set.
+//! and the momentum's block size: each row in [`LANES`] interleaved partial sums (column `j`
+//! into lane `j % LANES`, lanes added in order), a matrix's totals (`Σp²`, `Σu²`) as its rows'
+//! sums in row order, columns row by row within a task, tasks in order; a vector's totals in
+//! lanes per task, tasks in order. So the result does not depend on the thread count or on the
+//! instruction set, and `kernels/factored.cu` reproduces it bit for bit.
 
 use rayon::prelude::*;
 
@@ -47,6 +48,39 @@ impl Lanes {
     fn total(&self) -> f64 {
         self.0.iter().fold(0.0, |a, &b| a + b)
     }
+}
+
+/// Per-row totals of a task's values in [`Lanes`]: one total per finished row, in row order.
+struct RowTotals {
+    cols: usize,
+    row: Lanes,
+    totals: Vec<f64>,
+}
+
+impl RowTotals {
+    fn new(cols: usize, rows: usize) -> Self {
+        Self {
+            cols,
+            row: Lanes::default(),
+            totals: Vec::with_capacity(rows),
+        }
+    }
+
+    /// Adds `f(x)` of each `xs[k]`, the value of column `j0 + k` of the current row (in order
+    /// after the values added before); a row's last value closes its total.
+    #[inline(always)]
+    fn add(&mut self, j0: usize, xs: &[f32], f: impl Fn(f32) -> f64) {
+        self.row.add(j0, xs, f);
+        if j0 + xs.len() == self.cols {
+            self.totals.push(self.row.total());
+            self.row = Lanes::default();
+        }
+    }
+}
+
+/// The sum of every row total, tasks in order and rows in order within a task.
+fn sum_rows<'a>(parts: impl IntoIterator<Item = &'a [f64]>) -> f64 {
+    parts.into_iter().flatten().fold(0.0, |a, &b| a + b)
 }
 
 /// Runs `f` compiled for `isa`: the passes' loops are inlined into it, so on AVX2 (and AVX-512,
@@ -240,9 +274,40 @@ pub(crate) fn step<R: FactoredRule, T: Element>(
     }
 }
 
-/// Elements per task: a multiple of `unit`, about [`TASK_ELEMS`].
-fn task_elems(unit: usize) -> usize {
-    unit * (TASK_ELEMS / unit).max(1)
+/// How a factored step cuts a parameter into tasks: whole rows and whole quantization blocks
+/// (about [`TASK_ELEMS`] elements each) for a matrix, whole blocks (or [`LANES`] elements) for
+/// a vector. The CPU runs the tasks in parallel; the column sums' and vectors' totals are taken
+/// per task, so the CUDA kernels use the same cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TaskLayout {
+    /// Elements per task (the last may have fewer).
+    pub(crate) task_elems: usize,
+    /// Tasks over the parameter.
+    pub(crate) tasks: usize,
+}
+
+impl TaskLayout {
+    /// The tasks of a parameter factored as `factoring` whose momentum (if any) is quantized in
+    /// blocks of `block_size`.
+    pub(crate) fn of(factoring: Factoring, block_size: Option<usize>) -> Self {
+        let unit = match (factoring, block_size) {
+            (Factoring::Factored { cols, .. }, Some(bs)) => cols.max(1) / gcd(cols.max(1), bs) * bs,
+            (Factoring::Factored { cols, .. }, None) => cols.max(1),
+            (Factoring::Full { .. }, bs) => bs.unwrap_or(LANES),
+        };
+        let task_elems = unit * (TASK_ELEMS / unit).max(1);
+        Self {
+            task_elems,
+            tasks: factoring.len().div_ceil(task_elems),
+        }
+    }
+
+    /// For a matrix of `rows × cols` (batched): the rows of a task, and the most matrices one
+    /// task touches (its column sums hold one partial per matrix it touches).
+    pub(crate) fn matrix_split(&self, rows: usize, cols: usize) -> (usize, usize) {
+        let rows_per_task = self.task_elems / cols.max(1);
+        (rows_per_task, rows_per_task.div_ceil(rows.max(1)) + 1)
+    }
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -309,10 +374,9 @@ struct RowSums {
     /// The matrix of the task's first row.
     first_matrix: usize,
     /// One sum per finished row.
-    row_sums: Vec<f64>,
+    rows: RowTotals,
     /// Per column of each matrix the task touches, from `first_matrix`.
     col_sums: Vec<f64>,
-    row: Lanes,
 }
 
 impl RowSums {
@@ -325,9 +389,8 @@ impl RowSums {
             cols,
             rows_per_matrix,
             first_matrix,
-            row_sums: Vec::with_capacity(len / cols),
+            rows: RowTotals::new(cols, len / cols),
             col_sums: vec![0f64; matrices * cols],
-            row: Lanes::default(),
         }
     }
 
@@ -336,14 +399,10 @@ impl RowSums {
     #[inline(always)]
     fn add(&mut self, start: usize, xs: &[f32]) {
         let (row, j0) = (start / self.cols, start % self.cols);
-        self.row.add(j0, xs, |x| x as f64);
+        self.rows.add(j0, xs, |x| x as f64);
         let at = (row / self.rows_per_matrix - self.first_matrix) * self.cols + j0;
         for (c, &x) in self.col_sums[at..at + xs.len()].iter_mut().zip(xs) {
             *c += x as f64;
-        }
-        if j0 + xs.len() == self.cols {
-            self.row_sums.push(self.row.total());
-            self.row = Lanes::default();
         }
     }
 
@@ -352,7 +411,7 @@ impl RowSums {
         let mut rows = Vec::with_capacity(n_rows);
         let mut cols = vec![0f64; n_cols];
         for part in parts {
-            rows.extend_from_slice(&part.row_sums);
+            rows.extend_from_slice(&part.rows.totals);
             let at = part.first_matrix * part.cols;
             for (c, s) in cols[at..at + part.col_sums.len()]
                 .iter_mut()
@@ -378,12 +437,15 @@ fn step_factored<R: FactoredRule, T: Element>(
 ) {
     let n = params.len();
     let n_rows = n / cols;
-    let unit = match block_size(&momentum) {
-        Some(bs) => cols / gcd(cols, bs) * bs,
-        None => cols,
+    let factoring = Factoring::Factored {
+        batch: n_rows / rows,
+        rows,
+        cols,
     };
-    let task_elems = task_elems(unit);
-    let n_tasks = n.div_ceil(task_elems);
+    let TaskLayout {
+        task_elems,
+        tasks: n_tasks,
+    } = TaskLayout::of(factoring, block_size(&momentum));
     let range = |t: usize| (t * task_elems, (task_elems).min(n - t * task_elems));
     let SecondMomentStep {
         eps1,
@@ -400,7 +462,7 @@ fn step_factored<R: FactoredRule, T: Element>(
         on_isa(isa, || {
             let (start, len) = range(t);
             let mut sums = RowSums::new(start, len, cols, rows);
-            let mut squares = Lanes::default();
+            let mut squares = RowTotals::new(cols, len / cols);
             let (mut gbuf, mut pbuf, mut sq) =
                 ([0f32; MAX_BLOCK], [0f32; MAX_BLOCK], [0f32; MAX_BLOCK]);
             pieces(start, start + len, cols, |piece| {
@@ -416,10 +478,10 @@ fn step_factored<R: FactoredRule, T: Element>(
                     squares.add(piece.start % cols, p, |x| (x as f64) * (x as f64));
                 }
             });
-            (sums, squares.total())
+            (sums, squares.totals)
         })
     });
-    let param_squares = parts.iter().fold(0.0, |a, (_, s)| a + s);
+    let param_squares = sum_rows(parts.iter().map(|(_, s)| s.as_slice()));
     let (row_sums, col_sums) = RowSums::merge(
         parts.into_iter().map(|(s, _)| s).collect(),
         n_rows,
@@ -434,7 +496,7 @@ fn step_factored<R: FactoredRule, T: Element>(
     let totals = run_tasks(n, (0..n_tasks).collect(), |t| {
         on_isa(isa, || {
             let (start, len) = range(t);
-            let mut squares = Lanes::default();
+            let mut squares = RowTotals::new(cols, len / cols);
             let (mut gbuf, mut ubuf) = ([0f32; MAX_BLOCK], [0f32; MAX_BLOCK]);
             pieces(start, start + len, cols, |piece| {
                 let (row, j0) = (piece.start / cols, piece.start % cols);
@@ -449,10 +511,14 @@ fn step_factored<R: FactoredRule, T: Element>(
                 }
                 squares.add(j0, &ubuf[..piece.len], |u| (u as f64) * (u as f64));
             });
-            squares.total()
+            squares.totals
         })
     });
-    let divisor = clip_divisor(totals.iter().sum(), n, clip_threshold);
+    let divisor = clip_divisor(
+        sum_rows(totals.iter().map(Vec::as_slice)),
+        n,
+        clip_threshold,
+    );
     // The clipped update's row factors: the division by the divisor folded in.
     let (row_factors, _) = factors(&stats[0], &stats[1], rows, 1.0 / divisor);
 
@@ -548,8 +614,10 @@ fn step_full<R: FactoredRule, T: Element>(
     momentum: Option<&mut Momentum>,
 ) {
     let n = params.len();
-    let task_elems = task_elems(block_size(&momentum).unwrap_or(LANES));
-    let n_tasks = n.div_ceil(task_elems);
+    let TaskLayout {
+        task_elems,
+        tasks: n_tasks,
+    } = TaskLayout::of(Factoring::Full { len: n }, block_size(&momentum));
     let SecondMomentStep {
         eps1,
         beta2,

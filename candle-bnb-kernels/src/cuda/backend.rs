@@ -21,6 +21,8 @@ pub enum Module {
     Fused,
     /// `kernels/norms.cu`.
     Norms,
+    /// `kernels/factored.cu`.
+    Factored,
 }
 
 /// One kernel argument, passed by value as the kernel's C signature declares it: pointers are

@@ -20,6 +20,8 @@ const QUANTIZE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quantize.ptx"
 const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 /// The PTX of `kernels/norms.cu`.
 const NORMS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norms.ptx"));
+/// The PTX of `kernels/factored.cu`.
+const FACTORED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/factored.ptx"));
 
 /// A CUDA device and its stream (Candle's per-thread stream: the tables hold raw addresses, which
 /// cudarc's cross-stream event tracking does not see, so everything stays on this one).
@@ -49,6 +51,7 @@ fn ptx(module: Module) -> (&'static str, &'static str) {
         Module::Quantize => ("candle_bnb_quantize", QUANTIZE_PTX),
         Module::Fused => ("candle_bnb_fused", FUSED_PTX),
         Module::Norms => ("candle_bnb_norms", NORMS_PTX),
+        Module::Factored => ("candle_bnb_factored", FACTORED_PTX),
     }
 }
 

@@ -10,6 +10,7 @@
 pub use backend::{Backend, Element, KernelArg, Module};
 #[cfg(feature = "cuda")]
 pub use driver::CudaDriver;
+pub use factored::{launch_factored, FactoredLaunch};
 pub use launch::{launch_prepass, launch_update, PrepassLaunch, UpdateLaunch};
 
 pub(crate) mod backend;
@@ -17,6 +18,7 @@ pub(crate) mod backend;
 pub(crate) mod driver;
 #[cfg(feature = "emulator")]
 pub(crate) mod emulator;
+pub(crate) mod factored;
 pub(crate) mod launch;
 pub(crate) mod quantize;
 

@@ -9,7 +9,7 @@ use super::factored::{FactoredRule, SecondMomentStep};
 /// update `u` becomes `α·u`, with momentum `m ← β1·m + (1-β1)·α·u` and the step `m`; then
 /// `p ← p - weight_decay·α·p` and `p ← p - step`.
 #[derive(Clone, Copy, Debug, PartialEq)]
-#[repr(C)] // plain f32 and u32 fields, as the CUDA rules are (a CUDA twin is to come)
+#[repr(C)] // the layout of kernels/rules/*.cuh (FactoredCudaRule)
 pub struct AdafactorRule {
     eps1: f32,
     beta2: f32,

@@ -9,7 +9,7 @@ use super::factored::{FactoredRule, SecondMomentStep};
 /// with decay `β3`, and the step is `m` divided by their factored root; for the others it is
 /// `m`. Then `p ← p - weight_decay·lr·p` and `p ← p - lr·step`. The step count does not enter.
 #[derive(Clone, Copy, Debug, PartialEq)]
-#[repr(C)] // plain f32 and u32 fields, as the CUDA rules are (a CUDA twin is to come)
+#[repr(C)] // the layout of kernels/rules/*.cuh (FactoredCudaRule)
 pub struct CameRule {
     eps1: f32,
     beta2: f32,

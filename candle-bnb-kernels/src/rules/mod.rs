@@ -138,7 +138,43 @@ pub unsafe trait CudaRule: UpdateRule + Copy + Send + 'static + sealed::Sealed {
     }
 }
 
-/// Keeps [`CudaRule`] to this crate's rules.
+/// A [`FactoredRule`] with CUDA kernels (`kernels/factored.cu`): its bytes are what the kernels
+/// read as the rule of a `FactoredSlot`.
+///
+/// # Safety
+/// As [`CudaRule`]: `#[repr(C)]`, no padding, no pointers, the layout of the struct of the same
+/// name in `kernels/rules/`; `KERNEL_NAME` names its kernels in `kernels/factored.cu`.
+pub unsafe trait FactoredCudaRule:
+    FactoredRule + Copy + Send + 'static + sealed::Sealed
+{
+    /// The `<rule>` of the kernels `bnb_factored_<pass>_<rule>[_<dtype>]`.
+    const KERNEL_NAME: &'static str;
+
+    /// The rule's bytes, as the kernels read them.
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: the trait's contract: #[repr(C)], no padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (self as *const Self).cast::<u8>(),
+                std::mem::size_of::<Self>(),
+            )
+        }
+    }
+}
+
+impl sealed::Sealed for AdafactorRule {}
+// SAFETY: #[repr(C)], 11 f32 and 2 u32 fields (52 bytes, no padding), laid out as
+// kernels/rules/adafactor.cuh (which static_asserts the size).
+unsafe impl FactoredCudaRule for AdafactorRule {
+    const KERNEL_NAME: &'static str = "adafactor";
+}
+impl sealed::Sealed for CameRule {}
+// SAFETY: #[repr(C)], 11 f32 fields (44 bytes), laid out as kernels/rules/came.cuh.
+unsafe impl FactoredCudaRule for CameRule {
+    const KERNEL_NAME: &'static str = "came";
+}
+
+/// Keeps [`CudaRule`] and [`FactoredCudaRule`] to this crate's rules.
 mod sealed {
     pub trait Sealed {}
 }

@@ -10,7 +10,7 @@ use candle_core::{Result, Tensor};
 use candle_bnb_kernels::cuda::CudaDriver;
 #[cfg(feature = "emulator")]
 use candle_bnb_kernels::emulator::Emulator;
-use candle_bnb_kernels::{CudaRule, ParamState};
+use candle_bnb_kernels::{CudaRule, FactoredCudaRule, ParamState};
 
 mod step;
 
@@ -180,6 +180,20 @@ impl CudaOptimizerState {
         max_grad_norm: Option<f64>,
     ) -> Result<()> {
         on_device!(&mut self.0, s => s.step(grads, max_grad_norm))
+    }
+
+    /// As [`Self::step`], for a factored optimizer (Adafactor, CAME): after the same pre-pass,
+    /// each parameter with a gradient is stepped by the launches of `kernels/factored.cu`.
+    ///
+    /// # Errors
+    /// As [`Self::step`]; a state made for another rule (momentum, statistics) or an
+    /// elementwise optimizer's state (naming the parameter; nothing is launched).
+    pub(crate) fn step_factored<R: FactoredCudaRule>(
+        &mut self,
+        grads: &[Option<(&Tensor, R)>],
+        max_grad_norm: Option<f64>,
+    ) -> Result<()> {
+        on_device!(&mut self.0, s => s.step_factored(grads, max_grad_norm))
     }
 
     /// Bytes the device state buffers hold (codes, scales and f32 values), as

@@ -8,10 +8,9 @@ use candle_bnb_kernels::ParamState;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result};
 
-use super::{Elementwise, Placement, StepConfig, TrackedParams, TrackedState};
+use super::{Placement, StepConfig, TrackedParams, TrackedState};
 use crate::cuda::CudaOptimizerState;
 use crate::{NonFinitePolicy, Settings};
-use candle_bnb_kernels::CudaRule;
 
 impl TrackedParams {
     /// The device state (the caller checked the placement).
@@ -84,15 +83,21 @@ impl TrackedParams {
     }
 
     /// The CUDA step: the pre-pass, clipping and every update run on the device (see
-    /// `CudaOptimizerState`). The last step's outcome is read first, so the
-    /// rules are built from exact step counts; that read finds the device long done in a
-    /// training loop. `NonFinitePolicy::Error` waits for this step's pre-pass to report.
+    /// `CudaOptimizerState`); `launch` issues them with each parameter's gradient and rule. The
+    /// last step's outcome is read first, so the rules are built from exact step counts; that
+    /// read finds the device long done in a training loop. `NonFinitePolicy::Error` waits for
+    /// this step's pre-pass to report.
     #[cfg(any(feature = "cuda", feature = "emulator"))]
-    pub(super) fn step_cuda<R: CudaRule, C: StepConfig<Rule = Elementwise<R>>>(
+    pub(super) fn step_cuda<C: StepConfig>(
         &mut self,
         grads: &GradStore,
         handling: &Settings,
         params: &[C],
+        launch: impl FnOnce(
+            &mut CudaOptimizerState,
+            Vec<Option<(&candle_core::Tensor, C::Rule)>>,
+            Option<f64>,
+        ) -> Result<()>,
     ) -> Result<()> {
         use crate::cuda::CudaStepOutcome;
         self.settle_cuda_outcome(true)?;
@@ -105,19 +110,18 @@ impl TrackedParams {
             unreachable!("the caller checked the placement")
         };
         device.set_percentiles(&percentiles)?;
-        let inputs: Vec<Option<(&candle_core::Tensor, R)>> = self
+        let inputs: Vec<Option<(&candle_core::Tensor, C::Rule)>> = self
             .params
             .iter()
             .enumerate()
             .map(|(i, slot)| {
                 grads
                     .get(&slot.var)
-                    .map(|g| (g, params[i].rule(slot.steps + 1).0))
+                    .map(|g| (g, params[i].rule(slot.steps + 1)))
             })
             .collect();
         let skip = handling.non_finite == NonFinitePolicy::Skip;
-        device
-            .step(&inputs, handling.max_grad_norm)
+        launch(device, inputs, handling.max_grad_norm)
             .map_err(|e| e.context("CUDA optimizer step"))?;
         if !skip {
             // NonFinitePolicy::Error: this step's outcome decides what `step` returns. A refused
@@ -187,9 +191,7 @@ impl TrackedParams {
 fn placeholder(state: &ParamState) -> Result<ParamState> {
     Ok(match state {
         ParamState::F32(s) => ParamState::F32(vec![Vec::new(); s.len()]),
-        ParamState::Factored(_) => {
-            bail!("factored optimizer states (Adafactor, CAME) cannot move to a CUDA device yet")
-        }
+        ParamState::Factored(f) => ParamState::Factored(f.kind_only()),
         ParamState::Blockwise(s) => ParamState::Blockwise(
             s.iter()
                 .map(|s| {

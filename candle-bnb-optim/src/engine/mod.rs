@@ -132,11 +132,6 @@ impl TrackedParams {
         match this.params.first().map(|s| s.var.device().clone()) {
             None | Some(candle_core::Device::Cpu) => {}
             #[cfg(feature = "cuda")]
-            Some(candle_core::Device::Cuda(_)) if !R::CUDA => bail!(
-                "this optimizer has no CUDA kernels yet (Adafactor and CAME step on the CPU only); the parameters are on {:?}",
-                this.params[0].var.device().location()
-            ),
-            #[cfg(feature = "cuda")]
             Some(candle_core::Device::Cuda(dev)) => {
                 let percentile: Vec<u32> = (0..this.params.len()).map(|i| setup(i).2).collect();
                 this.move_to_device(&dev, &percentile)?;

@@ -4,7 +4,7 @@
 
 use candle_bnb_kernels::{
     check_factored_update, check_fused_update, factored_update, fused_update, CudaRule,
-    FactoredRule, FactoredState, Factoring, ParamState, ScaledGrad,
+    FactoredCudaRule, FactoredState, Factoring, ParamState, ScaledGrad,
 };
 use candle_core::{bail, Result, Tensor};
 
@@ -31,9 +31,6 @@ pub struct StateSize {
 /// A parameter's rule for one step, of either kind: how its state is made, sized, checked and
 /// stepped on the CPU. Sealed in effect (only this crate names it).
 pub trait StepRule: Clone + Send + Sync + 'static {
-    /// Whether the rule has CUDA kernels (its optimizer's state may live on a CUDA device).
-    const CUDA: bool;
-
     /// A fresh state for a parameter of shape `dims`.
     fn initial_state(&self, dims: &[usize], layout: StateLayout) -> Result<ParamState>;
 
@@ -70,13 +67,11 @@ pub trait StepRule: Clone + Send + Sync + 'static {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Elementwise<R>(pub R);
 
-/// A factored rule ([`FactoredRule`]): row and column statistics and an optional momentum.
+/// A factored rule ([`FactoredRule`](candle_bnb_kernels::FactoredRule)): row and column statistics and an optional momentum.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Factored<R>(pub R);
 
 impl<R: CudaRule + Sync> StepRule for Elementwise<R> {
-    const CUDA: bool = true;
-
     fn initial_state(&self, dims: &[usize], layout: StateLayout) -> Result<ParamState> {
         let n = dims.iter().product();
         if layout.quantizes(n) {
@@ -121,13 +116,17 @@ impl<R: CudaRule + Sync> StepRule for Elementwise<R> {
         handling: &Settings,
         params: &[C],
     ) -> Result<()> {
-        tracked.step_cuda(grads, handling, params)
+        tracked.step_cuda(grads, handling, params, |device, inputs, max_grad_norm| {
+            let inputs: Vec<_> = inputs
+                .into_iter()
+                .map(|e| e.map(|(g, rule)| (g, rule.0)))
+                .collect();
+            device.step(&inputs, max_grad_norm)
+        })
     }
 }
 
-impl<R: FactoredRule + 'static> StepRule for Factored<R> {
-    const CUDA: bool = false;
-
+impl<R: FactoredCudaRule> StepRule for Factored<R> {
     fn initial_state(&self, dims: &[usize], layout: StateLayout) -> Result<ParamState> {
         let n = dims.iter().product();
         let block_size = layout.quantizes(n).then_some(layout.block_size);
@@ -176,17 +175,22 @@ impl<R: FactoredRule + 'static> StepRule for Factored<R> {
         let ParamState::Factored(state) = state else {
             bail!("a factored optimizer's parameter holds an elementwise optimizer's state")
         };
-        factored_update(&ScaledGrad::new(self.0.clone(), scale), param, grad, state)
+        factored_update(&ScaledGrad::new(self.0, scale), param, grad, state)
     }
 
     #[cfg(any(feature = "cuda", feature = "emulator"))]
     fn step_on_device<C: StepConfig<Rule = Self>>(
-        _: &mut TrackedParams,
-        _: &GradStore,
-        _: &Settings,
-        _: &[C],
+        tracked: &mut TrackedParams,
+        grads: &GradStore,
+        handling: &Settings,
+        params: &[C],
     ) -> Result<()> {
-        // Construction and `emulate_cuda` refuse to move such a state to a device.
-        bail!("factored optimizers (Adafactor, CAME) have no CUDA kernels yet")
+        tracked.step_cuda(grads, handling, params, |device, inputs, max_grad_norm| {
+            let inputs: Vec<_> = inputs
+                .into_iter()
+                .map(|e| e.map(|(g, rule)| (g, rule.0)))
+                .collect();
+            device.step_factored(&inputs, max_grad_norm)
+        })
     }
 }

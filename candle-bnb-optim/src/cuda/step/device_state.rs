@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 
 use candle_core::{bail, Result};
 
+use super::factored::FactoredDeviceState;
 use super::StepState;
 use candle_bnb_kernels::cuda::Backend;
 use candle_bnb_kernels::slot_table::CUDA_GRAD_NORM_HISTORY;
@@ -19,6 +20,8 @@ pub(super) enum DeviceState<B: Backend> {
         maps: Vec<QuantMap>,
         block_size: usize,
     },
+    /// A factored optimizer's statistics and momentum.
+    Factored(FactoredDeviceState<B>),
 }
 
 impl<B: Backend> StepState<B> {
@@ -90,6 +93,9 @@ impl<B: Backend> StepState<B> {
                         }
                     }
                 }
+                (ParamState::Factored(s), DeviceState::Factored(d)) => {
+                    d.copy_from(&self.backend, s)?
+                }
                 _ => unreachable!("layouts checked above"),
             }
         }
@@ -131,6 +137,7 @@ impl<B: Backend> StepState<B> {
                                 && s.map().values() == m.values()
                         })
                 }
+                (ParamState::Factored(s), DeviceState::Factored(d)) => d.same_kind(s),
                 _ => false,
             };
             if !same {
@@ -193,6 +200,7 @@ impl<B: Backend> StepState<B> {
                         })
                         .collect::<Result<_>>()?,
                 ),
+                DeviceState::Factored(d) => ParamState::Factored(d.download(&self.backend)?),
             };
             let c = count[i] as usize;
             let m = c.min(CUDA_GRAD_NORM_HISTORY);
@@ -209,6 +217,7 @@ impl<B: Backend> StepState<B> {
         match &self.states[i] {
             DeviceState::F32(s) => s.len(),
             DeviceState::Blockwise { codes, .. } => codes.len(),
+            DeviceState::Factored(d) => d.has_momentum() as usize,
         }
     }
 }
@@ -228,6 +237,8 @@ pub(super) fn state_addresses<B: Backend>(dev: &B, state: &DeviceState<B>) -> ([
                 a[k] = dev.address(m);
             }
         }
+        // Its slots take the addresses from the state itself.
+        DeviceState::Factored(_) => {}
     }
     (s, a)
 }
@@ -240,8 +251,8 @@ pub(super) fn upload_state<B: Backend>(
 ) -> Result<DeviceState<B>> {
     // cuMemAlloc refuses 0 bytes: empty parameters get one-element buffers they never touch.
     Ok(match state {
-        ParamState::Factored(_) => {
-            bail!("{what}: factored optimizer states (Adafactor, CAME) have no CUDA kernels yet")
+        ParamState::Factored(s) => {
+            DeviceState::Factored(FactoredDeviceState::upload(dev, n, s, what)?)
         }
         ParamState::F32(s) => {
             if let Some(k) = s.iter().position(|s| s.len() != n) {

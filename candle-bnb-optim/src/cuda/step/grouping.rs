@@ -31,6 +31,8 @@ pub(super) fn group_params<B: Backend>(
     let mut groups: Vec<Group<B>> = Vec::new();
     for (i, (p, state)) in params.iter().zip(states).enumerate() {
         let (quantized, n_states, block_size, maps) = match state {
+            // Stepped one by one (factored.cu), not in groups.
+            DeviceState::Factored(_) => continue,
             DeviceState::F32(d) => (false, d.len(), F32_TILE_BLOCK, &[][..]),
             DeviceState::Blockwise {
                 codes,

@@ -6,6 +6,7 @@
 //! kind.
 
 mod device_state;
+mod factored;
 mod grouping;
 mod launch;
 mod outcome;
@@ -84,6 +85,8 @@ pub(crate) struct StepState<B: Backend> {
     /// `outcome_after` of the last record the host has seen complete.
     seen_after: Option<u64>,
     staging: Option<Staging<B>>,
+    /// The scratch buffers of factored parameters' steps (when there are such parameters).
+    factored: Option<factored::FactoredBuffers<B>>,
 }
 
 impl<B: Backend> StepState<B> {
@@ -120,6 +123,7 @@ impl<B: Backend> StepState<B> {
             states.push(upload_state(dev, p.param.elem_count(), p.state, &what)?);
         }
         let groups = group_params(dev, params, &states)?;
+        let factored = factored::FactoredBuffers::new(dev, params, &states)?;
         let state_ptrs = states.iter().map(|s| state_addresses(dev, s)).collect();
         let n = params.len().max(1);
         // Padded to one entry: CUDA refuses empty allocations.
@@ -144,6 +148,7 @@ impl<B: Backend> StepState<B> {
             outcome_after: 0,
             seen_after: None,
             staging: None,
+            factored,
             backend,
         };
         let norms: Vec<&VecDeque<f64>> = params.iter().map(|p| p.grad_norms).collect();
@@ -157,23 +162,66 @@ impl<B: Backend> StepState<B> {
         grads: &[Option<(&Tensor, R)>],
         max_grad_norm: Option<f64>,
     ) -> Result<()> {
-        if grads.len() != self.params.len() {
+        self.check_grad_count(grads.len())?;
+        for (i, entry) in grads.iter().enumerate() {
+            let Some((_, rule)) = entry else { continue };
+            if let DeviceState::Factored { .. } = self.states[i] {
+                bail!("CUDA step: parameter {i} holds a factored optimizer's state")
+            }
+            let n_states = self.n_states(i);
+            if rule.signed_states().len() != n_states {
+                bail!(
+                    "CUDA step: gradient of parameter {i}: the rule keeps {} states per element, the state has {n_states}",
+                    rule.signed_states().len()
+                )
+            }
+        }
+        let inputs = self.prepare(grads.iter().map(|e| e.as_ref().map(|(g, _)| *g)))?;
+        let tables = self.write_and_copy_tables(
+            grads,
+            &inputs.with_grad,
+            &inputs.grad_address,
+            &inputs.param_address,
+        )?;
+        self.launch_prepass(inputs.with_grad.len(), tables.total_chunks, max_grad_norm)?;
+        // From here the pre-pass has run (history, clipping scales): the outcome is pending even
+        // if a later launch fails.
+        self.pending = Some(inputs.with_grad.clone());
+        for (g, table) in tables.groups.iter().enumerate() {
+            self.launch_group::<R>(g, table)?;
+        }
+        // The gradients copied to be contiguous are freed in stream order, after the kernels.
+        drop(inputs);
+        Ok(())
+    }
+
+    /// One entry per parameter, or an error naming both counts.
+    fn check_grad_count(&self, count: usize) -> Result<()> {
+        if count != self.params.len() {
             bail!(
-                "CUDA step: {} gradients for {} parameters",
-                grads.len(),
+                "CUDA step: {count} gradients for {} parameters",
                 self.params.len()
             )
         }
-        // Checks and addresses first: nothing is launched unless every gradient is usable.
-        let mut with_grad: Vec<usize> = Vec::with_capacity(self.params.len());
-        let mut grad_address = vec![0u64; self.params.len()];
-        let mut param_address = vec![0u64; self.params.len()];
-        // The gradients copied to be contiguous, and what keeps every address valid until the
-        // launches are issued.
-        let mut contiguous: Vec<Tensor> = Vec::new();
-        let mut holds: Vec<B::Hold> = Vec::with_capacity(2 * self.params.len());
-        for (i, entry) in grads.iter().enumerate() {
-            let Some((grad, rule)) = entry else { continue };
+        Ok(())
+    }
+
+    /// Checks each gradient against its parameter (shape, dtype, device) and takes the device
+    /// addresses of both; nothing is launched unless every gradient is usable.
+    fn prepare<'a>(
+        &self,
+        grads: impl Iterator<Item = Option<&'a Tensor>>,
+    ) -> Result<StepInputs<B>> {
+        let n = self.params.len();
+        let mut inputs = StepInputs {
+            with_grad: Vec::with_capacity(n),
+            grad_address: vec![0u64; n],
+            param_address: vec![0u64; n],
+            contiguous: Vec::new(),
+            holds: Vec::with_capacity(2 * n),
+        };
+        for (i, grad) in grads.enumerate() {
+            let Some(grad) = grad else { continue };
             let param = &self.params[i];
             let what = format!("CUDA step: gradient of parameter {i}");
             if grad.dims() != param.dims() || grad.dtype() != param.dtype() {
@@ -185,42 +233,24 @@ impl<B: Backend> StepState<B> {
                     param.dtype()
                 )
             }
-            let n_states = self.n_states(i);
-            if rule.signed_states().len() != n_states {
-                bail!(
-                    "{what}: the rule keeps {} states per element, the state has {n_states}",
-                    rule.signed_states().len()
-                )
-            }
             let (address, hold) = if grad.is_contiguous() {
                 self.backend.tensor_address(grad, &what)?
             } else {
                 let g = grad.contiguous()?;
                 let a = self.backend.tensor_address(&g, &what)?;
-                contiguous.push(g);
+                inputs.contiguous.push(g);
                 a
             };
-            grad_address[i] = address;
-            holds.push(hold);
+            inputs.grad_address[i] = address;
+            inputs.holds.push(hold);
             let (address, hold) = self
                 .backend
                 .tensor_address(param, &format!("CUDA step: parameter {i}"))?;
-            param_address[i] = address;
-            holds.push(hold);
-            with_grad.push(i);
+            inputs.param_address[i] = address;
+            inputs.holds.push(hold);
+            inputs.with_grad.push(i);
         }
-        let tables =
-            self.write_and_copy_tables(grads, &with_grad, &grad_address, &param_address)?;
-        self.launch_prepass(with_grad.len(), tables.total_chunks, max_grad_norm)?;
-        // From here the pre-pass has run (history, clipping scales): the outcome is pending even
-        // if a later launch fails.
-        self.pending = Some(with_grad);
-        for (g, table) in tables.groups.iter().enumerate() {
-            self.launch_group::<R>(g, table)?;
-        }
-        // The gradients copied to be contiguous are freed in stream order, after the kernels.
-        drop((contiguous, holds));
-        Ok(())
+        Ok(inputs)
     }
 
     /// As [`CudaOptimizerState::state_bytes`](super::CudaOptimizerState::state_bytes).
@@ -235,10 +265,22 @@ impl<B: Backend> StepState<B> {
                     DeviceState::Blockwise {
                         codes, block_size, ..
                     } => codes.len() * (n + n.div_ceil(*block_size) * 4),
+                    DeviceState::Factored(f) => f.bytes(n),
                 }
             })
             .sum()
     }
+}
+
+/// What a step launches with: the parameters with a gradient (in order), the device addresses
+/// of every gradient and parameter (0 without a gradient), and what keeps them valid until the
+/// launches are issued (gradients copied to be contiguous, the backend's holds).
+struct StepInputs<B: Backend> {
+    with_grad: Vec<usize>,
+    grad_address: Vec<u64>,
+    param_address: Vec<u64>,
+    contiguous: Vec<Tensor>,
+    holds: Vec<B::Hold>,
 }
 
 impl<B: Backend> Drop for StepState<B> {

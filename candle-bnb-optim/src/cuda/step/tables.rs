@@ -40,18 +40,11 @@ pub(super) struct Staging<B: Backend> {
 }
 
 impl<B: Backend> StepState<B> {
-    /// Writes the grad-slot table and every group's slot table into the next pinned staging
-    /// buffer and copies it to the device (stream-ordered, no wait). Returns where each group's
-    /// table is and what it covers, for the launches.
-    pub(super) fn write_and_copy_tables<R: CudaRule>(
-        &mut self,
-        grads: &[Option<(&Tensor, R)>],
-        with_grad: &[usize],
-        grad_address: &[u64],
-        param_address: &[u64],
-    ) -> Result<Tables> {
+    /// Makes sure the staging buffers hold at least `bytes` (allocated once, or again for a
+    /// larger table) and that the next one is free to write.
+    pub(super) fn ready_staging(&mut self, bytes: usize) -> Result<()> {
         // At least one byte: CUDA refuses empty allocations (a state without parameters).
-        let bytes = ((GRAD_SLOT_BYTES + slot_bytes::<R>()) * self.params.len()).max(1);
+        let bytes = bytes.max(1);
         if self.staging.as_ref().is_none_or(|s| s.bytes < bytes) {
             // First step (or a rule with a larger struct): allocated once.
             if let Some(old) = &self.staging {
@@ -72,30 +65,45 @@ impl<B: Backend> StepState<B> {
                 bytes,
             });
         }
-        let dev = &self.backend;
-        let staging = self.staging.as_mut().expect("allocated above");
+        let staging = self.staging.as_ref().expect("allocated above");
         // This buffer was last copied from two table copies ago. When the host has seen an
         // outcome recorded after the latest copy (the optimizers read step t - 1's outcome
         // before building step t's rules), every copy is known to be done and it need not ask.
         if self.seen_after != Some(self.table_copies) {
-            dev.wait_event(&staging.copied[staging.next])?;
+            self.backend.wait_event(&staging.copied[staging.next])?;
         }
+        Ok(())
+    }
+
+    /// Copies the staging buffer just written to the device (stream-ordered, no wait) and
+    /// records its event.
+    pub(super) fn send_staging(&mut self) -> Result<()> {
+        let dev = &self.backend;
+        let staging = self.staging.as_mut().expect("written before sent");
+        let (buffers, device) = (&staging.buffers, &mut staging.device);
+        self.table_copies += 1;
+        dev.copy_from_pinned(&buffers[staging.next], device)?;
+        dev.record(&staging.copied[staging.next])?;
+        staging.next = 1 - staging.next;
+        Ok(())
+    }
+
+    /// Writes the grad-slot table and every group's slot table into the next pinned staging
+    /// buffer and copies it to the device (stream-ordered, no wait). Returns where each group's
+    /// table is and what it covers, for the launches.
+    pub(super) fn write_and_copy_tables<R: CudaRule>(
+        &mut self,
+        grads: &[Option<(&Tensor, R)>],
+        with_grad: &[usize],
+        grad_address: &[u64],
+        param_address: &[u64],
+    ) -> Result<Tables> {
+        self.ready_staging((GRAD_SLOT_BYTES + slot_bytes::<R>()) * self.params.len())?;
+        let dev = &self.backend;
+        let staging = self.staging.as_mut().expect("allocated by ready_staging");
         let host = dev.pinned_mut(&mut staging.buffers[staging.next])?;
         let mut w = TableWriter::new(host);
-        let mut first_chunk = 0u64;
-        for &i in with_grad {
-            let param = &self.params[i];
-            let n = param.elem_count() as u64;
-            w.grad_slot(&GradSlot {
-                grad: grad_address[i],
-                n,
-                first_chunk,
-                dtype: dtype_code(param.dtype())?,
-                index: i as u32,
-            });
-            first_chunk += n.div_ceil(NORM_CHUNK as u64);
-        }
-        w.seek(GRAD_SLOT_BYTES * self.params.len());
+        let total_chunks = write_grad_slots(&mut w, &self.params, with_grad, grad_address)?;
         let mut groups = Vec::with_capacity(self.groups.len());
         for group in &self.groups {
             let offset = w.position();
@@ -124,14 +132,9 @@ impl<B: Backend> StepState<B> {
                 total_blocks: first_block,
             });
         }
-        let staging = self.staging.as_mut().expect("allocated above");
-        let (buffers, device) = (&staging.buffers, &mut staging.device);
-        self.table_copies += 1;
-        dev.copy_from_pinned(&buffers[staging.next], device)?;
-        dev.record(&staging.copied[staging.next])?;
-        staging.next = 1 - staging.next;
+        self.send_staging()?;
         Ok(Tables {
-            total_chunks: first_chunk,
+            total_chunks,
             groups,
         })
     }
@@ -143,4 +146,29 @@ impl<B: Backend> StepState<B> {
             .expect("tables written before launches");
         self.backend.address(&staging.device) + offset as u64
     }
+}
+
+/// Writes the pre-pass's `GradSlot` of each parameter in `with_grad` and moves `w` past the
+/// grad-slot table (room for every parameter); returns the chunks over those gradients.
+pub(super) fn write_grad_slots(
+    w: &mut TableWriter<'_>,
+    params: &[Tensor],
+    with_grad: &[usize],
+    grad_address: &[u64],
+) -> Result<u64> {
+    let mut first_chunk = 0u64;
+    for &i in with_grad {
+        let param = &params[i];
+        let n = param.elem_count() as u64;
+        w.grad_slot(&GradSlot {
+            grad: grad_address[i],
+            n,
+            first_chunk,
+            dtype: dtype_code(param.dtype())?,
+            index: i as u32,
+        });
+        first_chunk += n.div_ceil(NORM_CHUNK as u64);
+    }
+    w.seek(GRAD_SLOT_BYTES * params.len());
+    Ok(first_chunk)
 }
