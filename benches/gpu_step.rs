@@ -1,5 +1,6 @@
 //! One 8-bit AdamW step over LLaMA-7B's tensor shapes on a CUDA GPU, next to a device-to-device
-//! copy of the same bytes and to `candle_nn::AdamW`, in one run (issue 5).
+//! copy of the same bytes, to a CAME8bit step and to `candle_nn::AdamW`, in one run (issue 5;
+//! CAME8bit: issue 16).
 //!
 //! ```text
 //! cargo bench --features cuda --bench gpu_step -- [--dtype bf16|f32|both] [--layers 32]
@@ -39,7 +40,7 @@ mod cuda_bench {
     use std::io::Write;
     use std::time::Instant;
 
-    use candle_bnb::optim::{AdamW8bit, AdamW8bitConfig};
+    use candle_bnb::optim::{AdamW8bit, AdamW8bitConfig, CAME8bit, CAME8bitConfig};
     use candle_core::backprop::GradStore;
     use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
     use candle_core::cuda_backend::cudarc::driver::CudaEvent;
@@ -272,6 +273,35 @@ mod cuda_bench {
             );
             ms
         };
+        {
+            // CAME8bit over the same tensors: its minimum bytes read p, g and the 1-byte
+            // momentum and write p and the momentum (the statistics are O(rows + cols)).
+            let (vars, grads) = setup(device, &shapes, dtype)?;
+            let came = CAME8bitConfig {
+                lr: 1e-4,
+                ..Default::default()
+            };
+            let mut opt = CAME8bit::new(vars.clone(), came)?;
+            let (came_ms, host_ms) = time(dev, args.steps, || opt.step(&grads))?;
+            let came_bytes = params * (3 * size + 2) + blocks * 2 * 4;
+            let gbps = came_bytes as f64 / (came_ms * 1e6);
+            print_row(
+                &Row {
+                    what: format!("candle-bnb CAME8bit ({dtype:?})"),
+                    params,
+                    ms: came_ms,
+                    host_ms,
+                    gbps,
+                    vs_copy: gbps / copy_gbps,
+                    note: format!(
+                        "{:.2}x AdamW8bit's time; state {:.2} GB",
+                        came_ms / ms,
+                        opt.state_bytes() as f64 / 1e9
+                    ),
+                },
+                table,
+            );
+        }
         if args.candle_layers > 0 {
             let shapes = self::shapes(args.candle_layers, false);
             let (vars, grads) = setup(device, &shapes, dtype)?;

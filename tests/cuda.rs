@@ -764,14 +764,17 @@ fn normalized(trace: &[DeviceOp]) -> Vec<DeviceOp> {
 /// (`kernels/README.md`). The test pins that known gap: it fails when the gap closes, or when
 /// anything else non-capturable appears.
 macro_rules! warm_steps_are_quiet {
-    ($ty:ty, $cfg:expr, $rng:expr) => {{
+    ($ty:ty, $cfg:expr, $rng:expr) => {
+        warm_steps_are_quiet!($ty, $cfg, $rng, twin_params, random_grads)
+    };
+    ($ty:ty, $cfg:expr, $rng:expr, $twins:expr, $grads:expr) => {{
         let emu = Emulator::new();
         let target = Target::Emulated(emu.clone());
-        let (_, vars) = twin_params($rng, &target, DType::BF16);
+        let (_, vars) = $twins($rng, &target, DType::BF16);
         let mut opt = optimizer_on!($ty, &target, vars.clone(), $cfg);
         let mut steps: Vec<Vec<DeviceOp>> = Vec::new();
         for _ in 0..5 {
-            let g = random_grads($rng, DType::BF16);
+            let g = $grads($rng, DType::BF16);
             let grads = grads_for(&vars, &g, None);
             emu.take_trace();
             opt.step(&grads).unwrap();
@@ -842,6 +845,17 @@ fn a_warm_step_allocates_nothing_waits_for_nothing_and_repeats_itself() {
     };
     warm_steps_are_quiet!(AdamW8bit, adamw, rng);
     warm_steps_are_quiet!(LAMB8bit, Default::default(), rng);
+    let came = candle_bnb::optim::CAMEConfig {
+        lr: 1e-3,
+        ..Default::default()
+    };
+    warm_steps_are_quiet!(
+        candle_bnb::optim::CAME8bit,
+        came,
+        rng,
+        factored_twins,
+        factored_grads
+    );
 }
 
 /// `NonFinitePolicy::Error` must learn each step's outcome before `step` returns: its one

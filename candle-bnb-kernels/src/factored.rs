@@ -451,6 +451,26 @@ mod tests {
     }
 
     #[test]
+    fn a_kind_only_state_keeps_the_kind_and_is_never_stepped() {
+        let mut state = FactoredState::new(&came(), &[4, 6], Some(64)).unwrap();
+        let param = Tensor::ones((4, 6), DType::F32, &Device::Cpu).unwrap();
+        factored_update(&came(), &param, &param.clone(), &mut state).unwrap();
+        let mut kind = state.kind_only();
+        assert_eq!(kind.factoring(), state.factoring());
+        assert_eq!(kind.stats(), state.stats());
+        let Some(Momentum::Blockwise(q)) = kind.momentum() else {
+            panic!("the momentum's kind is lost")
+        };
+        assert_eq!((q.len(), q.block_size()), (0, 64));
+        let before = param.to_vec2::<f32>().unwrap();
+        let err = factored_update(&came(), &param, &param.clone(), &mut kind)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("momentum holds 0 values"), "{err}");
+        assert_eq!(param.to_vec2::<f32>().unwrap(), before);
+    }
+
+    #[test]
     fn from_parts_checks_counts_lengths_and_values() {
         let f = Factoring::of(&[2, 3]);
         let err = FactoredState::from_parts(f, vec![vec![0.0; 3], vec![0.0; 3]], None)

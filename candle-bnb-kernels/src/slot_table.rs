@@ -322,7 +322,8 @@ impl TableWriter<'_> {
 mod tests {
     use super::*;
     use crate::{
-        AdEMAMixRule, AdagradRule, AdamRule, LambRule, LarsRule, LionRule, RmspropRule, SgdRule,
+        AdEMAMixRule, AdafactorRule, AdagradRule, AdamRule, CameRule, LambRule, LarsRule, LionRule,
+        RmspropRule, SgdRule,
     };
 
     /// `sizeof(Slot<Rule>)` as the CUDA compiler lays it out (fused.cu static_asserts 128 for
@@ -337,6 +338,95 @@ mod tests {
         assert_eq!(slot_bytes::<RmspropRule>(), 120);
         assert_eq!(slot_bytes::<AdagradRule>(), 104);
         assert_eq!(slot_bytes::<AdEMAMixRule>(), 136);
+        // factored.cu static_asserts these two.
+        assert_eq!(factored_slot_bytes::<AdafactorRule>(), 240);
+        assert_eq!(factored_slot_bytes::<CameRule>(), 232);
+    }
+
+    #[test]
+    fn factored_slot_fields_land_at_the_documented_offsets() {
+        let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        let rule = CameRule::new(1e-3, (1e-30, 1e-16), 1.0, (0.9, 0.999, 0.9999), 0.0);
+        let layout = FactoredLayout::of(Factoring::of(&[3, 17, 9]), Some(64));
+        let mut buf = vec![0xAAu8; factored_slot_bytes::<CameRule>()];
+        let mut w = TableWriter::new(&mut buf);
+        w.factored_slot(&FactoredSlot {
+            param: 0x10,
+            grad: 0x20,
+            stats: [0x30, 0x31, 0x32, 0x33],
+            momentum: 0x40,
+            absmax: 0x50,
+            layout,
+            momentum_kind: MomentumKind::Blockwise,
+            block_size: 64,
+            scale_index: 7,
+            scratch: FactoredScratch {
+                row_sums: 0x60,
+                row_squares: 0x61,
+                col_partials: 0x62,
+                means: 0x63,
+                row_factors: 0x64,
+                col_factors: 0x65,
+                scalars: 0x66,
+            },
+            rule: &rule,
+        });
+        assert_eq!(w.position(), buf.len());
+        let offsets: [(usize, u64); 22] = [
+            (0, 0x10),
+            (8, 0x20),
+            (16, 0x30),
+            (40, 0x33),
+            (48, 0x40),
+            (56, 0x50),
+            (64, 3),
+            (72, 17),
+            (80, 9),
+            (88, 459),
+            (96, layout.task_elems as u64),
+            (104, 64),
+            (112, 7),
+            (128, 0x60),
+            (136, 0x61),
+            (144, 0x62),
+            (152, 0x63),
+            (160, 0x64),
+            (168, 0x65),
+            (176, 0x66),
+            (
+                184,
+                u64::from_le_bytes(rule.as_bytes()[..8].try_into().unwrap()),
+            ),
+            (
+                184 + 40,
+                u64::from(u32::from_le_bytes(
+                    rule.as_bytes()[40..44].try_into().unwrap(),
+                )),
+            ),
+        ];
+        for (o, want) in &offsets[..21] {
+            assert_eq!(u64_at(&buf, *o), *want, "offset {o}");
+        }
+        assert_eq!(u32_at(&buf, 224), offsets[21].1 as u32);
+        assert_eq!((u32_at(&buf, 120), u32_at(&buf, 124)), (2, 1));
+    }
+
+    /// The tasks and scratch of a factored parameter: the CPU's task cut (whole rows and 8-bit
+    /// blocks), one column partial per task, matrix touched and column.
+    #[test]
+    fn factored_layouts_follow_the_cpu_tasks() {
+        let m = FactoredLayout::of(Factoring::of(&[2, 130, 300]), None);
+        assert_eq!((m.task_elems, m.tasks), (65_400, 2));
+        // 218 rows per task touch at most 3 matrices of 130 rows.
+        assert_eq!(m.scratch_lens(), [260, 260, 2 * 3 * 300, 2, 260, 600]);
+        let q = FactoredLayout::of(Factoring::of(&[65, 70]), Some(256));
+        // lcm(70, 256) = 8960 elements per unit, one task over 4550 elements.
+        assert_eq!((q.task_elems, q.tasks), (8960 * 7, 1));
+        let v = FactoredLayout::of(Factoring::of(&[5000]), Some(64));
+        assert!(!v.factored);
+        assert_eq!((v.cols, v.task_elems, v.tasks), (5000, 65_536, 1));
+        assert_eq!(v.scratch_lens(), [1, 1, 0, 0, 0, 0]);
     }
 
     #[test]

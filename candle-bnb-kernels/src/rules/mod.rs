@@ -249,6 +249,35 @@ mod layout_tests {
         assert_eq!(size_of::<RmspropRule>(), 28);
         assert_eq!(size_of::<AdagradRule>(), 16);
         assert_eq!(size_of::<AdEMAMixRule>(), 48);
+        assert_eq!(size_of::<AdafactorRule>(), 52);
+        assert_eq!(size_of::<CameRule>(), 44);
+    }
+
+    /// The factored rules' bytes in the order kernels/rules/{adafactor,came}.cuh declares them.
+    #[test]
+    fn factored_rules_lay_out_their_fields_in_order() {
+        let f = |b: &[u8], k: usize| f32::from_le_bytes(b[4 * k..4 * k + 4].try_into().unwrap());
+        let u = |b: &[u8], k: usize| u32::from_le_bytes(b[4 * k..4 * k + 4].try_into().unwrap());
+        let size = AdafactorStepSize::Fixed(0.25);
+        let ada = AdafactorRule::new(4, size, (1e-30, 1e-3), 1.5, -0.8, Some(0.9), 0.125, true);
+        let b = ada.as_bytes();
+        assert_eq!(b.len(), 52);
+        // eps1, beta2, 1 - beta2, clip, rho, eps2, beta1, 1 - beta1, wd, alpha, -wd·alpha.
+        assert_eq!(f(b, 0), 1e-30);
+        assert_eq!(f(b, 2), 4f64.powf(-0.8) as f32);
+        assert_eq!((f(b, 3), f(b, 4), f(b, 5)), (1.5, 0.25, 1e-3));
+        assert_eq!((f(b, 6), f(b, 8), f(b, 9)), (0.9, 0.125, 0.25));
+        assert_eq!(f(b, 10), -(0.125f32 * 0.25));
+        assert_eq!((u(b, 11), u(b, 12)), (1, 1));
+        let came = CameRule::new(2e-4, (1e-30, 1e-16), 1.0, (0.9, 0.999, 0.9999), 0.5);
+        let b = came.as_bytes();
+        assert_eq!(b.len(), 44);
+        // eps1, beta2, 1 - beta2, clip, eps2, beta1, 1 - beta1, beta3, 1 - beta3, lr, -wd·lr.
+        assert_eq!((f(b, 1), f(b, 4), f(b, 5)), (0.999, 1e-16, 0.9));
+        assert_eq!(
+            (f(b, 7), f(b, 9), f(b, 10)),
+            (0.9999, 2e-4, -(0.5 * 2e-4) as f32)
+        );
     }
 
     /// No padding: a rule's bytes are its fields' bytes (what `CudaRule::as_bytes` relies on).

@@ -27,7 +27,10 @@ pub(crate) use step::{CudaParam, CudaStepOutcome};
 /// A step is, on the device's stream, in this order: one copy of the slot tables from pinned
 /// host memory, `bnb_sum_squares`, `bnb_prepass_finish`, an 8-byte copy of the skip flag into
 /// pinned host memory, and per group of parameters (same dtype, state precision, state count,
-/// block size and maps) the layer-wise passes when the rule has them and one fused launch. The
+/// block size and maps) the layer-wise passes when the rule has them and one fused launch; for
+/// a factored optimizer (Adafactor, CAME; [`CudaOptimizerState::step_factored`]) instead, per
+/// parameter with a gradient, the launches of `kernels/factored.cu` (3 to 15), which share
+/// scratch buffers allocated with the state. The
 /// host never waits for the device inside a step: the pre-pass's outcome (taken or skipped) is
 /// read at the start of the next step, when it is long known (see
 /// [`CudaOptimizerState::take_outcome`]). Every buffer is allocated at construction or on the

@@ -1,6 +1,6 @@
-//! Host side of `candle_bnb_kernels`' `fused.cu` and `norms.cu`: an optimizer's state on one
-//! device, and a whole step (gradient pre-pass, layer-wise norms, fused updates of every
-//! parameter) as a handful of launches, written once over [`Backend`] (a GPU or the emulated
+//! Host side of `candle_bnb_kernels`' `fused.cu`, `factored.cu` and `norms.cu`: an optimizer's
+//! state on one device, and a whole step (gradient pre-pass, layer-wise norms, fused updates of
+//! every parameter, or the factored passes of each) as a handful of launches, written once over [`Backend`] (a GPU or the emulated
 //! device). The order of a step's operations and what the host waits for are documented on
 //! [`CudaOptimizerState`](super::CudaOptimizerState), which holds a [`StepState`] per device
 //! kind.
