@@ -127,14 +127,20 @@ pub unsafe trait CudaRule: UpdateRule + Copy + Send + 'static + sealed::Sealed {
 
     /// The rule's bytes, as the kernels read them.
     fn as_bytes(&self) -> &[u8] {
-        // SAFETY: the trait's contract: #[repr(C)], no padding, so all size_of bytes are
-        // initialised and any alignment of u8 is satisfied.
-        unsafe {
-            std::slice::from_raw_parts(
-                (self as *const Self).cast::<u8>(),
-                std::mem::size_of::<Self>(),
-            )
-        }
+        // SAFETY: the trait's contract: #[repr(C)], no padding.
+        unsafe { plain_bytes(self) }
+    }
+}
+
+/// The bytes of `value`.
+///
+/// # Safety
+/// `T` has no padding bytes (all `size_of::<T>()` bytes are initialised); any alignment of `u8`
+/// is satisfied.
+unsafe fn plain_bytes<T>(value: &T) -> &[u8] {
+    // SAFETY: as the caller promises.
+    unsafe {
+        std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
     }
 }
 
@@ -153,12 +159,7 @@ pub unsafe trait FactoredCudaRule:
     /// The rule's bytes, as the kernels read them.
     fn as_bytes(&self) -> &[u8] {
         // SAFETY: the trait's contract: #[repr(C)], no padding.
-        unsafe {
-            std::slice::from_raw_parts(
-                (self as *const Self).cast::<u8>(),
-                std::mem::size_of::<Self>(),
-            )
-        }
+        unsafe { plain_bytes(self) }
     }
 }
 
