@@ -1172,7 +1172,10 @@ fn a_device_behind_the_host_makes_the_outcome_read_wait_and_changes_nothing() {
 /// Shapes of the factored-optimizer cases: an empty matrix, vectors of one element, below and
 /// above `min_8bit_size` (5000: an 8-bit momentum), matrices whose rows are not multiples of the
 /// sum lanes, a batch, a single row, a matrix above `min_8bit_size` whose 8-bit blocks straddle
-/// rows, and a batch of two tasks whose tasks straddle its matrices (`[2, 130, 300]`).
+/// rows, a batch of two tasks whose tasks straddle its matrices (`[2, 130, 300]`), a single
+/// element as a matrix, a vector of two tasks, and a matrix wider than
+/// `DIRECT_COLUMNS_MIN` (its columns summed directly, over two tasks without an 8-bit momentum).
+/// All matrices of a dtype are one multi-tensor launch run, all vectors another.
 const FACTORED_SHAPES: &[&[usize]] = &[
     &[0, 5],
     &[1],
@@ -1183,6 +1186,9 @@ const FACTORED_SHAPES: &[&[usize]] = &[
     &[1, 4096],
     &[65, 70],
     &[2, 130, 300],
+    &[1, 1],
+    &[70_000],
+    &[2, 70_000],
 ];
 
 /// The same random parameters of [`FACTORED_SHAPES`] on the CPU and on `target`, in `dtype`.
@@ -1304,6 +1310,53 @@ fn factored_optimizers_step_on_the_device_as_on_the_cpu() {
     factored_matches_cpu!(CAME, came.clone(), rng);
     factored_matches_cpu!(CAME8bit, came, rng);
     eprintln!("emulator totals: {:?}", emulator_stats());
+}
+
+/// A gradient element whose square overflows f32 (finite, so the step is taken) turns
+/// statistics into `inf` on both devices alike; the device's state still downloads (as the
+/// CPU's is read) and matches the CPU's bit for bit.
+#[test]
+fn an_overflowed_statistic_reads_back_as_on_the_cpu() {
+    use candle_bnb::optim::{Adafactor, AdafactorConfig};
+    let test = "an_overflowed_statistic_reads_back_as_on_the_cpu";
+    let mut rng = rng(test);
+    for target in targets(test) {
+        let (cpu_vars, dev_vars) = factored_twins(&mut rng, &target, DType::F32);
+        let cfg = AdafactorConfig::default();
+        let mut cpu = Adafactor::new(cpu_vars.clone(), cfg.clone()).unwrap();
+        let mut dev = optimizer_on!(Adafactor, &target, dev_vars.clone(), cfg);
+        let mut g = factored_grads(&mut rng, DType::F32);
+        // [7] (a full statistic) and [33, 65] (factored): 3e19² > f32::MAX.
+        for (k, at) in [(2, 3), (4, 100)] {
+            let mut v = g[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v[at] = 3e19;
+            g[k] = Tensor::from_vec(v, g[k].dims(), &Device::Cpu).unwrap();
+        }
+        cpu.step(&grads_for(&cpu_vars, &g, None)).unwrap();
+        dev.step(&grads_for(&dev_vars, &g, None)).unwrap();
+        assert_eq!((dev.step_count(), dev.skipped_steps()), (1, 0));
+        let cpu_states = host_states(cpu.states().unwrap());
+        let ParamState::Factored(full) = &cpu_states[2] else {
+            panic!("a factored state")
+        };
+        assert_eq!(
+            full.stats()[0].1[3],
+            f32::INFINITY,
+            "the CPU's statistic overflowed"
+        );
+        compare_states(
+            &host_states(dev.states().unwrap()),
+            &cpu_states,
+            target.name(),
+        );
+        compare_params(
+            &values_f32(&dev_vars),
+            &values_f32(&cpu_vars),
+            DType::F32,
+            Match::Exact,
+            target.name(),
+        );
+    }
 }
 
 /// A factored optimizer's device state is saved and resumed on the CPU bit for bit (and loaded

@@ -6,20 +6,24 @@
 //  - a matrix's totals (Σp², Σu²): its rows' sums in row order (one thread, `average`,
 //    `divisor`);
 //  - a column's sum: per task (TaskLayout in cpu/factored.rs: whole rows, about 65536
-//    elements), the task's rows in order, one thread per task, matrix touched and column; then
-//    the tasks' partial sums in task order (`average`);
+//    elements), the task's rows in order; then the tasks' partial sums in task order. Either
+//    one thread per task, matrix touched and column writes the partials and `average` adds
+//    them, or (wide matrices, slot flag kDirectColumns) one thread per column does both;
 //  - a vector's totals: 8 lanes per task (8 threads), tasks in order (`divisor`).
 //
-// A parameter's step is a fixed sequence of launches on one stream (src/cuda/factored.rs
-// `launch_factored`); every launch reads the pre-pass's skip flag and gradient scale
+// Every kernel is multi-tensor: it takes a table of slots (parameters of one dtype, all
+// matrices or all vectors) and steps each in turn, the work of a slot spread over the whole
+// grid; the one-thread work (`divisor`, the scalars of `average`) takes a thread per slot.
+// A step is a fixed sequence of launches per such table on one stream (src/cuda/factored.rs
+// `launch_factored`); every launch reads the pre-pass's skip flag and gradient scales
 // (norms.cu), so nothing is read back by the host:
-//   matrix [batch, rows, cols]: rows(kStats), cols(kStats), average(0), means(0), factors(0),
+//   matrices [batch, rows, cols]: rows(kStats), cols(kStats), average(0), means(0), factors(0),
 //     rows(kSquares), divisor, factors(0); then Adafactor: apply(kUpdate); CAME: rows(kResidual),
 //     cols(kResidual), apply(kAdvance), average(1), means(1), factors(1), apply(kConfident);
-//   vector or scalar: full_stats, divisor, apply(kFullUpdate).
+//   vectors or scalars: full_stats, divisor, apply(kFullUpdate).
 // The state is the slot's: the statistics (f32), the momentum (none, f32, or 8-bit blockwise
-// with the signed dynamic map, whose QuantTable each launch gets), and scratch buffers the host
-// sizes for the largest parameter (FactoredScratch in src/cuda/factored.rs).
+// with the signed dynamic map, whose QuantTable a launch gets when one of its slots has such a
+// momentum), and the slot's own scratch (FactoredScratch in src/slot_table.rs).
 //
 // Launch (every kernel here): blockDim.x = 256 (kThreads), any grid (grid-stride), no dynamic
 // shared memory. Compile as fused.cu (--fmad=false -prec-div=true -prec-sqrt=true -ftz=false):
@@ -41,6 +45,8 @@ constexpr int kRun = 16;
 constexpr int kPlainBlock = 256;
 
 enum MomentumKind : unsigned { kNoMomentum = 0, kF32Momentum = 1, kQ8Momentum = 2 };
+// FactoredSlot::flags.
+enum SlotFlags : unsigned { kFactored = 1, kDirectColumns = 2 };
 
 // What `rows` and `cols` sum per element: the squared gradient plus eps1 (the statistics), the
 // clipped update's square (its RMS), CAME's residual with the advanced momentum.
@@ -63,10 +69,11 @@ enum ApplyPass : int { kUpdate = 0, kAdvance = 1, kConfident = 2, kFullUpdate = 
 //  104  block_size     u64        the momentum's quantization block (8-bit), else 0
 //  112  scale_index    u64        this parameter's gradient scale in grad_scales
 //  120  momentum_kind  u32        MomentumKind
-//  124  factored       u32        1 for a matrix
+//  124  flags          u32        SlotFlags
 //  128  row_sums       double*    per row (matrix) or per task (vector)
 //  136  row_squares    double*    Σp² per row (matrix) or per task (vector)
-//  144  col_partials   double*    tasks × matrices per task × cols
+//  144  col_partials   double*    tasks × matrices per task × cols; with kDirectColumns the
+//                                 column sums (batch × cols)
 //  152  means          double*    per matrix, the mean of its row statistic
 //  160  row_factors    float*     per row
 //  168  col_factors    float*     per column of each matrix
@@ -80,7 +87,7 @@ struct FactoredSlot {
   void* momentum;
   float* absmax;
   unsigned long long batch, rows, cols, n, task_elems, block_size, scale_index;
-  unsigned momentum_kind, factored;
+  unsigned momentum_kind, flags;
   double* row_sums;
   double* row_squares;
   double* col_partials;
@@ -103,7 +110,7 @@ __device__ __forceinline__ u64 min_u64(u64 a, u64 b) { return a < b ? a : b; }
 __device__ __forceinline__ u64 max_u64(u64 a, u64 b) { return a > b ? a : b; }
 
 // How a matrix's rows split into tasks (TaskLayout::matrix_split): rows per task, and the most
-// matrices one task touches.
+// matrices one task touches (at most all of them).
 struct Split {
   u64 rows_per_task, mats_per_task, tasks;
 };
@@ -111,9 +118,21 @@ template <class Rule>
 __device__ __forceinline__ Split split_of(const FactoredSlot<Rule>& s) {
   Split sp;
   sp.rows_per_task = s.task_elems / s.cols;
-  sp.mats_per_task = (sp.rows_per_task + s.rows - 1) / s.rows + 1;
+  sp.mats_per_task = min_u64((sp.rows_per_task + s.rows - 1) / s.rows + 1, s.batch);
   sp.tasks = (s.batch * s.rows + sp.rows_per_task - 1) / sp.rows_per_task;
   return sp;
+}
+
+// The start of every kernel that reads elements: false when the step is skipped; else the
+// launch's QuantTable (passed when one of its slots has an 8-bit momentum) is in `table`.
+__device__ __forceinline__ bool begin_elements(const int* skip, QuantTable& table,
+                                               const QuantTable* tables) {
+  if (*skip != 0) return false;
+  if (tables != nullptr) {
+    load_table(table, tables);
+    __syncthreads();
+  }
+  return true;
 }
 
 // A parameter's elements as f32, through its slot.
@@ -171,15 +190,8 @@ __device__ __forceinline__ double lanes_total(double lane_sum) {
 // Per row: the sum of `pass`'s summands into row_sums (and with kStats, for a rule that scales
 // by the parameter's RMS, Σp² into row_squares). 8 threads per row, 32 rows per CUDA block.
 template <class T, class Rule>
-__device__ void rows_pass(const FactoredSlot<Rule>* slot, const float* grad_scales,
-                          const int* skip, const QuantTable* tables, int pass) {
-  __shared__ QuantTable table;
-  if (*skip != 0) return;
-  const FactoredSlot<Rule>& s = *slot;
-  if (s.momentum_kind == kQ8Momentum) {
-    load_table(table, tables);
-    __syncthreads();
-  }
+__device__ void rows_of(const FactoredSlot<Rule>& s, const float* grad_scales,
+                        const QuantTable& table, int pass) {
   const Rule rule = s.rule;
   const Elements<T, Rule> e{s, grad_scales[s.scale_index], &table};
   const bool squares = pass == kStats && rule.uses_param_rms();
@@ -211,21 +223,31 @@ __device__ void rows_pass(const FactoredSlot<Rule>* slot, const float* grad_scal
 
 // Per task, matrix it touches and column: the sum of `pass`'s summands over the task's rows of
 // that matrix, in row order, into col_partials[(task * mats_per_task + k) * cols + column]
-// (k: the matrix's index among those the task touches).
+// (k: the matrix's index among those the task touches). With kDirectColumns, per column of
+// each matrix: those sums for each task in order, added up into col_partials[matrix * cols +
+// column] (the same additions in the same order, without the partials' memory).
 template <class T, class Rule>
-__device__ void cols_pass(const FactoredSlot<Rule>* slot, const float* grad_scales,
-                          const int* skip, const QuantTable* tables, int pass) {
-  __shared__ QuantTable table;
-  if (*skip != 0) return;
-  const FactoredSlot<Rule>& s = *slot;
-  if (s.momentum_kind == kQ8Momentum) {
-    load_table(table, tables);
-    __syncthreads();
-  }
+__device__ void cols_of(const FactoredSlot<Rule>& s, const float* grad_scales,
+                        const QuantTable& table, int pass) {
   const Rule rule = s.rule;
   const Elements<T, Rule> e{s, grad_scales[s.scale_index], &table};
   const Split sp = split_of(s);
   const u64 n_rows = s.batch * s.rows;
+  if (s.flags & kDirectColumns) {
+    for (u64 it = global_thread(); it < s.batch * s.cols; it += grid_threads()) {
+      const u64 c = it % s.cols, first = (it / s.cols) * s.rows, end = first + s.rows;
+      double total = 0.0;
+      for (u64 task = first / sp.rows_per_task; task * sp.rows_per_task < end; ++task) {
+        double sum = 0.0;
+        const u64 to = min_u64(end, (task + 1) * sp.rows_per_task);
+        for (u64 r = max_u64(first, task * sp.rows_per_task); r < to; ++r)
+          sum += e.summand(pass, rule, r, c);
+        total += sum;
+      }
+      s.col_partials[it] = total;
+    }
+    return;
+  }
   const u64 items = sp.tasks * sp.mats_per_task * s.cols;
   for (u64 it = global_thread(); it < items; it += grid_threads()) {
     const u64 c = it % s.cols, k = (it / s.cols) % sp.mats_per_task;
@@ -242,13 +264,9 @@ __device__ void cols_pass(const FactoredSlot<Rule>* slot, const float* grad_scal
 }
 
 // Statistic pair `which` (0: row, col; 1: res_row, res_col) from the sums of `rows` and `cols`:
-// stat <- beta * stat + (1 - beta) * (sum / count), the mean rounded to f32 once. Then (one
-// thread) the row factors' scale is reset to 1 and, for pair 0 of a rule that scales by the
-// parameter's RMS, Σp² (rows in order) sets it.
+// stat <- beta * stat + (1 - beta) * (sum / count), the mean rounded to f32 once.
 template <class Rule>
-__device__ void average_pass(FactoredSlot<Rule>* slot, const int* skip, int which) {
-  if (*skip != 0) return;
-  FactoredSlot<Rule>& s = *slot;
+__device__ void average_of(const FactoredSlot<Rule>& s, int which) {
   float beta, one_minus;
   s.rule.stat_decay(which, beta, one_minus);
   float* row_stat = s.stats[2 * which];
@@ -262,30 +280,36 @@ __device__ void average_pass(FactoredSlot<Rule>* slot, const int* skip, int whic
     } else {
       const u64 gc = it - n_rows, m = gc / s.cols, c = gc % s.cols;
       double total = 0.0;
-      const u64 last = ((m + 1) * s.rows - 1) / sp.rows_per_task;
-      for (u64 task = m * s.rows / sp.rows_per_task; task <= last; ++task) {
-        const u64 k = m - task * sp.rows_per_task / s.rows;
-        total += s.col_partials[(task * sp.mats_per_task + k) * s.cols + c];
+      if (s.flags & kDirectColumns) {
+        total = s.col_partials[gc];
+      } else {
+        const u64 last = ((m + 1) * s.rows - 1) / sp.rows_per_task;
+        for (u64 task = m * s.rows / sp.rows_per_task; task <= last; ++task) {
+          const u64 k = m - task * sp.rows_per_task / s.rows;
+          total += s.col_partials[(task * sp.mats_per_task + k) * s.cols + c];
+        }
       }
       const float mean = (float)(total / (double)s.rows);
       col_stat[gc] = beta * col_stat[gc] + one_minus * mean;
     }
   }
-  if (global_thread() == 0) {
-    s.scalars[0] = 1.0;
-    if (which == 0 && s.rule.uses_param_rms()) {
-      double sq = 0.0;
-      for (u64 r = 0; r < n_rows; ++r) sq += s.row_squares[r];
-      s.rule.set_param_rms((float)sqrt(sq / (double)s.n));
-    }
+}
+
+// One thread per slot, beside `average_of` (it reads none of what this writes): the row factors' scale reset to 1 and,
+// for pair 0 of a rule that scales by the parameter's RMS, Σp² (rows in order) sets it.
+template <class Rule>
+__device__ void average_scalars(FactoredSlot<Rule>& s, int which) {
+  s.scalars[0] = 1.0;
+  if (which == 0 && s.rule.uses_param_rms()) {
+    double sq = 0.0;
+    for (u64 r = 0; r < s.batch * s.rows; ++r) sq += s.row_squares[r];
+    s.rule.set_param_rms((float)sqrt(sq / (double)s.n));
   }
 }
 
 // Per matrix: the mean of row statistic `which` (a plain sum of its rows in order).
 template <class Rule>
-__device__ void means_pass(const FactoredSlot<Rule>* slot, const int* skip, int which) {
-  if (*skip != 0) return;
-  const FactoredSlot<Rule>& s = *slot;
+__device__ void means_of(const FactoredSlot<Rule>& s, int which) {
   const float* row_stat = s.stats[2 * which];
   for (u64 m = global_thread(); m < s.batch; m += grid_threads()) {
     double sum = 0.0;
@@ -297,9 +321,7 @@ __device__ void means_pass(const FactoredSlot<Rule>* slot, const int* skip, int 
 // The factors of pair `which`: per row scalars[0] / sqrt(row / mean of its matrix), per column
 // 1 / sqrt(col), each in f64 and rounded once.
 template <class Rule>
-__device__ void factors_pass(const FactoredSlot<Rule>* slot, const int* skip, int which) {
-  if (*skip != 0) return;
-  const FactoredSlot<Rule>& s = *slot;
+__device__ void factors_of(const FactoredSlot<Rule>& s, int which) {
   const float* row_stat = s.stats[2 * which];
   const float* col_stat = s.stats[2 * which + 1];
   const double scale = s.scalars[0];
@@ -313,19 +335,18 @@ __device__ void factors_pass(const FactoredSlot<Rule>* slot, const int* skip, in
   }
 }
 
-// One thread: the clipping divisor max(1, sqrt(Σu² / n) / clip_threshold) (f64). A matrix: Σu²
+// One thread per slot: the clipping divisor max(1, sqrt(Σu² / n) / clip_threshold) (f64). A matrix: Σu²
 // is its rows' sums in order, and scalars[0] becomes 1 / divisor (the row factors' scale). A
 // vector: the tasks' sums in order, Σp² likewise sets the parameter's RMS, and scalars[1]
 // becomes 1 / divisor rounded to f32.
 template <class Rule>
-__device__ void divisor_pass(FactoredSlot<Rule>* slot, const int* skip) {
-  if (*skip != 0 || global_thread() != 0) return;
-  FactoredSlot<Rule>& s = *slot;
-  const u64 parts = s.factored ? s.batch * s.rows : (s.n + s.task_elems - 1) / s.task_elems;
+__device__ void divisor_of(FactoredSlot<Rule>& s) {
+  const bool factored = (s.flags & kFactored) != 0;
+  const u64 parts = factored ? s.batch * s.rows : (s.n + s.task_elems - 1) / s.task_elems;
   double total = 0.0, sq = 0.0;
   for (u64 i = 0; i < parts; ++i) total += s.row_sums[i];
   const double divisor = fmax(sqrt(total / (double)s.n) / (double)s.rule.clip_threshold, 1.0);
-  if (s.factored) {
+  if (factored) {
     s.scalars[0] = 1.0 / divisor;
     return;
   }
@@ -340,10 +361,7 @@ __device__ void divisor_pass(FactoredSlot<Rule>* slot, const int* skip) {
 // the statistic v <- beta2 * v + (1 - beta2) * (x² + eps1) in place, and per task the lane sums
 // of u² (u = x / sqrt(v)) and of p² into row_sums and row_squares.
 template <class T, class Rule>
-__device__ void full_stats_pass(const FactoredSlot<Rule>* slot, const float* grad_scales,
-                                const int* skip) {
-  if (*skip != 0) return;
-  const FactoredSlot<Rule>& s = *slot;
+__device__ void full_stats_of(const FactoredSlot<Rule>& s, const float* grad_scales) {
   const Rule rule = s.rule;
   const Elements<T, Rule> e{s, grad_scales[s.scale_index], nullptr};
   const bool squares = rule.uses_param_rms();
@@ -388,19 +406,12 @@ __device__ __forceinline__ float saturate_value(float v) {
 // dequantized, stepped and requantized per block (absmax over the block after saturation),
 // exactly as cpu/factored.rs `with_momentum`.
 template <class T, class Rule>
-__device__ void apply_pass(const FactoredSlot<Rule>* slot, const float* grad_scales,
-                           const int* skip, const QuantTable* tables, int pass) {
-  __shared__ QuantTable table;
-  __shared__ unsigned scratch[1][kWarps];
-  if (*skip != 0) return;
-  const FactoredSlot<Rule>& s = *slot;
+__device__ void apply_of(const FactoredSlot<Rule>& s, const float* grad_scales,
+                         const QuantTable& table, bool has_table, unsigned (*scratch)[kWarps],
+                         int pass) {
   const bool q8 = s.momentum_kind == kQ8Momentum;
-  unsigned char zero_code = 0;
-  if (q8) {
-    load_table(table, tables);
-    __syncthreads();
-    zero_code = code_of(table, 0.0f);
-  }
+  if (q8 && !has_table) __trap();
+  const unsigned char zero_code = q8 ? code_of(table, 0.0f) : 0;
   const Rule rule = s.rule;
   const Elements<T, Rule> e{s, grad_scales[s.scale_index], &table};
   const bool write_momentum = pass != kConfident && s.momentum_kind != kNoMomentum;
@@ -462,51 +473,114 @@ __device__ void apply_pass(const FactoredSlot<Rule>* slot, const float* grad_sca
   }
 }
 
+// The launches: each walks the slots of its table in order (see the top of this file).
+template <class T, class Rule>
+__device__ void rows_pass(const FactoredSlot<Rule>* slots, int n_slots, const float* grad_scales,
+                          const int* skip, const QuantTable* tables, int pass) {
+  __shared__ QuantTable table;
+  if (!begin_elements(skip, table, tables)) return;
+  for (int k = 0; k < n_slots; ++k) rows_of<T>(slots[k], grad_scales, table, pass);
+}
+
+template <class T, class Rule>
+__device__ void cols_pass(const FactoredSlot<Rule>* slots, int n_slots, const float* grad_scales,
+                          const int* skip, const QuantTable* tables, int pass) {
+  __shared__ QuantTable table;
+  if (!begin_elements(skip, table, tables)) return;
+  for (int k = 0; k < n_slots; ++k) cols_of<T>(slots[k], grad_scales, table, pass);
+}
+
+template <class T, class Rule>
+__device__ void apply_pass(const FactoredSlot<Rule>* slots, int n_slots, const float* grad_scales,
+                           const int* skip, const QuantTable* tables, int pass) {
+  __shared__ QuantTable table;
+  __shared__ unsigned scratch[1][kWarps];
+  if (!begin_elements(skip, table, tables)) return;
+  for (int k = 0; k < n_slots; ++k)
+    apply_of<T>(slots[k], grad_scales, table, tables != nullptr, scratch, pass);
+}
+
+template <class T, class Rule>
+__device__ void full_stats_pass(const FactoredSlot<Rule>* slots, int n_slots,
+                                const float* grad_scales, const int* skip) {
+  if (*skip != 0) return;
+  for (int k = 0; k < n_slots; ++k) full_stats_of<T>(slots[k], grad_scales);
+}
+
+template <class Rule>
+__device__ void average_pass(FactoredSlot<Rule>* slots, int n_slots, const int* skip, int which) {
+  if (*skip != 0) return;
+  for (int k = 0; k < n_slots; ++k) average_of(slots[k], which);
+  for (u64 k = global_thread(); k < (u64)n_slots; k += grid_threads())
+    average_scalars(slots[k], which);
+}
+
+template <class Rule>
+__device__ void means_pass(const FactoredSlot<Rule>* slots, int n_slots, const int* skip,
+                           int which) {
+  if (*skip != 0) return;
+  for (int k = 0; k < n_slots; ++k) means_of(slots[k], which);
+}
+
+template <class Rule>
+__device__ void factors_pass(const FactoredSlot<Rule>* slots, int n_slots, const int* skip,
+                             int which) {
+  if (*skip != 0) return;
+  for (int k = 0; k < n_slots; ++k) factors_of(slots[k], which);
+}
+
+template <class Rule>
+__device__ void divisor_pass(FactoredSlot<Rule>* slots, int n_slots, const int* skip) {
+  if (*skip != 0) return;
+  for (u64 k = global_thread(); k < (u64)n_slots; k += grid_threads()) divisor_of(slots[k]);
+}
+
 }  // namespace bnb
 
-#define BNB_FACTORED_ARGS(Rule)                                                          \
-  bnb::FactoredSlot<Rule>*slot, const float *grad_scales, const int *skip,              \
+#define BNB_FACTORED_ARGS(Rule)                                                         \
+  bnb::FactoredSlot<Rule>*slots, int n_slots, const float *grad_scales, const int *skip, \
       const bnb::QuantTable *tables
 
-// bnb_factored_{rows,cols,apply}_<rule>_<dtype>(slot, grad_scales, skip, tables, pass) and
-// bnb_factored_full_stats_<rule>_<dtype>(slot, grad_scales, skip, tables).
+// bnb_factored_{rows,cols,apply}_<rule>_<dtype>(slots, n_slots, grad_scales, skip, tables, pass)
+// and bnb_factored_full_stats_<rule>_<dtype>(slots, n_slots, grad_scales, skip, tables); `tables`
+// is the signed dynamic map's QuantTable, or null when no slot has an 8-bit momentum.
 #define BNB_FACTORED(NAME, Rule, DNAME, T)                                                     \
   extern "C" __global__ void __launch_bounds__(bnb::kThreads)                                 \
       bnb_factored_rows_##NAME##_##DNAME(BNB_FACTORED_ARGS(Rule), int pass) {                  \
-    bnb::rows_pass<T, Rule>(slot, grad_scales, skip, tables, pass);                            \
+    bnb::rows_pass<T, Rule>(slots, n_slots, grad_scales, skip, tables, pass);                  \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(bnb::kThreads)                                 \
       bnb_factored_cols_##NAME##_##DNAME(BNB_FACTORED_ARGS(Rule), int pass) {                  \
-    bnb::cols_pass<T, Rule>(slot, grad_scales, skip, tables, pass);                            \
+    bnb::cols_pass<T, Rule>(slots, n_slots, grad_scales, skip, tables, pass);                  \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(bnb::kThreads)                                 \
       bnb_factored_apply_##NAME##_##DNAME(BNB_FACTORED_ARGS(Rule), int pass) {                 \
-    bnb::apply_pass<T, Rule>(slot, grad_scales, skip, tables, pass);                           \
+    bnb::apply_pass<T, Rule>(slots, n_slots, grad_scales, skip, tables, pass);                 \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(bnb::kThreads)                                 \
       bnb_factored_full_stats_##NAME##_##DNAME(BNB_FACTORED_ARGS(Rule)) {                      \
     (void)tables;                                                                              \
-    bnb::full_stats_pass<T, Rule>(slot, grad_scales, skip);                                    \
+    bnb::full_stats_pass<T, Rule>(slots, n_slots, grad_scales, skip);                          \
   }
 
-// bnb_factored_{average,means,factors}_<rule>(slot, skip, which), bnb_factored_divisor_<rule>(
-// slot, skip): dtype-independent.
+// bnb_factored_{average,means,factors}_<rule>(slots, n_slots, skip, which),
+// bnb_factored_divisor_<rule>(slots, n_slots, skip): dtype-independent.
 #define BNB_FACTORED_STATS(NAME, Rule)                                                         \
-  extern "C" __global__ void __launch_bounds__(bnb::kThreads)                                 \
-      bnb_factored_average_##NAME(bnb::FactoredSlot<Rule>* slot, const int* skip, int which) { \
-    bnb::average_pass<Rule>(slot, skip, which);                                                \
+  extern "C" __global__ void __launch_bounds__(bnb::kThreads) bnb_factored_average_##NAME(    \
+      bnb::FactoredSlot<Rule>* slots, int n_slots, const int* skip, int which) {               \
+    bnb::average_pass<Rule>(slots, n_slots, skip, which);                                      \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(bnb::kThreads)                                 \
-      bnb_factored_means_##NAME(bnb::FactoredSlot<Rule>* slot, const int* skip, int which) {   \
-    bnb::means_pass<Rule>(slot, skip, which);                                                  \
+  extern "C" __global__ void __launch_bounds__(bnb::kThreads) bnb_factored_means_##NAME(      \
+      bnb::FactoredSlot<Rule>* slots, int n_slots, const int* skip, int which) {               \
+    bnb::means_pass<Rule>(slots, n_slots, skip, which);                                        \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(bnb::kThreads)                                 \
-      bnb_factored_factors_##NAME(bnb::FactoredSlot<Rule>* slot, const int* skip, int which) { \
-    bnb::factors_pass<Rule>(slot, skip, which);                                                \
+  extern "C" __global__ void __launch_bounds__(bnb::kThreads) bnb_factored_factors_##NAME(    \
+      bnb::FactoredSlot<Rule>* slots, int n_slots, const int* skip, int which) {               \
+    bnb::factors_pass<Rule>(slots, n_slots, skip, which);                                      \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(bnb::kThreads)                                 \
-      bnb_factored_divisor_##NAME(bnb::FactoredSlot<Rule>* slot, const int* skip) {            \
-    bnb::divisor_pass<Rule>(slot, skip);                                                       \
+  extern "C" __global__ void __launch_bounds__(bnb::kThreads) bnb_factored_divisor_##NAME(    \
+      bnb::FactoredSlot<Rule>* slots, int n_slots, const int* skip) {                          \
+    bnb::divisor_pass<Rule>(slots, n_slots, skip);                                             \
   }
 
 #define BNB_FACTORED_ALL_DTYPES(NAME, Rule)   \

@@ -176,6 +176,35 @@ impl FactoredState {
         stats: Vec<Vec<f32>>,
         momentum: Option<Momentum>,
     ) -> Result<Self> {
+        let state = Self::from_stepped_parts(factoring, stats, momentum)?;
+        for ((name, _), values) in factoring
+            .stats(state.stats.len() == 4)
+            .iter()
+            .zip(&state.stats)
+        {
+            if let Some((i, v)) = values
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+            {
+                bail!("statistic {name}[{i}] is {v}; it must be finite and >= 0")
+            }
+        }
+        Ok(state)
+    }
+
+    /// A state from the parts a step left (a CUDA device's copy): checked as
+    /// [`Self::from_parts`] checks them, except the statistics' values, which a step may have
+    /// overflowed to `inf` (a gradient element near `1.8e19` in f32) as on the CPU.
+    ///
+    /// # Errors
+    /// As [`Self::from_parts`], but for the statistics' values.
+    #[doc(hidden)]
+    pub fn from_stepped_parts(
+        factoring: Factoring,
+        stats: Vec<Vec<f32>>,
+        momentum: Option<Momentum>,
+    ) -> Result<Self> {
         let expected = match stats.len() {
             4 => factoring.stats(true),
             _ => factoring.stats(false),
@@ -192,13 +221,6 @@ impl FactoredState {
                     "statistic {name} of {factoring:?} holds {len} values, got {}",
                     values.len()
                 )
-            }
-            if let Some((i, v)) = values
-                .iter()
-                .enumerate()
-                .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
-            {
-                bail!("statistic {name}[{i}] is {v}; it must be finite and >= 0")
             }
         }
         if let Some(m) = &momentum {

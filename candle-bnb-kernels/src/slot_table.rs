@@ -49,9 +49,18 @@ pub fn factored_slot_bytes<R: FactoredCudaRule>() -> usize {
     (FACTORED_SLOT_HEADER_BYTES + std::mem::size_of::<R>()).div_ceil(8) * 8
 }
 
+/// Columns (`batch · cols`) from which `factored.cu` sums a matrix's columns directly, one
+/// thread per column walking the CPU's tasks and rows in order, instead of through per-task
+/// partial sums: that many threads fill a GPU well enough, and the partials would grow with
+/// the width.
+pub const DIRECT_COLUMNS_MIN: usize = 65_536;
+/// The most bytes of column partials (`tasks · matrices per task · cols` f64) a matrix may use;
+/// above, its columns are summed directly (see [`DIRECT_COLUMNS_MIN`]).
+pub const MAX_COLUMN_PARTIAL_BYTES: usize = 16 << 20;
+
 /// How `factored.cu` sees a parameter of a factored optimizer: its shape as matrices (a vector
-/// is one row), its tasks (the CPU's, which fix the order of the column and vector sums), and
-/// the scratch buffers its step needs.
+/// is one row), its tasks (the CPU's, which fix the order of the column and vector sums), how
+/// its columns are summed, and the scratch its step needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FactoredLayout {
     /// Whether the parameter is factored (two or more dims).
@@ -68,30 +77,41 @@ pub struct FactoredLayout {
     pub task_elems: usize,
     /// Tasks.
     pub tasks: usize,
+    /// The momentum's quantization block when it is 8-bit.
+    pub block_size: Option<usize>,
+    /// A matrix whose columns are summed directly (no per-task partials; see
+    /// [`DIRECT_COLUMNS_MIN`] and [`MAX_COLUMN_PARTIAL_BYTES`]).
+    pub direct_columns: bool,
 }
 
 impl FactoredLayout {
     /// The layout of a parameter factored as `factoring` whose momentum (if any) is quantized in
     /// blocks of `block_size`.
     pub fn of(factoring: Factoring, block_size: Option<usize>) -> Self {
-        let TaskLayout { task_elems, tasks } = TaskLayout::of(factoring, block_size);
+        let task_layout = TaskLayout::of(factoring, block_size);
         let (factored, batch, rows, cols) = match factoring {
             Factoring::Factored { batch, rows, cols } => (true, batch, rows, cols),
             Factoring::Full { len } => (false, 1, 1, len),
         };
+        let (_, mats_per_task) = task_layout.matrix_split(batch, rows, cols);
+        let partial_bytes = 8 * task_layout.tasks * mats_per_task * cols;
         Self {
             factored,
             batch,
             rows,
             cols,
             n: factoring.len(),
-            task_elems,
-            tasks,
+            task_elems: task_layout.task_elems,
+            tasks: task_layout.tasks,
+            block_size,
+            direct_columns: factored
+                && (batch * cols >= DIRECT_COLUMNS_MIN || partial_bytes > MAX_COLUMN_PARTIAL_BYTES),
         }
     }
 
     /// Elements of each scratch buffer the step needs, in [`FactoredScratch`]'s order (f64:
-    /// row sums, row squares, column partials, means; f32: row and column factors).
+    /// row sums, row squares, column partials (with direct columns: one total per column),
+    /// means; f32: row and column factors), the two f64 scalars not counted.
     pub fn scratch_lens(&self) -> [usize; 6] {
         if !self.factored {
             return [self.tasks, self.tasks, 0, 0, 0, 0];
@@ -100,21 +120,58 @@ impl FactoredLayout {
             task_elems: self.task_elems,
             tasks: self.tasks,
         };
-        let (_, mats_per_task) = tasks.matrix_split(self.rows, self.cols);
+        let (_, mats_per_task) = tasks.matrix_split(self.batch, self.rows, self.cols);
         let n_rows = self.batch * self.rows;
+        let partials = if self.direct_columns {
+            self.batch * self.cols
+        } else {
+            self.tasks * mats_per_task * self.cols
+        };
         [
             n_rows,
             n_rows,
-            self.tasks * mats_per_task * self.cols,
+            partials,
             self.batch,
             n_rows,
             self.batch * self.cols,
         ]
     }
+
+    /// The step's whole scratch in f64 words: [`Self::scratch_lens`] (the f32 buffers rounded up
+    /// to whole words) and the two scalars, as [`FactoredScratch::within`] lays it out.
+    pub fn scratch_words(&self) -> usize {
+        let [a, b, c, d, e, f] = self.scratch_lens();
+        a + b + c + d + e.div_ceil(2) + f.div_ceil(2) + 2
+    }
+
+    /// `factored.cu`'s slot flags: bit 0 factored, bit 1 direct columns.
+    fn flags(&self) -> u32 {
+        u32::from(self.factored) | (u32::from(self.direct_columns) << 1)
+    }
 }
 
-/// The device addresses of the scratch buffers of a factored step (shared by every parameter of
-/// a state; each at least as long as [`FactoredLayout::scratch_lens`] asks).
+/// Splits parameters whose steps need `words[i]` f64 words of scratch each into runs of
+/// consecutive parameters that fit in `budget` words together (a parameter needing more than
+/// `budget` runs alone): each run is one multi-tensor launch sequence, its parameters' scratch
+/// side by side in one buffer of `max(budget, largest need)` words.
+pub fn scratch_runs(words: &[usize], budget: usize) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let (mut start, mut used) = (0, 0usize);
+    for (i, &w) in words.iter().enumerate() {
+        if i > start && used + w > budget {
+            runs.push(start..i);
+            (start, used) = (i, 0);
+        }
+        used += w;
+    }
+    if start < words.len() {
+        runs.push(start..words.len());
+    }
+    runs
+}
+
+/// The device addresses of one parameter's scratch buffers in a factored step (each at least as
+/// long as [`FactoredLayout::scratch_lens`] asks, the scalars two f64).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FactoredScratch {
     /// f64 per row (matrix) or per task (vector).
@@ -131,6 +188,25 @@ pub struct FactoredScratch {
     pub col_factors: u64,
     /// Two f64.
     pub scalars: u64,
+}
+
+impl FactoredScratch {
+    /// The buffers of a parameter laid out as `layout`, side by side from device address `base`
+    /// (8-byte aligned) over [`FactoredLayout::scratch_words`] words: the f64 buffers, the f32
+    /// ones (each from a word boundary), the scalars.
+    pub fn within(base: u64, layout: &FactoredLayout) -> Self {
+        let [a, b, c, d, e, _] = layout.scratch_lens().map(|l| l as u64);
+        let word = |w: u64| base + 8 * w;
+        Self {
+            row_sums: word(0),
+            row_squares: word(a),
+            col_partials: word(a + b),
+            means: word(a + b + c),
+            row_factors: word(a + b + c + d),
+            col_factors: word(a + b + c + d + e.div_ceil(2)),
+            scalars: word(layout.scratch_words() as u64 - 2),
+        }
+    }
 }
 
 /// The kind of a factored parameter's momentum (`factored.cu` MomentumKind).
@@ -161,8 +237,6 @@ pub struct FactoredSlot<'a, R> {
     pub layout: FactoredLayout,
     /// The momentum's kind.
     pub momentum_kind: MomentumKind,
-    /// The momentum's block size (8-bit; else 0).
-    pub block_size: u64,
     /// Its index into the pre-pass's gradient scales.
     pub scale_index: u64,
     /// The scratch buffers.
@@ -296,10 +370,10 @@ impl TableWriter<'_> {
         for v in [l.batch, l.rows, l.cols, l.n, l.task_elems] {
             self.u64(v as u64);
         }
-        self.u64(s.block_size);
+        self.u64(l.block_size.unwrap_or(0) as u64);
         self.u64(s.scale_index);
         self.u32(s.momentum_kind as u32);
-        self.u32(l.factored as u32);
+        self.u32(l.flags());
         let c = &s.scratch;
         for a in [
             c.row_sums,
@@ -359,7 +433,6 @@ mod tests {
             absmax: 0x50,
             layout,
             momentum_kind: MomentumKind::Blockwise,
-            block_size: 64,
             scale_index: 7,
             scratch: FactoredScratch {
                 row_sums: 0x60,
@@ -418,8 +491,12 @@ mod tests {
     fn factored_layouts_follow_the_cpu_tasks() {
         let m = FactoredLayout::of(Factoring::of(&[2, 130, 300]), None);
         assert_eq!((m.task_elems, m.tasks), (65_400, 2));
-        // 218 rows per task touch at most 3 matrices of 130 rows.
-        assert_eq!(m.scratch_lens(), [260, 260, 2 * 3 * 300, 2, 260, 600]);
+        // 218 rows per task could touch 3 matrices of 130 rows; there are 2.
+        assert_eq!(m.scratch_lens(), [260, 260, 2 * 2 * 300, 2, 260, 600]);
+        assert!(!m.direct_columns);
+        let c = FactoredLayout::of(Factoring::of(&[5, 7, 11]), None);
+        // One task; its 35 rows touch all 5 matrices.
+        assert_eq!(c.scratch_lens()[2], 5 * 11);
         let q = FactoredLayout::of(Factoring::of(&[65, 70]), Some(256));
         // lcm(70, 256) = 8960 elements per unit, one task over 4550 elements.
         assert_eq!((q.task_elems, q.tasks), (8960 * 7, 1));
@@ -427,6 +504,71 @@ mod tests {
         assert!(!v.factored);
         assert_eq!((v.cols, v.task_elems, v.tasks), (5000, 65_536, 1));
         assert_eq!(v.scratch_lens(), [1, 1, 0, 0, 0, 0]);
+        assert_eq!(v.scratch_words(), 4);
+    }
+
+    /// Wide matrices sum their columns directly: the partials would hold about two values per
+    /// element (`[4096, 128256]`: 8.4 GB) or more than MAX_COLUMN_PARTIAL_BYTES.
+    #[test]
+    fn wide_matrices_sum_columns_directly() {
+        let lens = |shape: &[usize]| {
+            let l = FactoredLayout::of(Factoring::of(shape), Some(256));
+            (l.direct_columns, l.scratch_lens()[2])
+        };
+        assert_eq!(lens(&[4096, 128_256]), (true, 128_256));
+        assert_eq!(lens(&[2, 70_000]), (true, 70_000));
+        assert_eq!(lens(&[3, 2, 33_000]), (true, 99_000));
+        // 820 tasks of 5 rows: 72 MB of partials.
+        assert_eq!(lens(&[4096, 11_008]), (true, 11_008));
+        // 256 tasks of 16 rows: 8 MiB of partials.
+        assert_eq!(lens(&[4096, 4096]), (false, 256 * 4096));
+        assert_eq!(lens(&[32, 4, 64]), (false, 32 * 64));
+        for shape in [
+            &[4096, 128_256][..],
+            &[4096, 11_008],
+            &[4096, 4096],
+            &[7, 3, 300],
+        ] {
+            let l = FactoredLayout::of(Factoring::of(shape), None);
+            assert!(8 * l.scratch_lens()[2] <= MAX_COLUMN_PARTIAL_BYTES.max(8 * l.batch * l.cols));
+        }
+    }
+
+    /// A parameter's scratch buffers sit side by side, f64 first, each f32 one from a word
+    /// boundary, the scalars last, within `scratch_words` words.
+    #[test]
+    fn scratch_buffers_are_carved_in_order() {
+        let l = FactoredLayout::of(Factoring::of(&[3, 5, 7]), None);
+        // row sums 15, row squares 15, partials 3 · 7 (one task), means 3, row factors 15 f32
+        // (8 words), col factors 21 f32 (11 words), scalars 2.
+        assert_eq!(l.scratch_lens(), [15, 15, 21, 3, 15, 21]);
+        assert_eq!(l.scratch_words(), 15 + 15 + 21 + 3 + 8 + 11 + 2);
+        let s = FactoredScratch::within(0x1000, &l);
+        let words = |a: u64| (a - 0x1000) / 8;
+        assert_eq!(
+            [
+                s.row_sums,
+                s.row_squares,
+                s.col_partials,
+                s.means,
+                s.row_factors,
+                s.col_factors,
+                s.scalars
+            ]
+            .map(words),
+            [0, 15, 30, 51, 54, 62, 73]
+        );
+    }
+
+    #[test]
+    fn scratch_runs_fit_the_budget_and_cover_every_parameter_once() {
+        assert_eq!(scratch_runs(&[], 10), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(
+            scratch_runs(&[4, 5, 2, 30, 1, 9], 10),
+            [0..2, 2..3, 3..4, 4..6]
+        );
+        assert_eq!(scratch_runs(&[10, 10], 10), [0..1, 1..2]);
+        assert_eq!(scratch_runs(&[3; 7], 1000), vec![0..7]);
     }
 
     #[test]

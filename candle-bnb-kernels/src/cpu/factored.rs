@@ -302,11 +302,12 @@ impl TaskLayout {
         }
     }
 
-    /// For a matrix of `rows × cols` (batched): the rows of a task, and the most matrices one
-    /// task touches (its column sums hold one partial per matrix it touches).
-    pub(crate) fn matrix_split(&self, rows: usize, cols: usize) -> (usize, usize) {
+    /// For `batch` matrices of `rows × cols`: the rows of a task, and the most matrices one task
+    /// touches (its column sums hold one partial per matrix it touches).
+    pub(crate) fn matrix_split(&self, batch: usize, rows: usize, cols: usize) -> (usize, usize) {
         let rows_per_task = self.task_elems / cols.max(1);
-        (rows_per_task, rows_per_task.div_ceil(rows.max(1)) + 1)
+        let touched = rows_per_task.div_ceil(rows.max(1)) + 1;
+        (rows_per_task, touched.min(batch.max(1)))
     }
 }
 

@@ -1,31 +1,29 @@
-//! The launches of one parameter's factored-optimizer step (`kernels/factored.cu`), on any
-//! [`Backend`]: stateless, the addresses come from the caller (the optimizer's device state),
-//! the slot laid out as [`crate::slot_table::FactoredSlot`] writes it.
+//! The launches of a factored-optimizer step over a table of parameters (`kernels/factored.cu`,
+//! multi-tensor: each launch steps every slot of the table), on any [`Backend`]: stateless, the
+//! addresses come from the caller (the optimizer's device state), the slots laid out as
+//! [`crate::slot_table::FactoredSlot`] writes them.
 
-use candle_core::{DType, Result};
+use candle_core::{bail, DType, Result};
 
 use super::backend::{Backend, KernelArg, Module};
 use super::{grid, THREADS};
 use crate::rules::FactoredCudaRule;
 use crate::slot_table::FactoredLayout;
 
-/// One parameter's factored step. Every field is a device address except the layout, flags and
-/// kinds.
+/// One multi-tensor factored step: a table of slots of one dtype, all matrices or all vectors.
+/// Every address is a device address.
 #[derive(Clone, Copy, Debug)]
-pub struct FactoredLaunch {
-    /// The parameter's `FactoredSlot<R>` (its rule is updated by the launches: the parameter
-    /// scale of Adafactor).
-    pub slot: u64,
-    /// The parameter's shape and tasks, as the slot holds them.
-    pub layout: FactoredLayout,
+pub struct FactoredLaunch<'a> {
+    /// The table: `layouts.len()` consecutive `FactoredSlot<R>` (their rules are updated by the
+    /// launches: the parameter scale of Adafactor).
+    pub slots: u64,
+    /// Each slot's layout, in table order (as the slot holds it); no parameter without elements.
+    pub layouts: &'a [FactoredLayout],
     /// The rule has a confidence step (CAME).
     pub confidence: bool,
-    /// The momentum's block size when it is 8-bit (then `quant_table` is its map's
-    /// `QuantTable`), else `None`.
-    pub block_size: Option<usize>,
-    /// The signed dynamic map's `QuantTable` (8-bit momentum; 0 otherwise).
+    /// The signed dynamic map's `QuantTable` when a slot has an 8-bit momentum, else 0.
     pub quant_table: u64,
-    /// The parameter's dtype (F32, F16 or BF16).
+    /// The parameters' dtype (F32, F16 or BF16).
     pub dtype: DType,
     /// The pre-pass's f32 gradient scales.
     pub grad_scales: u64,
@@ -47,27 +45,58 @@ const ROWS_PER_BLOCK: u64 = THREADS as u64 / 8;
 /// `factored.cu`'s kPlainBlock.
 const PLAIN_BLOCK: usize = 256;
 
-/// Launches the step of the parameter described by `a` with rule `R`: for a matrix the
+/// Launches the step of every parameter of `a`'s table with rule `R`: for matrices the
 /// statistics, the clipping divisor and the update (CAME: then the residual statistics and the
-/// confidence-weighted update), for a vector its statistic and update. A parameter without
-/// elements launches nothing.
+/// confidence-weighted update), for vectors their statistic and update; 3 to 15 launches
+/// whatever the number of parameters. An empty table launches nothing.
 ///
 /// # Safety
-/// Every address of `a` is live device memory of `dev`: the slot a `FactoredSlot<R>` whose
-/// pointers cover the parameter, gradient, statistics, momentum and scales of `a.layout`, and
-/// scratch buffers of at least [`FactoredLayout::scratch_lens`] elements; nothing else touches
-/// that memory until the launches are done.
+/// Every address of `a` is live device memory of `dev`: the table holds `a.layouts.len()`
+/// `FactoredSlot<R>`s, each with pointers covering its parameter, gradient, statistics, momentum
+/// and scales, and its own scratch of [`FactoredLayout::scratch_words`] words; a slot with an
+/// 8-bit momentum only with a `quant_table`; nothing else touches that memory until the
+/// launches are done.
 ///
 /// # Errors
-/// Device errors.
+/// A table mixing matrices and vectors, a parameter without elements, more than `i32::MAX`
+/// slots (nothing launched); device errors.
 pub unsafe fn launch_factored<R: FactoredCudaRule, B: Backend>(
     dev: &B,
-    a: &FactoredLaunch,
+    a: &FactoredLaunch<'_>,
 ) -> Result<()> {
-    let l = &a.layout;
-    if l.n == 0 {
+    let Some(first) = a.layouts.first() else {
         return Ok(());
+    };
+    let factored = first.factored;
+    if let Some((k, l)) = a
+        .layouts
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.n == 0 || l.factored != factored)
+    {
+        bail!(
+            "factored launch: slot {k} ({l:?}) is empty or not a {} like slot 0",
+            if factored { "matrix" } else { "vector" }
+        )
     }
+    let Ok(n_slots) = i32::try_from(a.layouts.len()) else {
+        bail!(
+            "factored launch: {} slots, at most {}",
+            a.layouts.len(),
+            i32::MAX
+        )
+    };
+    // Each launch's grid: the most any slot of the table can use (they are grid-stride).
+    let widest = |units: &dyn Fn(&FactoredLayout) -> (u64, u64)| {
+        a.layouts
+            .iter()
+            .map(|l| {
+                let (units, per_block) = units(l);
+                grid(units, per_block)
+            })
+            .max()
+            .unwrap_or(1)
+    };
     let dtype = match a.dtype {
         DType::F16 => "f16",
         DType::BF16 => "bf16",
@@ -77,7 +106,8 @@ pub unsafe fn launch_factored<R: FactoredCudaRule, B: Backend>(
     let stats_name = |pass: &str| format!("bnb_factored_{pass}_{}", R::KERNEL_NAME);
     let with_pass = |pass: i32| {
         [
-            KernelArg::U64(a.slot),
+            KernelArg::U64(a.slots),
+            KernelArg::I32(n_slots),
             KernelArg::U64(a.grad_scales),
             KernelArg::U64(a.flags),
             KernelArg::U64(a.quant_table),
@@ -86,18 +116,21 @@ pub unsafe fn launch_factored<R: FactoredCudaRule, B: Backend>(
     };
     let which = |w: i32| {
         [
-            KernelArg::U64(a.slot),
+            KernelArg::U64(a.slots),
+            KernelArg::I32(n_slots),
             KernelArg::U64(a.flags),
             KernelArg::I32(w),
         ]
     };
-    let block = a.block_size.unwrap_or(PLAIN_BLOCK);
-    let apply_grid = grid(
-        l.n.div_ceil(block) as u64,
-        (THREADS as usize / (block / 16)) as u64,
-    );
+    let apply_grid = widest(&|l| {
+        let block = l.block_size.unwrap_or(PLAIN_BLOCK);
+        (
+            l.n.div_ceil(block) as u64,
+            (THREADS as usize / (block / 16)) as u64,
+        )
+    });
     let apply = |pass: i32| {
-        // SAFETY: bnb_factored_apply_*(FactoredSlot*, const float*, const int*, const
+        // SAFETY: bnb_factored_apply_*(FactoredSlot*, int, const float*, const int*, const
         // QuantTable*, int), as the caller promises.
         unsafe {
             dev.launch(
@@ -109,45 +142,64 @@ pub unsafe fn launch_factored<R: FactoredCudaRule, B: Backend>(
         }
     };
     let divisor = || {
-        let args = [KernelArg::U64(a.slot), KernelArg::U64(a.flags)];
-        // SAFETY: bnb_factored_divisor_*(FactoredSlot*, const int*).
-        unsafe { dev.launch(Module::Factored, &stats_name("divisor"), 1, &args) }
+        let args = [
+            KernelArg::U64(a.slots),
+            KernelArg::I32(n_slots),
+            KernelArg::U64(a.flags),
+        ];
+        let cfg = grid(n_slots as u64, THREADS as u64);
+        // SAFETY: bnb_factored_divisor_*(FactoredSlot*, int, const int*).
+        unsafe { dev.launch(Module::Factored, &stats_name("divisor"), cfg, &args) }
     };
-    if !l.factored {
-        let args = &with_pass(0)[..4];
-        let cfg = grid(l.tasks as u64, ROWS_PER_BLOCK);
-        // SAFETY: bnb_factored_full_stats_*(FactoredSlot*, const float*, const int*, const
+    if !factored {
+        let args = &with_pass(0)[..5];
+        let cfg = widest(&|l| (l.tasks as u64, ROWS_PER_BLOCK));
+        // SAFETY: bnb_factored_full_stats_*(FactoredSlot*, int, const float*, const int*, const
         // QuantTable*).
         unsafe { dev.launch(Module::Factored, &name("full_stats"), cfg, args) }?;
         divisor()?;
         return apply(FULL_UPDATE);
     }
-    let n_rows = (l.batch * l.rows) as u64;
-    let stat_items = n_rows + (l.batch * l.cols) as u64;
-    let rows_grid = grid(n_rows, ROWS_PER_BLOCK);
-    let cols_grid = grid(l.scratch_lens()[2] as u64, THREADS as u64);
+    let rows_grid = widest(&|l| ((l.batch * l.rows) as u64, ROWS_PER_BLOCK));
+    let cols_grid = widest(&|l| (l.scratch_lens()[2] as u64, THREADS as u64));
+    let items_grid = widest(&|l| ((l.batch * (l.rows + l.cols)) as u64, THREADS as u64));
+    let means_grid = widest(&|l| (l.batch as u64, THREADS as u64));
     let sums = |pass: i32| {
-        // SAFETY: bnb_factored_{rows,cols}_*(FactoredSlot*, const float*, const int*, const
-        // QuantTable*, int).
+        // SAFETY: bnb_factored_{rows,cols}_*(FactoredSlot*, int, const float*, const int*,
+        // const QuantTable*, int).
         unsafe {
             dev.launch(Module::Factored, &name("rows"), rows_grid, &with_pass(pass))?;
             dev.launch(Module::Factored, &name("cols"), cols_grid, &with_pass(pass))
         }
     };
-    let statistics = |w: i32| {
-        let items = grid(stat_items, THREADS as u64);
-        // SAFETY: bnb_factored_{average,means,factors}_*(FactoredSlot*, const int*, int).
+    let factors = |w: i32| {
+        // SAFETY: bnb_factored_factors_*(FactoredSlot*, int, const int*, int).
         unsafe {
-            dev.launch(Module::Factored, &stats_name("average"), items, &which(w))?;
-            let means = grid(l.batch as u64, THREADS as u64);
-            dev.launch(Module::Factored, &stats_name("means"), means, &which(w))?;
-            dev.launch(Module::Factored, &stats_name("factors"), items, &which(w))
+            dev.launch(
+                Module::Factored,
+                &stats_name("factors"),
+                items_grid,
+                &which(w),
+            )
         }
     };
-    let factors = |w: i32| {
-        let items = grid(stat_items, THREADS as u64);
-        // SAFETY: as above.
-        unsafe { dev.launch(Module::Factored, &stats_name("factors"), items, &which(w)) }
+    let statistics = |w: i32| {
+        // SAFETY: bnb_factored_{average,means}_*(FactoredSlot*, int, const int*, int).
+        unsafe {
+            dev.launch(
+                Module::Factored,
+                &stats_name("average"),
+                items_grid,
+                &which(w),
+            )?;
+            dev.launch(
+                Module::Factored,
+                &stats_name("means"),
+                means_grid,
+                &which(w),
+            )?;
+        }
+        factors(w)
     };
     sums(STATS)?;
     statistics(0)?;

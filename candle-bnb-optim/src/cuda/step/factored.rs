@@ -2,17 +2,17 @@
 //! momentum, the scratch buffers their steps share, and the step (the pre-pass, then per
 //! parameter the launches of `candle_bnb_kernels::cuda::launch_factored`).
 
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
 use super::device_state::DeviceState;
 use super::tables::write_grad_slots;
-use super::{CudaParam, StepState};
+use super::StepState;
 use candle_bnb_kernels::cuda::{
     launch_factored, quant_table_bytes, Backend, FactoredLaunch, QUANT_TABLE_BYTES,
 };
 use candle_bnb_kernels::slot_table::{
-    factored_slot_bytes, FactoredLayout, FactoredScratch, FactoredSlot, MomentumKind, TableWriter,
-    GRAD_SLOT_BYTES,
+    factored_slot_bytes, scratch_runs, FactoredLayout, FactoredScratch, FactoredSlot, MomentumKind,
+    TableWriter, GRAD_SLOT_BYTES,
 };
 use candle_bnb_kernels::{
     BlockwiseState, FactoredCudaRule, FactoredState, Factoring, Momentum, QuantMap,
@@ -47,6 +47,12 @@ impl<B: Backend> FactoredDeviceState<B> {
         let factoring = state.factoring();
         if factoring.len() != n {
             bail!("{what}: the factored state is for {factoring:?}, the parameter has {n} elements")
+        }
+        if let Some(m) = state.momentum().filter(|m| m.len() != n) {
+            bail!(
+                "{what}: the momentum holds {} values, the parameter has {n} elements",
+                m.len()
+            )
         }
         let stats = state
             .stats()
@@ -141,7 +147,7 @@ impl<B: Backend> FactoredDeviceState<B> {
                 *block_size,
             )?))),
         };
-        FactoredState::from_parts(self.factoring, stats, momentum)
+        FactoredState::from_stepped_parts(self.factoring, stats, momentum)
     }
 
     pub(super) fn has_momentum(&self) -> bool {
@@ -171,6 +177,44 @@ impl<B: Backend> FactoredDeviceState<B> {
     fn layout(&self) -> FactoredLayout {
         FactoredLayout::of(self.factoring, self.block_size())
     }
+
+    /// The parameter's slot in a step: its tensors' addresses, its gradient scale's index, its
+    /// scratch and its rule.
+    fn slot<'r, R>(
+        &self,
+        dev: &B,
+        param: u64,
+        grad: u64,
+        index: usize,
+        scratch: FactoredScratch,
+        rule: &'r R,
+    ) -> FactoredSlot<'r, R> {
+        let mut stats = [0u64; 4];
+        for (s, (buf, _)) in stats.iter_mut().zip(&self.stats) {
+            *s = dev.address(buf);
+        }
+        let (momentum_kind, momentum, absmax) = match &self.momentum {
+            DeviceMomentum::None => (MomentumKind::None, 0, 0),
+            DeviceMomentum::F32(m) => (MomentumKind::F32, dev.address(m), 0),
+            DeviceMomentum::Blockwise { codes, absmax, .. } => (
+                MomentumKind::Blockwise,
+                dev.address(codes),
+                dev.address(absmax),
+            ),
+        };
+        FactoredSlot {
+            param,
+            grad,
+            stats,
+            momentum,
+            absmax,
+            layout: self.layout(),
+            momentum_kind,
+            scale_index: index as u64,
+            scratch,
+            rule,
+        }
+    }
 }
 
 /// A device buffer holding `v`, or one zero when `v` is empty.
@@ -198,69 +242,109 @@ fn download_range<B: Backend, T: candle_bnb_kernels::cuda::Element>(
     }
 }
 
-/// The scratch buffers every factored parameter's step uses in turn (sized for the largest), and
-/// the signed dynamic map's `QuantTable` for 8-bit momentum.
+/// Scratch words (f64) the factored parameters' launches share at most at once: a step's
+/// parameters are launched in runs whose scratch fits in this much (64 MiB), or one parameter
+/// alone when it needs more.
+const SCRATCH_BUDGET_WORDS: usize = 8 << 20;
+
+/// The scratch every factored parameter's step uses (each launch run lays its parameters'
+/// scratch side by side in it: [`FactoredScratch::within`]), and the signed dynamic map's
+/// `QuantTable` for 8-bit momentum.
 pub(super) struct FactoredBuffers<B: Backend> {
-    row_sums: B::Buffer<f64>,
-    row_squares: B::Buffer<f64>,
-    col_partials: B::Buffer<f64>,
-    means: B::Buffer<f64>,
-    row_factors: B::Buffer<f32>,
-    col_factors: B::Buffer<f32>,
-    scalars: B::Buffer<f64>,
+    scratch: B::Buffer<f64>,
+    /// Words of `scratch`: the most one launch run may use.
+    words: usize,
     quant_table: B::Buffer<u8>,
 }
 
 impl<B: Backend> FactoredBuffers<B> {
-    /// The buffers the factored parameters among `params` need; `None` when there are none.
-    pub(super) fn new(
-        dev: &B,
-        params: &[CudaParam<'_>],
-        states: &[DeviceState<B>],
-    ) -> Result<Option<Self>> {
-        let mut lens = [1usize; 6];
-        let mut any = false;
-        for state in states {
-            if let DeviceState::Factored(f) = state {
-                any = true;
-                for (len, need) in lens.iter_mut().zip(f.layout().scratch_lens()) {
-                    *len = (*len).max(need);
-                }
-            }
-        }
-        if !any {
+    /// The buffers the factored parameters among `states` need; `None` when there are none.
+    pub(super) fn new(dev: &B, states: &[DeviceState<B>]) -> Result<Option<Self>> {
+        let needs: Vec<usize> = states
+            .iter()
+            .filter_map(|s| match s {
+                DeviceState::Factored(f) => Some(f.layout().scratch_words()),
+                _ => None,
+            })
+            .collect();
+        let Some(&largest) = needs.iter().max() else {
             return Ok(None);
-        }
-        debug_assert_eq!(params.len(), states.len());
+        };
+        let total: usize = needs.iter().sum();
+        let words = largest.max(total.min(SCRATCH_BUDGET_WORDS));
         let map = QuantMap::dynamic_signed();
         let table = quant_table_bytes(&map);
         debug_assert_eq!(table.len(), QUANT_TABLE_BYTES);
         Ok(Some(Self {
-            row_sums: dev.alloc_zeros(lens[0])?,
-            row_squares: dev.alloc_zeros(lens[1])?,
-            col_partials: dev.alloc_zeros(lens[2])?,
-            means: dev.alloc_zeros(lens[3])?,
-            row_factors: dev.alloc_zeros(lens[4])?,
-            col_factors: dev.alloc_zeros(lens[5])?,
-            scalars: dev.alloc_zeros(2)?,
+            scratch: dev.alloc_zeros(words)?,
+            words,
             quant_table: dev.upload(&table)?,
         }))
     }
+}
 
-    fn addresses(&self, dev: &B) -> FactoredScratch {
-        FactoredScratch {
-            row_sums: dev.address(&self.row_sums),
-            row_squares: dev.address(&self.row_squares),
-            col_partials: dev.address(&self.col_partials),
-            means: dev.address(&self.means),
-            row_factors: dev.address(&self.row_factors),
-            col_factors: dev.address(&self.col_factors),
-            scalars: dev.address(&self.scalars),
-        }
-    }
+/// Parameters one multi-tensor launch sequence steps: one dtype, all matrices or all vectors,
+/// their scratch fitting [`FactoredBuffers`] together; in slot-table order.
+struct FactoredRun {
+    dtype: DType,
+    members: Vec<usize>,
+    layouts: Vec<FactoredLayout>,
+    /// A member has an 8-bit momentum (the launches need the quant table).
+    quantized: bool,
+    /// Where the run's slots start in the step's tables.
+    offset: usize,
 }
 
 impl<B: Backend> StepState<B> {
+    /// The runs of a step over the parameters `with_grad` (all factored; those without elements
+    /// need no launch and are left out): grouped by dtype and by matrix or vector in order of
+    /// first appearance, each group cut by [`scratch_runs`].
+    fn factored_runs(&self, with_grad: &[usize], words: usize) -> Vec<FactoredRun> {
+        let mut groups: Vec<FactoredRun> = Vec::new();
+        for &i in with_grad {
+            let DeviceState::Factored(state) = &self.states[i] else {
+                continue;
+            };
+            let layout = state.layout();
+            if layout.n == 0 {
+                continue;
+            }
+            let dtype = self.params[i].dtype();
+            let at = match groups
+                .iter()
+                .position(|g| g.dtype == dtype && g.layouts[0].factored == layout.factored)
+            {
+                Some(at) => at,
+                None => {
+                    groups.push(FactoredRun {
+                        dtype,
+                        members: Vec::new(),
+                        layouts: Vec::new(),
+                        quantized: false,
+                        offset: 0,
+                    });
+                    groups.len() - 1
+                }
+            };
+            groups[at].members.push(i);
+            groups[at].layouts.push(layout);
+        }
+        let mut runs = Vec::new();
+        for g in groups {
+            let needs: Vec<usize> = g.layouts.iter().map(|l| l.scratch_words()).collect();
+            for r in scratch_runs(&needs, words) {
+                runs.push(FactoredRun {
+                    dtype: g.dtype,
+                    members: g.members[r.clone()].to_vec(),
+                    quantized: g.layouts[r.clone()].iter().any(|l| l.block_size.is_some()),
+                    layouts: g.layouts[r].to_vec(),
+                    offset: 0,
+                });
+            }
+        }
+        runs
+    }
+
     /// As [`CudaOptimizerState::step_factored`](super::super::CudaOptimizerState::step_factored).
     pub(crate) fn step_factored<R: FactoredCudaRule>(
         &mut self,
@@ -284,15 +368,17 @@ impl<B: Backend> StepState<B> {
             }
         }
         let inputs = self.prepare(grads.iter().map(|e| e.as_ref().map(|(g, _)| *g)))?;
+        let buffers = self
+            .factored
+            .as_ref()
+            .expect("allocated with the factored states");
+        let mut runs = self.factored_runs(&inputs.with_grad, buffers.words);
         let slot_bytes = factored_slot_bytes::<R>();
         self.ready_staging((GRAD_SLOT_BYTES + slot_bytes) * self.params.len())?;
         let total_chunks = {
             let dev = &self.backend;
-            let scratch = self
-                .factored
-                .as_ref()
-                .expect("allocated with the factored states")
-                .addresses(dev);
+            let buffers = self.factored.as_ref().expect("checked above");
+            let scratch = dev.address(&buffers.scratch);
             let staging = self.staging.as_mut().expect("allocated by ready_staging");
             let host = dev.pinned_mut(&mut staging.buffers[staging.next])?;
             let mut w = TableWriter::new(host);
@@ -302,43 +388,26 @@ impl<B: Backend> StepState<B> {
                 &inputs.with_grad,
                 &inputs.grad_address,
             )?;
-            for &i in &inputs.with_grad {
-                let Some((_, rule)) = &grads[i] else { continue };
-                let DeviceState::Factored(state) = &self.states[i] else {
-                    unreachable!("checked above")
-                };
-                let mut stats = [0u64; 4];
-                for (s, (buf, _)) in stats.iter_mut().zip(&state.stats) {
-                    *s = dev.address(buf);
+            for run in &mut runs {
+                run.offset = w.position();
+                let mut base = scratch;
+                for (&i, layout) in run.members.iter().zip(&run.layouts) {
+                    let Some((_, rule)) = &grads[i] else {
+                        unreachable!("with a gradient")
+                    };
+                    let DeviceState::Factored(state) = &self.states[i] else {
+                        unreachable!("checked above")
+                    };
+                    w.factored_slot(&state.slot(
+                        dev,
+                        inputs.param_address[i],
+                        inputs.grad_address[i],
+                        i,
+                        FactoredScratch::within(base, layout),
+                        rule,
+                    ));
+                    base += 8 * layout.scratch_words() as u64;
                 }
-                let (momentum_kind, momentum, absmax, block_size) = match &state.momentum {
-                    DeviceMomentum::None => (MomentumKind::None, 0, 0, 0),
-                    DeviceMomentum::F32(m) => (MomentumKind::F32, dev.address(m), 0, 0),
-                    DeviceMomentum::Blockwise {
-                        codes,
-                        absmax,
-                        block_size,
-                        ..
-                    } => (
-                        MomentumKind::Blockwise,
-                        dev.address(codes),
-                        dev.address(absmax),
-                        *block_size as u64,
-                    ),
-                };
-                w.factored_slot(&FactoredSlot {
-                    param: inputs.param_address[i],
-                    grad: inputs.grad_address[i],
-                    stats,
-                    momentum,
-                    absmax,
-                    layout: state.layout(),
-                    momentum_kind,
-                    block_size,
-                    scale_index: i as u64,
-                    scratch,
-                    rule,
-                });
             }
             chunks
         };
@@ -347,30 +416,26 @@ impl<B: Backend> StepState<B> {
         // From here the pre-pass has run: the outcome is pending even if a later launch fails.
         self.pending = Some(inputs.with_grad.clone());
         let dev = &self.backend;
-        let quant_table = self
-            .factored
-            .as_ref()
-            .map_or(0, |f| dev.address(&f.quant_table));
-        for (k, &i) in inputs.with_grad.iter().enumerate() {
-            let Some((_, rule)) = &grads[i] else { continue };
-            let DeviceState::Factored(state) = &self.states[i] else {
-                unreachable!("checked above")
-            };
+        let quant_table = dev.address(&self.factored.as_ref().expect("checked above").quant_table);
+        let confidence = grads
+            .iter()
+            .flatten()
+            .any(|(_, rule)| rule.confidence().is_some());
+        for run in &runs {
             let launch = FactoredLaunch {
-                slot: self.table_address(GRAD_SLOT_BYTES * self.params.len() + k * slot_bytes),
-                layout: state.layout(),
-                confidence: rule.confidence().is_some(),
-                block_size: state.block_size(),
-                quant_table,
-                dtype: self.params[i].dtype(),
+                slots: self.table_address(run.offset),
+                layouts: &run.layouts,
+                confidence,
+                quant_table: if run.quantized { quant_table } else { 0 },
+                dtype: run.dtype,
                 grad_scales: dev.address(&self.grad_scales),
                 flags: dev.address(&self.flags),
             };
-            // SAFETY: the slot written above holds this parameter's and gradient's addresses,
-            // its statistics and momentum buffers (allocated for its factoring and block
-            // size), and the scratch buffers sized for the largest factored parameter; the
-            // quant table is the signed dynamic map's; this state alone uses them, on the
-            // device's stream.
+            // SAFETY: the run's slots, written above, hold each parameter's and gradient's
+            // addresses, its statistics and momentum buffers (allocated for its factoring and
+            // block size) and its own part of the scratch buffer (the run's scratch fits it:
+            // factored_runs cut the runs by its size); the quant table is the signed dynamic
+            // map's; this state alone uses them, on the device's stream.
             unsafe { launch_factored::<R, B>(dev, &launch) }?;
         }
         // The gradients copied to be contiguous are freed in stream order, after the kernels.

@@ -123,7 +123,7 @@ impl<B: Backend> StepState<B> {
             states.push(upload_state(dev, p.param.elem_count(), p.state, &what)?);
         }
         let groups = group_params(dev, params, &states)?;
-        let factored = factored::FactoredBuffers::new(dev, params, &states)?;
+        let factored = factored::FactoredBuffers::new(dev, &states)?;
         let state_ptrs = states.iter().map(|s| state_addresses(dev, s)).collect();
         let n = params.len().max(1);
         // Padded to one entry: CUDA refuses empty allocations.
