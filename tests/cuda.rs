@@ -858,6 +858,54 @@ fn a_warm_step_allocates_nothing_waits_for_nothing_and_repeats_itself() {
     );
 }
 
+/// A factored step is multi-tensor: one run of `factored.cu` launches for all the matrices of a
+/// dtype and one for all its vectors, however many there are (7 matrices and 4 vectors here,
+/// which one run per parameter would step in 75 launches for Adafactor).
+#[test]
+fn factored_steps_launch_per_run_not_per_parameter() {
+    use candle_bnb::optim::{Adafactor8bit, CAME8bit, CAMEConfig};
+    let mut rng = rng("factored_steps_launch_per_run_not_per_parameter");
+    let factored_launches = |trace: &[DeviceOp]| -> Vec<String> {
+        trace
+            .iter()
+            .filter_map(|op| match op {
+                DeviceOp::Launch { kernel, .. } if kernel.starts_with("bnb_factored_") => {
+                    Some(kernel.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let emu = Emulator::new();
+    let target = Target::Emulated(emu.clone());
+    let (_, vars) = factored_twins(&mut rng, &target, DType::F32);
+    let mut adafactor = optimizer_on!(Adafactor8bit, &target, vars.clone(), Default::default());
+    let g = factored_grads(&mut rng, DType::F32);
+    emu.take_trace();
+    adafactor.step(&grads_for(&vars, &g, None)).unwrap();
+    let launches = factored_launches(&emu.take_trace());
+    // Matrices: rows, cols, average, means, factors, rows, divisor, factors, apply; vectors:
+    // full_stats, divisor, apply.
+    assert_eq!(launches.len(), 9 + 3, "Adafactor8bit: {launches:?}");
+    let came = CAMEConfig {
+        lr: 1e-3,
+        ..Default::default()
+    };
+    let mut came = optimizer_on!(CAME8bit, &target, vars.clone(), came);
+    emu.take_trace();
+    came.step(&grads_for(&vars, &g, None)).unwrap();
+    let launches = factored_launches(&emu.take_trace());
+    assert_eq!(launches.len(), 15 + 3, "CAME8bit: {launches:?}");
+    assert_eq!(
+        launches
+            .iter()
+            .filter(|k| k.starts_with("bnb_factored_apply_came_f32"))
+            .count(),
+        3,
+        "CAME8bit: {launches:?}"
+    );
+}
+
 /// `NonFinitePolicy::Error` must learn each step's outcome before `step` returns: its one
 /// possible wait is the outcome query right after the launches.
 #[test]

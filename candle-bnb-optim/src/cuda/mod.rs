@@ -29,9 +29,9 @@ pub(crate) use step::{CudaParam, CudaStepOutcome};
 /// pinned host memory, and per group of parameters (same dtype, state precision, state count,
 /// block size and maps) the layer-wise passes when the rule has them and one fused launch; for
 /// a factored optimizer (Adafactor, CAME; [`CudaOptimizerState::step_factored`]) instead, per
-/// parameter with a gradient, the launches of `kernels/factored.cu` (3 to 15), which share
-/// scratch buffers allocated with the state. The
-/// host never waits for the device inside a step: the pre-pass's outcome (taken or skipped) is
+/// run of parameters with a gradient (one dtype, all matrices or all vectors, their scratch
+/// within 64 MiB together), the multi-tensor launches of `kernels/factored.cu` (3 to 15), in a
+/// scratch buffer allocated with the state. The host never waits for the device inside a step: the pre-pass's outcome (taken or skipped) is
 /// read at the start of the next step, when it is long known (see
 /// [`CudaOptimizerState::take_outcome`]). Every buffer is allocated at construction or on the
 /// first step that needs it (the tables on the first step, a layer-wise group's partial sums on

@@ -1,6 +1,6 @@
 //! Factored optimizers (Adafactor, CAME) on the device: each parameter's statistics and
-//! momentum, the scratch buffers their steps share, and the step (the pre-pass, then per
-//! parameter the launches of `candle_bnb_kernels::cuda::launch_factored`).
+//! momentum, the scratch their steps share, and the step (the pre-pass, then per run of
+//! parameters the multi-tensor launches of `candle_bnb_kernels::cuda::launch_factored`).
 
 use candle_core::{bail, DType, Result, Tensor};
 
