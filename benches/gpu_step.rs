@@ -40,7 +40,9 @@ mod cuda_bench {
     use std::io::Write;
     use std::time::Instant;
 
-    use candle_bnb::optim::{AdamW8bit, AdamW8bitConfig, CAME8bit, CAME8bitConfig};
+    use candle_bnb::optim::{
+        AdamW8bit, AdamW8bitConfig, CAME8bit, CAME8bitConfig, Optim, OptimizerConfig,
+    };
     use candle_core::backprop::GradStore;
     use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
     use candle_core::cuda_backend::cudarc::driver::CudaEvent;
@@ -208,6 +210,36 @@ mod cuda_bench {
         out.push_str(&line);
     }
 
+    /// Times `opt` over `grads` and prints its row (`bytes`: the step's minimum traffic; `note`
+    /// from its ms and state bytes); returns its ms.
+    #[allow(clippy::too_many_arguments)]
+    fn bench_optimizer<C: OptimizerConfig, const BITS: u32>(
+        dev: &candle_core::CudaDevice,
+        steps: usize,
+        what: String,
+        opt: &mut Optim<C, BITS>,
+        grads: &GradStore,
+        (params, bytes, copy_gbps): (usize, usize, f64),
+        note: impl FnOnce(f64, usize) -> String,
+        table: &mut String,
+    ) -> Result<f64> {
+        let (ms, host_ms) = time(dev, steps, || opt.step(grads))?;
+        let gbps = bytes as f64 / (ms * 1e6);
+        print_row(
+            &Row {
+                what,
+                params,
+                ms,
+                host_ms,
+                gbps,
+                vs_copy: gbps / copy_gbps,
+                note: note(ms, opt.state_bytes()),
+            },
+            table,
+        );
+        Ok(ms)
+    }
+
     /// The rows of one dtype, printed as they are measured.
     fn bench_dtype(device: &Device, args: &Args, dtype: DType, table: &mut String) -> Result<()> {
         let Device::Cuda(dev) = device else {
@@ -253,25 +285,16 @@ mod cuda_bench {
         let ms = {
             let (vars, grads) = setup(device, &shapes, dtype)?;
             let mut opt = AdamW8bit::new(vars.clone(), cfg)?;
-            let (ms, host_ms) = time(dev, args.steps, || opt.step(&grads))?;
-            let gbps = bytes as f64 / (ms * 1e6);
-            print_row(
-                &Row {
-                    what: format!("candle-bnb AdamW8bit ({dtype:?})"),
-                    params,
-                    ms,
-                    host_ms,
-                    gbps,
-                    vs_copy: gbps / copy_gbps,
-                    note: format!(
-                        "{} tensors; state {:.2} GB",
-                        vars.len(),
-                        opt.state_bytes() as f64 / 1e9
-                    ),
-                },
+            bench_optimizer(
+                dev,
+                args.steps,
+                format!("candle-bnb AdamW8bit ({dtype:?})"),
+                &mut opt,
+                &grads,
+                (params, bytes, copy_gbps),
+                |_, state| format!("{} tensors; state {:.2} GB", vars.len(), state as f64 / 1e9),
                 table,
-            );
-            ms
+            )?
         };
         {
             // CAME8bit over the same tensors: its minimum bytes read p, g and the 1-byte
@@ -281,26 +304,24 @@ mod cuda_bench {
                 lr: 1e-4,
                 ..Default::default()
             };
-            let mut opt = CAME8bit::new(vars.clone(), came)?;
-            let (came_ms, host_ms) = time(dev, args.steps, || opt.step(&grads))?;
+            let mut opt = CAME8bit::new(vars, came)?;
             let came_bytes = params * (3 * size + 2) + blocks * 2 * 4;
-            let gbps = came_bytes as f64 / (came_ms * 1e6);
-            print_row(
-                &Row {
-                    what: format!("candle-bnb CAME8bit ({dtype:?})"),
-                    params,
-                    ms: came_ms,
-                    host_ms,
-                    gbps,
-                    vs_copy: gbps / copy_gbps,
-                    note: format!(
+            bench_optimizer(
+                dev,
+                args.steps,
+                format!("candle-bnb CAME8bit ({dtype:?})"),
+                &mut opt,
+                &grads,
+                (params, came_bytes, copy_gbps),
+                |came_ms, state| {
+                    format!(
                         "{:.2}x AdamW8bit's time; state {:.2} GB",
                         came_ms / ms,
-                        opt.state_bytes() as f64 / 1e9
-                    ),
+                        state as f64 / 1e9
+                    )
                 },
                 table,
-            );
+            )?;
         }
         if args.candle_layers > 0 {
             let shapes = self::shapes(args.candle_layers, false);

@@ -290,21 +290,29 @@ use candle_nn::Optimizer;
 /// `min_8bit_size`), and 8-bit sizes that are not block multiples.
 const PARAM_SIZES: [usize; 6] = [0, 1, 300, 4099, 70_001, 5 * 4096 + 77];
 
-/// The same random parameters on the CPU and on `target`, in `dtype`.
+/// A random tensor of shape `dims` from N(0, std²), in `dtype`, on the CPU.
+fn random_tensor(rng: &mut common::TestRng, dims: &[usize], std: f32, dtype: DType) -> Tensor {
+    let n = dims.iter().product();
+    Tensor::from_vec(randn(rng, n, std), dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// `cpu` as a variable on the CPU and a copy as one on `target`.
+fn twin(cpu: Tensor, target: &Target) -> (Var, Var) {
+    let other = cpu.to_device(&target.device()).unwrap();
+    (
+        Var::from_tensor(&cpu).unwrap(),
+        Var::from_tensor(&other).unwrap(),
+    )
+}
+
+/// The same random parameters of [`PARAM_SIZES`] on the CPU and on `target`, in `dtype`.
 fn twin_params(rng: &mut common::TestRng, target: &Target, dtype: DType) -> (Vec<Var>, Vec<Var>) {
     PARAM_SIZES
         .iter()
-        .map(|&n| {
-            let cpu = Tensor::from_vec(randn(rng, n, 1.0), n, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let other = cpu.to_device(&target.device()).unwrap();
-            (
-                Var::from_tensor(&cpu).unwrap(),
-                Var::from_tensor(&other).unwrap(),
-            )
-        })
+        .map(|&n| twin(random_tensor(rng, &[n], 1.0, dtype), target))
         .unzip()
 }
 
@@ -312,12 +320,7 @@ fn twin_params(rng: &mut common::TestRng, target: &Target, dtype: DType) -> (Vec
 fn random_grads(rng: &mut common::TestRng, dtype: DType) -> Vec<Tensor> {
     PARAM_SIZES
         .iter()
-        .map(|&n| {
-            Tensor::from_vec(randn(rng, n, 0.1), n, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap()
-        })
+        .map(|&n| random_tensor(rng, &[n], 0.1, dtype))
         .collect()
 }
 
@@ -1247,18 +1250,7 @@ fn factored_twins(
 ) -> (Vec<Var>, Vec<Var>) {
     FACTORED_SHAPES
         .iter()
-        .map(|dims| {
-            let n = dims.iter().product();
-            let cpu = Tensor::from_vec(randn(rng, n, 1.0), *dims, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let other = cpu.to_device(&target.device()).unwrap();
-            (
-                Var::from_tensor(&cpu).unwrap(),
-                Var::from_tensor(&other).unwrap(),
-            )
-        })
+        .map(|dims| twin(random_tensor(rng, dims, 1.0, dtype), target))
         .unzip()
 }
 
@@ -1266,13 +1258,7 @@ fn factored_twins(
 fn factored_grads(rng: &mut common::TestRng, dtype: DType) -> Vec<Tensor> {
     FACTORED_SHAPES
         .iter()
-        .map(|dims| {
-            let n = dims.iter().product();
-            Tensor::from_vec(randn(rng, n, 0.1), *dims, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap()
-        })
+        .map(|dims| random_tensor(rng, dims, 0.1, dtype))
         .collect()
 }
 

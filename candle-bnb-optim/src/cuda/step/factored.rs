@@ -351,10 +351,8 @@ impl<B: Backend> StepState<B> {
         grads: &[Option<(&Tensor, R)>],
         max_grad_norm: Option<f64>,
     ) -> Result<()> {
-        self.check_grad_count(grads.len())?;
-        for (i, entry) in grads.iter().enumerate() {
-            let Some((_, rule)) = entry else { continue };
-            let DeviceState::Factored(state) = &self.states[i] else {
+        self.check_rules(grads, |i, state, rule| {
+            let DeviceState::Factored(state) = state else {
                 bail!("CUDA step: parameter {i} holds an elementwise optimizer's state")
             };
             let expected = state.factoring.stats(rule.confidence().is_some()).len();
@@ -366,7 +364,8 @@ impl<B: Backend> StepState<B> {
                     state.stats.len()
                 )
             }
-        }
+            Ok(())
+        })?;
         let inputs = self.prepare(grads.iter().map(|e| e.as_ref().map(|(g, _)| *g)))?;
         let buffers = self
             .factored

@@ -162,10 +162,8 @@ impl<B: Backend> StepState<B> {
         grads: &[Option<(&Tensor, R)>],
         max_grad_norm: Option<f64>,
     ) -> Result<()> {
-        self.check_grad_count(grads.len())?;
-        for (i, entry) in grads.iter().enumerate() {
-            let Some((_, rule)) = entry else { continue };
-            if let DeviceState::Factored { .. } = self.states[i] {
+        self.check_rules(grads, |i, state, rule| {
+            if let DeviceState::Factored { .. } = state {
                 bail!("CUDA step: parameter {i} holds a factored optimizer's state")
             }
             let n_states = self.n_states(i);
@@ -175,7 +173,8 @@ impl<B: Backend> StepState<B> {
                     rule.signed_states().len()
                 )
             }
-        }
+            Ok(())
+        })?;
         let inputs = self.prepare(grads.iter().map(|e| e.as_ref().map(|(g, _)| *g)))?;
         let tables = self.write_and_copy_tables(
             grads,
@@ -195,13 +194,25 @@ impl<B: Backend> StepState<B> {
         Ok(())
     }
 
-    /// One entry per parameter, or an error naming both counts.
-    fn check_grad_count(&self, count: usize) -> Result<()> {
-        if count != self.params.len() {
+    /// Checks that `grads` has one entry per parameter (an error names both counts) and each
+    /// rule given against its parameter's state with `check(index, state, rule)`, before
+    /// anything is written.
+    fn check_rules<R>(
+        &self,
+        grads: &[Option<(&Tensor, R)>],
+        check: impl Fn(usize, &DeviceState<B>, &R) -> Result<()>,
+    ) -> Result<()> {
+        if grads.len() != self.params.len() {
             bail!(
-                "CUDA step: {count} gradients for {} parameters",
+                "CUDA step: {} gradients for {} parameters",
+                grads.len(),
                 self.params.len()
             )
+        }
+        for (i, entry) in grads.iter().enumerate() {
+            if let Some((_, rule)) = entry {
+                check(i, &self.states[i], rule)?;
+            }
         }
         Ok(())
     }
