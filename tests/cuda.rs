@@ -907,6 +907,16 @@ fn factored_steps_launch_per_run_not_per_parameter() {
         3,
         "CAME8bit: {launches:?}"
     );
+    // Parameters without elements launch nothing (and need no scratch).
+    let empty = vec![twin(random_tensor(&mut rng, &[0, 5], 1.0, DType::F32), &target).1];
+    let mut opt = optimizer_on!(Adafactor8bit, &target, empty.clone(), Default::default());
+    let mut grads = candle_core::backprop::GradStore::default();
+    let g = random_tensor(&mut rng, &[0, 5], 0.1, DType::F32);
+    grads.insert(empty[0].as_tensor(), g.to_device(&target.device()).unwrap());
+    emu.take_trace();
+    opt.step(&grads).unwrap();
+    assert_eq!(factored_launches(&emu.take_trace()), Vec::<String>::new());
+    assert_eq!(opt.step_count(), 1);
 }
 
 /// `NonFinitePolicy::Error` must learn each step's outcome before `step` returns: its one

@@ -260,10 +260,18 @@ pub(super) struct FactoredBuffers<B: Backend> {
 impl<B: Backend> FactoredBuffers<B> {
     /// The buffers the factored parameters among `states` need; `None` when there are none.
     pub(super) fn new(dev: &B, states: &[DeviceState<B>]) -> Result<Option<Self>> {
+        // Parameters without elements launch nothing and need no scratch.
         let needs: Vec<usize> = states
             .iter()
             .filter_map(|s| match s {
-                DeviceState::Factored(f) => Some(f.layout().scratch_words()),
+                DeviceState::Factored(f) => {
+                    let layout = f.layout();
+                    Some(if layout.n == 0 {
+                        0
+                    } else {
+                        layout.scratch_words()
+                    })
+                }
                 _ => None,
             })
             .collect();
@@ -271,7 +279,8 @@ impl<B: Backend> FactoredBuffers<B> {
             return Ok(None);
         };
         let total: usize = needs.iter().sum();
-        let words = largest.max(total.min(SCRATCH_BUDGET_WORDS));
+        // At least one word: CUDA refuses empty allocations.
+        let words = largest.max(total.min(SCRATCH_BUDGET_WORDS)).max(1);
         let map = QuantMap::dynamic_signed();
         let table = quant_table_bytes(&map);
         debug_assert_eq!(table.len(), QUANT_TABLE_BYTES);
