@@ -307,15 +307,13 @@ __device__ void average_scalars(FactoredSlot<Rule>& s, int which) {
   }
 }
 
-// Per matrix: the mean of row statistic `which` (a plain sum of its rows in order).
+// Matrix m's mean of row statistic `which` (a plain sum of its rows in order).
 template <class Rule>
-__device__ void means_of(const FactoredSlot<Rule>& s, int which) {
+__device__ void mean_of(const FactoredSlot<Rule>& s, u64 m, int which) {
   const float* row_stat = s.stats[2 * which];
-  for (u64 m = global_thread(); m < s.batch; m += grid_threads()) {
-    double sum = 0.0;
-    for (u64 r = 0; r < s.rows; ++r) sum += (double)row_stat[m * s.rows + r];
-    s.means[m] = sum / (double)s.rows;
-  }
+  double sum = 0.0;
+  for (u64 r = 0; r < s.rows; ++r) sum += (double)row_stat[m * s.rows + r];
+  s.means[m] = sum / (double)s.rows;
 }
 
 // The factors of pair `which`: per row scalars[0] / sqrt(row / mean of its matrix), per column
@@ -515,11 +513,19 @@ __device__ void average_pass(FactoredSlot<Rule>* slots, int n_slots, const int* 
     average_scalars(slots[k], which);
 }
 
+// The matrices of every slot as one list over the grid (a slot has few, often one, and each
+// is a long sum: in turn they would run one thread at a time).
 template <class Rule>
 __device__ void means_pass(const FactoredSlot<Rule>* slots, int n_slots, const int* skip,
                            int which) {
   if (*skip != 0) return;
-  for (int k = 0; k < n_slots; ++k) means_of(slots[k], which);
+  const u64 t = global_thread(), g = grid_threads();
+  u64 before = 0;  // matrices of the slots before k
+  for (int k = 0; k < n_slots; ++k) {
+    // This thread's matrices of slot k: list positions before + m = t (mod g).
+    for (u64 m = (t + g - before % g) % g; m < slots[k].batch; m += g) mean_of(slots[k], m, which);
+    before += slots[k].batch;
+  }
 }
 
 template <class Rule>

@@ -163,7 +163,9 @@ pub unsafe fn launch_factored<R: FactoredCudaRule, B: Backend>(
     let rows_grid = widest(&|l| ((l.batch * l.rows) as u64, ROWS_PER_BLOCK));
     let cols_grid = widest(&|l| (l.scratch_lens()[2] as u64, THREADS as u64));
     let items_grid = widest(&|l| ((l.batch * (l.rows + l.cols)) as u64, THREADS as u64));
-    let means_grid = widest(&|l| (l.batch as u64, THREADS as u64));
+    // `means` spreads the matrices of all slots over its grid.
+    let matrices: usize = a.layouts.iter().map(|l| l.batch).sum();
+    let means_grid = grid(matrices as u64, THREADS as u64);
     let sums = |pass: i32| {
         // SAFETY: bnb_factored_{rows,cols}_*(FactoredSlot*, int, const float*, const int*,
         // const QuantTable*, int).
