@@ -111,8 +111,12 @@ impl FactoredLayout {
 
     /// Elements of each scratch buffer the step needs, in [`FactoredScratch`]'s order (f64:
     /// row sums, row squares, column partials (with direct columns: one total per column),
-    /// means; f32: row and column factors), the two f64 scalars not counted.
+    /// means; f32: row and column factors), the two f64 scalars not counted. None for a
+    /// parameter without elements: its step launches nothing.
     pub fn scratch_lens(&self) -> [usize; 6] {
+        if self.n == 0 {
+            return [0; 6];
+        }
         if !self.factored {
             return [self.tasks, self.tasks, 0, 0, 0, 0];
         }
@@ -138,8 +142,12 @@ impl FactoredLayout {
     }
 
     /// The step's whole scratch in f64 words: [`Self::scratch_lens`] (the f32 buffers rounded up
-    /// to whole words) and the two scalars, as [`FactoredScratch::within`] lays it out.
+    /// to whole words) and the two scalars, as [`FactoredScratch::within`] lays it out; 0 for a
+    /// parameter without elements.
     pub fn scratch_words(&self) -> usize {
+        if self.n == 0 {
+            return 0;
+        }
         let [a, b, c, d, e, f] = self.scratch_lens();
         a + b + c + d + e.div_ceil(2) + f.div_ceil(2) + 2
     }
@@ -505,6 +513,8 @@ mod tests {
         assert_eq!((v.cols, v.task_elems, v.tasks), (5000, 65_536, 1));
         assert_eq!(v.scratch_lens(), [1, 1, 0, 0, 0, 0]);
         assert_eq!(v.scratch_words(), 4);
+        let empty = FactoredLayout::of(Factoring::of(&[0, 5]), None);
+        assert_eq!((empty.scratch_lens(), empty.scratch_words()), ([0; 6], 0));
     }
 
     /// Wide matrices sum their columns directly: the partials would hold about two values per

@@ -102,9 +102,10 @@ pub unsafe fn launch_factored<R: FactoredCudaRule, B: Backend>(
         DType::BF16 => "bf16",
         _ => "f32",
     };
-    let name = |pass: &str| format!("bnb_factored_{pass}_{}_{dtype}", R::KERNEL_NAME);
-    let stats_name = |pass: &str| format!("bnb_factored_{pass}_{}", R::KERNEL_NAME);
-    let with_pass = |pass: i32| {
+    // The kernels over elements: bnb_factored_{rows,cols,apply}_<rule>_<dtype>(FactoredSlot*,
+    // int, const float*, const int*, const QuantTable*, int pass); full_stats takes all but
+    // `pass`.
+    let element_args = |pass: i32| {
         [
             KernelArg::U64(a.slots),
             KernelArg::I32(n_slots),
@@ -114,13 +115,23 @@ pub unsafe fn launch_factored<R: FactoredCudaRule, B: Backend>(
             KernelArg::I32(pass),
         ]
     };
-    let which = |w: i32| {
-        [
+    let elements = |kernel: &str, cfg: u32, pass: i32| {
+        let name = format!("bnb_factored_{kernel}_{}_{dtype}", R::KERNEL_NAME);
+        // SAFETY: the signature above, with the addresses the caller promises.
+        unsafe { dev.launch(Module::Factored, &name, cfg, &element_args(pass)) }
+    };
+    // The statistics kernels: bnb_factored_{average,means,factors}_<rule>(FactoredSlot*, int,
+    // const int*, int which).
+    let statistic = |kernel: &str, cfg: u32, which: i32| {
+        let args = [
             KernelArg::U64(a.slots),
             KernelArg::I32(n_slots),
             KernelArg::U64(a.flags),
-            KernelArg::I32(w),
-        ]
+            KernelArg::I32(which),
+        ];
+        let name = format!("bnb_factored_{kernel}_{}", R::KERNEL_NAME);
+        // SAFETY: the signature above, with the addresses the caller promises.
+        unsafe { dev.launch(Module::Factored, &name, cfg, &args) }
     };
     let apply_grid = widest(&|l| {
         let block = l.block_size.unwrap_or(PLAIN_BLOCK);
@@ -129,18 +140,6 @@ pub unsafe fn launch_factored<R: FactoredCudaRule, B: Backend>(
             (THREADS as usize / (block / 16)) as u64,
         )
     });
-    let apply = |pass: i32| {
-        // SAFETY: bnb_factored_apply_*(FactoredSlot*, int, const float*, const int*, const
-        // QuantTable*, int), as the caller promises.
-        unsafe {
-            dev.launch(
-                Module::Factored,
-                &name("apply"),
-                apply_grid,
-                &with_pass(pass),
-            )
-        }
-    };
     let divisor = || {
         let args = [
             KernelArg::U64(a.slots),
@@ -148,17 +147,18 @@ pub unsafe fn launch_factored<R: FactoredCudaRule, B: Backend>(
             KernelArg::U64(a.flags),
         ];
         let cfg = grid(n_slots as u64, THREADS as u64);
+        let name = format!("bnb_factored_divisor_{}", R::KERNEL_NAME);
         // SAFETY: bnb_factored_divisor_*(FactoredSlot*, int, const int*).
-        unsafe { dev.launch(Module::Factored, &stats_name("divisor"), cfg, &args) }
+        unsafe { dev.launch(Module::Factored, &name, cfg, &args) }
     };
     if !factored {
-        let args = &with_pass(0)[..5];
         let cfg = widest(&|l| (l.tasks as u64, ROWS_PER_BLOCK));
+        let name = format!("bnb_factored_full_stats_{}_{dtype}", R::KERNEL_NAME);
         // SAFETY: bnb_factored_full_stats_*(FactoredSlot*, int, const float*, const int*, const
-        // QuantTable*).
-        unsafe { dev.launch(Module::Factored, &name("full_stats"), cfg, args) }?;
+        // QuantTable*), with the addresses the caller promises.
+        unsafe { dev.launch(Module::Factored, &name, cfg, &element_args(0)[..5]) }?;
         divisor()?;
-        return apply(FULL_UPDATE);
+        return elements("apply", apply_grid, FULL_UPDATE);
     }
     let rows_grid = widest(&|l| ((l.batch * l.rows) as u64, ROWS_PER_BLOCK));
     let cols_grid = widest(&|l| (l.scratch_lens()[2] as u64, THREADS as u64));
@@ -167,60 +167,24 @@ pub unsafe fn launch_factored<R: FactoredCudaRule, B: Backend>(
     let matrices: usize = a.layouts.iter().map(|l| l.batch).sum();
     let means_grid = grid(matrices as u64, THREADS as u64);
     let sums = |pass: i32| {
-        // SAFETY: bnb_factored_{rows,cols}_*(FactoredSlot*, int, const float*, const int*,
-        // const QuantTable*, int).
-        unsafe {
-            dev.launch(Module::Factored, &name("rows"), rows_grid, &with_pass(pass))?;
-            dev.launch(Module::Factored, &name("cols"), cols_grid, &with_pass(pass))
-        }
+        elements("rows", rows_grid, pass)?;
+        elements("cols", cols_grid, pass)
     };
-    let factors = |w: i32| {
-        // SAFETY: bnb_factored_factors_*(FactoredSlot*, int, const int*, int).
-        unsafe {
-            dev.launch(
-                Module::Factored,
-                &stats_name("factors"),
-                items_grid,
-                &which(w),
-            )
-        }
-    };
-    let statistics = |w: i32| {
-        // SAFETY: bnb_factored_{average,means}_*(FactoredSlot*, int, const int*, int).
-        unsafe {
-            dev.launch(
-                Module::Factored,
-                &stats_name("average"),
-                items_grid,
-                &which(w),
-            )?;
-            dev.launch(
-                Module::Factored,
-                &stats_name("means"),
-                means_grid,
-                &which(w),
-            )?;
-        }
-        factors(w)
+    let statistics = |which: i32| {
+        statistic("average", items_grid, which)?;
+        statistic("means", means_grid, which)?;
+        statistic("factors", items_grid, which)
     };
     sums(STATS)?;
     statistics(0)?;
-    // SAFETY: bnb_factored_rows_*, as above.
-    unsafe {
-        dev.launch(
-            Module::Factored,
-            &name("rows"),
-            rows_grid,
-            &with_pass(SQUARES),
-        )
-    }?;
+    elements("rows", rows_grid, SQUARES)?;
     divisor()?;
-    factors(0)?;
+    statistic("factors", items_grid, 0)?;
     if !a.confidence {
-        return apply(UPDATE);
+        return elements("apply", apply_grid, UPDATE);
     }
     sums(RESIDUAL)?;
-    apply(ADVANCE)?;
+    elements("apply", apply_grid, ADVANCE)?;
     statistics(1)?;
-    apply(CONFIDENT)
+    elements("apply", apply_grid, CONFIDENT)
 }

@@ -31,8 +31,9 @@ pub(crate) use step::{CudaParam, CudaStepOutcome};
 /// a factored optimizer (Adafactor, CAME; [`CudaOptimizerState::step_factored`]) instead, per
 /// run of parameters with a gradient (one dtype, all matrices or all vectors, their scratch
 /// within 64 MiB together), the multi-tensor launches of `kernels/factored.cu` (3 to 15), in a
-/// scratch buffer allocated with the state. The host never waits for the device inside a step: the pre-pass's outcome (taken or skipped) is
-/// read at the start of the next step, when it is long known (see
+/// scratch buffer allocated with the state. The host never waits for the device inside a
+/// step: the pre-pass's outcome (taken or skipped) is read at the start of the next step, when
+/// it is long known (see
 /// [`CudaOptimizerState::take_outcome`]). Every buffer is allocated at construction or on the
 /// first step that needs it (the tables on the first step, a layer-wise group's partial sums on
 /// its first step with gradients); a step after those allocates nothing.

@@ -260,18 +260,10 @@ pub(super) struct FactoredBuffers<B: Backend> {
 impl<B: Backend> FactoredBuffers<B> {
     /// The buffers the factored parameters among `states` need; `None` when there are none.
     pub(super) fn new(dev: &B, states: &[DeviceState<B>]) -> Result<Option<Self>> {
-        // Parameters without elements launch nothing and need no scratch.
         let needs: Vec<usize> = states
             .iter()
             .filter_map(|s| match s {
-                DeviceState::Factored(f) => {
-                    let layout = f.layout();
-                    Some(if layout.n == 0 {
-                        0
-                    } else {
-                        layout.scratch_words()
-                    })
-                }
+                DeviceState::Factored(f) => Some(f.layout().scratch_words()),
                 _ => None,
             })
             .collect();
@@ -298,10 +290,15 @@ struct FactoredRun {
     dtype: DType,
     members: Vec<usize>,
     layouts: Vec<FactoredLayout>,
-    /// A member has an 8-bit momentum (the launches need the quant table).
-    quantized: bool,
     /// Where the run's slots start in the step's tables.
     offset: usize,
+}
+
+impl FactoredRun {
+    /// A member has an 8-bit momentum (the launches need the quant table).
+    fn quantized(&self) -> bool {
+        self.layouts.iter().any(|l| l.block_size.is_some())
+    }
 }
 
 impl<B: Backend> StepState<B> {
@@ -329,7 +326,6 @@ impl<B: Backend> StepState<B> {
                         dtype,
                         members: Vec::new(),
                         layouts: Vec::new(),
-                        quantized: false,
                         offset: 0,
                     });
                     groups.len() - 1
@@ -345,7 +341,6 @@ impl<B: Backend> StepState<B> {
                 runs.push(FactoredRun {
                     dtype: g.dtype,
                     members: g.members[r.clone()].to_vec(),
-                    quantized: g.layouts[r.clone()].iter().any(|l| l.block_size.is_some()),
                     layouts: g.layouts[r].to_vec(),
                     offset: 0,
                 });
@@ -376,17 +371,23 @@ impl<B: Backend> StepState<B> {
             Ok(())
         })?;
         let inputs = self.prepare(grads.iter().map(|e| e.as_ref().map(|(g, _)| *g)))?;
-        let buffers = self
-            .factored
-            .as_ref()
-            .expect("allocated with the factored states");
-        let mut runs = self.factored_runs(&inputs.with_grad, buffers.words);
+        let (words, scratch, quant_table) = {
+            let buffers = self
+                .factored
+                .as_ref()
+                .expect("allocated with the factored states");
+            let dev = &self.backend;
+            (
+                buffers.words,
+                dev.address(&buffers.scratch),
+                dev.address(&buffers.quant_table),
+            )
+        };
+        let mut runs = self.factored_runs(&inputs.with_grad, words);
         let slot_bytes = factored_slot_bytes::<R>();
         self.ready_staging((GRAD_SLOT_BYTES + slot_bytes) * self.params.len())?;
         let total_chunks = {
             let dev = &self.backend;
-            let buffers = self.factored.as_ref().expect("checked above");
-            let scratch = dev.address(&buffers.scratch);
             let staging = self.staging.as_mut().expect("allocated by ready_staging");
             let host = dev.pinned_mut(&mut staging.buffers[staging.next])?;
             let mut w = TableWriter::new(host);
@@ -424,7 +425,6 @@ impl<B: Backend> StepState<B> {
         // From here the pre-pass has run: the outcome is pending even if a later launch fails.
         self.pending = Some(inputs.with_grad.clone());
         let dev = &self.backend;
-        let quant_table = dev.address(&self.factored.as_ref().expect("checked above").quant_table);
         let confidence = grads
             .iter()
             .flatten()
@@ -434,7 +434,7 @@ impl<B: Backend> StepState<B> {
                 slots: self.table_address(run.offset),
                 layouts: &run.layouts,
                 confidence,
-                quant_table: if run.quantized { quant_table } else { 0 },
+                quant_table: if run.quantized() { quant_table } else { 0 },
                 dtype: run.dtype,
                 grad_scales: dev.address(&self.grad_scales),
                 flags: dev.address(&self.flags),
