@@ -295,8 +295,9 @@ __device__ void average_of(const FactoredSlot<Rule>& s, int which) {
   }
 }
 
-// One thread per slot, beside `average_of` (it reads none of what this writes): the row factors' scale reset to 1 and,
-// for pair 0 of a rule that scales by the parameter's RMS, Σp² (rows in order) sets it.
+// One thread per slot, beside `average_of` (it reads none of what this writes): the row
+// factors' scale reset to 1 and, for pair 0 of a rule that scales by the parameter's RMS, Σp²
+// (rows in order) sets it.
 template <class Rule>
 __device__ void average_scalars(FactoredSlot<Rule>& s, int which) {
   s.scalars[0] = 1.0;
@@ -333,10 +334,10 @@ __device__ void factors_of(const FactoredSlot<Rule>& s, int which) {
   }
 }
 
-// One thread per slot: the clipping divisor max(1, sqrt(Σu² / n) / clip_threshold) (f64). A matrix: Σu²
-// is its rows' sums in order, and scalars[0] becomes 1 / divisor (the row factors' scale). A
-// vector: the tasks' sums in order, Σp² likewise sets the parameter's RMS, and scalars[1]
-// becomes 1 / divisor rounded to f32.
+// One thread per slot: the clipping divisor max(1, sqrt(Σu² / n) / clip_threshold) (f64). A
+// matrix: Σu² is its rows' sums in order, and scalars[0] becomes 1 / divisor (the row factors'
+// scale). A vector: the tasks' sums in order, Σp² likewise sets the parameter's RMS, and
+// scalars[1] becomes 1 / divisor rounded to f32.
 template <class Rule>
 __device__ void divisor_of(FactoredSlot<Rule>& s) {
   const bool factored = (s.flags & kFactored) != 0;
